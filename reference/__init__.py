@@ -1,0 +1,32 @@
+"""Readable pure-PyTorch reference of FlashPrefill (arXiv 2603.06199). Runs on CPU and CUDA.
+
+Stage by stage, in the order `flash_prefill` calls them:
+
+1. `mean_pool_keys`     kbar: the mean proxy of each key block
+2. `block_scores`       Score: block max + block sum of exponentials, reweighted by the row max (Eq. 1-2)
+3. `select_blocks`      keep Score >= alpha * max, plus sinks, local window, dense last rows (Eq. 3)
+4. `compact_blocks`     ascending lists of kept key blocks + counts
+5. `block_sparse_attention` (physical skip) / `block_sparse_attention_logical` (logical skip)
+
+`dense_attention` is the exact causal ground truth. `triton_impl` exports the same names.
+"""
+
+from .attention import block_sparse_attention, block_sparse_attention_logical, dense_attention
+from .flash_prefill import PAPER_ALPHA, FlashPrefillStats, flash_prefill
+from .pooling import mean_pool_keys
+from .scoring import block_scores
+from .selection import causal_block_density, compact_blocks, select_blocks
+
+__all__ = [
+    "mean_pool_keys",
+    "block_scores",
+    "select_blocks",
+    "compact_blocks",
+    "block_sparse_attention",
+    "block_sparse_attention_logical",
+    "dense_attention",
+    "flash_prefill",
+    "FlashPrefillStats",
+    "causal_block_density",
+    "PAPER_ALPHA",
+]

@@ -1,0 +1,198 @@
+"""Stage 5 of FlashPrefill: causal attention restricted to the kept key blocks, and the dense ground truth.
+
+Both sparse functions run the same FlashAttention-style online softmax over key blocks; they differ only in
+which blocks they visit:
+
+* `block_sparse_attention` (physical skip) walks the compacted list indices[b, h, I, :counts[b, h, I]]: it
+  visits exactly the kept blocks.
+* `block_sparse_attention_logical` (logical skip) walks every causal block J = 0..I and skips the update where
+  the mask bit is 0: it visits all I + 1 causal blocks of the row.
+
+Both can return the number of key blocks each (batch, head, query block) visited, which is the paper's
+"logical skip -> physical jump" argument in numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .pooling import compute_dtype, split_blocks
+from .validation import check_block_layout, check_block_size, check_qkv, num_blocks, resolve_scale
+
+_CHUNK_ELEMENTS = 1 << 24  # attention scores held at once by `dense_attention`: about 64 MB of float32
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None) -> torch.Tensor:
+    """Exact causal GQA attention, softmax(scale * q k^T + causal mask) v, the ground truth.
+
+    Args:
+        q: (B, L, Hq, D); k, v: (B, L, Hkv, D), Hq divisible by Hkv; query head h reads kv head h // (Hq / Hkv).
+        softmax_scale: None means 1 / sqrt(D).
+    Returns:
+        out (B, L, Hq, D) in q.dtype. Computed a chunk of query rows at a time (no L x L matrix).
+    """
+    B, L, Hq, Hkv, D = check_qkv(q, k, v)
+    scale = resolve_scale(softmax_scale, D)
+    dtype = compute_dtype(q)
+    group = Hq // Hkv
+    k_per_q_head = k.to(dtype).repeat_interleave(group, dim=2)  # (B, L, Hq, D)
+    v_per_q_head = v.to(dtype).repeat_interleave(group, dim=2)
+    out = torch.empty_like(q)
+    rows = max(1, _CHUNK_ELEMENTS // (B * Hq * L))
+    for i0 in range(0, L, rows):
+        i1 = min(L, i0 + rows)
+        s = scale * torch.einsum("bihd,bjhd->bhij", q[:, i0:i1].to(dtype), k_per_q_head[:, :i1])
+        query_pos = torch.arange(i0, i1, device=q.device).view(-1, 1)
+        key_pos = torch.arange(i1, device=q.device).view(1, -1)
+        s = s.masked_fill(key_pos > query_pos, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        out[:, i0:i1] = torch.einsum("bhij,bjhd->bihd", p, v_per_q_head[:, :i1]).to(q.dtype)
+    return out
+
+
+class _OnlineSoftmax:
+    """Running row max m, row sum l and unnormalised output acc of one query block, for every (b, h).
+
+    m, l: (B, Hq, Bs); acc: (B, Hq, Bs, D). One `update` folds in one key block (FlashAttention-2's inner step).
+    """
+
+    def __init__(self, q_block: torch.Tensor):
+        self.q = q_block
+        self.m = torch.full(q_block.shape[:-1], float("-inf"), dtype=q_block.dtype, device=q_block.device)
+        self.l = torch.zeros_like(self.m)
+        self.acc = torch.zeros_like(q_block)
+
+    def update(self, k_block: torch.Tensor, v_block: torch.Tensor, visible: torch.Tensor, scale: float) -> None:
+        """Fold in one key block; visible (B, Hq, Bs, Bs) masks causality, padding and skipped blocks."""
+        s = scale * (self.q @ k_block.transpose(-1, -2))
+        s = s.masked_fill(~visible, float("-inf"))
+        m_new = torch.maximum(self.m, s.amax(dim=-1))
+        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))  # rows with no key yet
+        p = torch.exp(s - m_safe.unsqueeze(-1))
+        correction = torch.exp(self.m - m_safe)
+        self.l = self.l * correction + p.sum(dim=-1)
+        self.acc = self.acc * correction.unsqueeze(-1) + p @ v_block
+        self.m = m_new
+
+    def result(self) -> torch.Tensor:
+        """acc / l; rows that saw no key at all give 0."""
+        l = self.l.unsqueeze(-1)
+        return torch.where(l > 0, self.acc / l.clamp_min(torch.finfo(l.dtype).tiny), torch.zeros_like(self.acc))
+
+
+class _BlockedQKV:
+    """q, k, v split into blocks, plus the helpers both sparse walks share."""
+
+    def __init__(self, q, k, v, block_size: int):
+        B, L, Hq, D = q.shape
+        self.L, self.block_size = L, block_size
+        self.q = split_blocks(q, block_size)  # (B, Hq, M, Bs, D)
+        self.k = split_blocks(k, block_size)  # (B, Hkv, N, Bs, D)
+        self.v = split_blocks(v, block_size)
+        group = Hq // k.shape[2]
+        self.batch_idx = torch.arange(B, device=q.device).view(B, 1)
+        self.kv_head_idx = (torch.arange(Hq, device=q.device) // group).view(1, Hq)
+        self.offsets = torch.arange(block_size, device=q.device)
+
+    def key_block(self, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of key block J[b, h] for every (b, h): two (B, Hq, Bs, D) tensors."""
+        return self.k[self.batch_idx, self.kv_head_idx, J], self.v[self.batch_idx, self.kv_head_idx, J]
+
+    def visible(self, I: int, J: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """(B, Hq, Bs, Bs): key j of block J[b, h] is visible to query i of block I (causal, not padding)."""
+        query_pos = (I * self.block_size + self.offsets).view(1, 1, -1, 1)
+        key_pos = (J.unsqueeze(-1) * self.block_size + self.offsets).unsqueeze(-2)  # (B, Hq, 1, Bs)
+        return active[..., None, None] & (key_pos <= query_pos) & (key_pos < self.L)
+
+    def output(self, blocks: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """M results (B, Hq, Bs, D) -> out (B, L, Hq, D)."""
+        out = torch.stack(blocks, dim=2).flatten(2, 3)[:, :, : self.L]  # (B, Hq, L, D)
+        return out.transpose(1, 2).to(dtype).contiguous()
+
+
+def _check_sparse_args(q, k, v, block_size, scale):
+    check_block_size(block_size)
+    D = check_qkv(q, k, v)[-1]
+    return resolve_scale(scale, D)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    counts: torch.Tensor,
+    indices: torch.Tensor,
+    block_size: int = 128,
+    scale: float | None = None,
+    *,
+    return_visits: bool = False,
+):
+    """Causal attention over the kept key blocks only, walking the compacted lists (physical skip).
+
+    Args:
+        q: (B, L, Hq, D); k, v: (B, L, Hkv, D).
+        counts: (B, Hq, M) int32; indices: (B, Hq, M, N) int32, from `compact_blocks`.
+        block_size: Bs; scale: None means 1 / sqrt(D).
+        return_visits: also return visits (B, Hq, M) int32, the key blocks each row visited (== counts).
+    Returns:
+        out (B, L, Hq, D) in q.dtype [, visits].
+    """
+    scale = _check_sparse_args(q, k, v, block_size, scale)
+    check_block_layout(q, block_size=block_size, counts=counts, indices=indices)
+    blocks = _BlockedQKV(q, k, v, block_size)
+    M = num_blocks(q.shape[1], block_size)
+    visits = torch.zeros_like(counts)
+    results = []
+    for I in range(M):
+        state = _OnlineSoftmax(blocks.q[:, :, I])
+        row_counts = counts[:, :, I]
+        for t in range(int(row_counts.max())):
+            # List position t holds the t-th kept key block of row I, for the (b, h) whose list is that long.
+            active = t < row_counts
+            J = torch.where(active, indices[:, :, I, t], 0).long()
+            k_J, v_J = blocks.key_block(J)
+            state.update(k_J, v_J, blocks.visible(I, J, active), scale)
+            visits[:, :, I] += active.int()
+        results.append(state.result())
+    out = blocks.output(results, q.dtype)
+    return (out, visits) if return_visits else out
+
+
+def block_sparse_attention_logical(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    block_size: int = 128,
+    scale: float | None = None,
+    *,
+    return_visits: bool = False,
+):
+    """Same output as `block_sparse_attention`, but visiting every causal block and skipping by the mask bit.
+
+    Args:
+        q: (B, L, Hq, D); k, v: (B, L, Hkv, D); mask: (B, Hq, M, N) bool from `select_blocks`.
+        return_visits: also return visits (B, Hq, M) int32: I + 1 for every row I (all causal blocks).
+    Returns:
+        out (B, L, Hq, D) in q.dtype [, visits].
+    """
+    scale = _check_sparse_args(q, k, v, block_size, scale)
+    check_block_layout(q, block_size=block_size, mask=mask)
+    blocks = _BlockedQKV(q, k, v, block_size)
+    B, _, Hq, _ = q.shape
+    M = num_blocks(q.shape[1], block_size)
+    visits = torch.zeros(B, Hq, M, dtype=torch.int32, device=q.device)
+    results = []
+    for I in range(M):
+        state = _OnlineSoftmax(blocks.q[:, :, I])
+        for J in range(I + 1):
+            visits[:, :, I] += 1
+            keep = mask[:, :, I, J]  # the mask bit decides, per (b, h), whether this block is skipped
+            if not keep.any():
+                continue
+            J_all = torch.full_like(keep, J, dtype=torch.long)
+            k_J, v_J = blocks.key_block(J_all)
+            state.update(k_J, v_J, blocks.visible(I, J_all, keep), scale)
+        results.append(state.result())
+    out = blocks.output(results, q.dtype)
+    return (out, visits) if return_visits else out

@@ -1,0 +1,80 @@
+"""FlashPrefill end to end: stages 1-5 composed (DESIGN.md section 2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import block_sparse_attention
+from .pooling import mean_pool_keys
+from .scoring import block_scores
+from .selection import causal_block_density, compact_blocks, select_blocks
+from .validation import check_alpha, check_block_size, check_count, check_qkv, resolve_scale
+
+# alpha per model from the official V1 code (DESIGN.md section 2).
+PAPER_ALPHA = {
+    "Llama-3.1-8B": 0.18,
+    "Qwen2.5-7B": 0.08,
+    "Qwen3-30B-A3B": 0.12,
+    "Qwen2.5-VL": 0.10,
+    "Qwen3-VL-30B": 0.22,
+}
+
+
+@dataclass
+class FlashPrefillStats:
+    """What the selection kept. counts (B, Hq, M) int32, indices (B, Hq, M, N) int32 (valid up to counts),
+    density: 0-d float32 tensor, kept causal blocks / all causal blocks over B and Hq."""
+
+    counts: torch.Tensor
+    indices: torch.Tensor
+    density: torch.Tensor
+
+
+def check_flash_prefill_args(q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, softmax_scale,
+                             **qkv_checks) -> float:
+    """Validate every argument of `flash_prefill`; return the softmax scale."""
+    D = check_qkv(q, k, v, **qkv_checks)[-1]
+    check_alpha(alpha)
+    check_block_size(block_size)
+    check_count("sink_blocks", sink_blocks, minimum=0)
+    check_count("window_blocks", window_blocks, minimum=1)
+    check_count("last_dense_blocks", last_dense_blocks, minimum=0)
+    return resolve_scale(softmax_scale, D)
+
+
+def flash_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    alpha: float = 0.12,
+    block_size: int = 128,
+    sink_blocks: int = 2,
+    window_blocks: int = 4,
+    last_dense_blocks: int = 2,
+    softmax_scale: float | None = None,
+    return_stats: bool = False,
+):
+    """Block-sparse causal prefill attention with FlashPrefill's selection.
+
+    Args:
+        q: (B, L, Hq, D); k, v: (B, L, Hkv, D).
+        alpha: dynamic threshold (Eq. 3); 0 is dense attention.
+        block_size: Bs. sink_blocks, window_blocks, last_dense_blocks: the safety net, in blocks.
+        softmax_scale: None means 1 / sqrt(D).
+        return_stats: also return a `FlashPrefillStats`.
+    Returns:
+        out (B, L, Hq, D) in q.dtype [, stats].
+    """
+    scale = check_flash_prefill_args(q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
+                                     softmax_scale)
+    kbar = mean_pool_keys(k, block_size)  # 1. mean proxy of each key block
+    scores = block_scores(q, kbar, block_size, scale)  # 2. block scores (Eq. 1-2)
+    mask = select_blocks(scores, alpha, sink_blocks, window_blocks, last_dense_blocks)  # 3. threshold (Eq. 3)
+    counts, indices = compact_blocks(mask)  # 4. compacted block lists
+    out = block_sparse_attention(q, k, v, counts, indices, block_size, scale)  # 5. physical skip
+    if return_stats:
+        return out, FlashPrefillStats(counts, indices, causal_block_density(counts))
+    return out

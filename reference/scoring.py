@@ -1,0 +1,70 @@
+"""Stage 2 of FlashPrefill: instantaneous pattern discovery (paper Eq. 1-2).
+
+For query block I and key block J, with s_iJ = scale * q_i . kbar_J over the queries i of I that *contribute* to J
+(i >= (J+1) Bs - 1: the whole key block is visible to query i):
+
+    m_IJ = max_i s_iJ                      (block max)
+    S_IJ = sum_i exp(s_iJ - m_IJ)          (block sum of exponentials)
+    M_I  = max_J m_IJ                      (row max, the global reweighting)
+    Score_IJ = S_IJ exp(m_IJ - M_I) / (sum_J' S_IJ' exp(m_IJ' - M_I) + 1e-9)
+
+Pairs without a contributing query (every J > I, the diagonal of a partial block, a partial last key block) score
+exactly 0. Rows are independent, so the reference scores a few query blocks at a time and never holds an L x L
+matrix: memory is O(chunk x Bs x N) per head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .pooling import compute_dtype, split_blocks
+from .validation import check_block_size, check_kbar, num_blocks, resolve_scale
+
+SCORE_EPS = 1e-9  # the epsilon of Eq. 2's normaliser
+_CHUNK_ELEMENTS = 1 << 24  # scores held at once by the reference: about 64 MB of float32
+
+
+def block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int = 128, scale: float | None = None) -> torch.Tensor:
+    """Block importance scores of every (query block, key block) pair.
+
+    Args:
+        q: queries (B, L, Hq, D).
+        kbar: pooled keys (B, N, Hkv, D) from `mean_pool_keys`; query head h reads kv head h // (Hq / Hkv).
+        block_size: Bs.
+        scale: softmax scale; None means 1 / sqrt(D).
+    Returns:
+        Score (B, Hq, M, N) float32 (float64 for float64 q), M = N = ceil(L / Bs); each row sums to 1 (up to the
+        epsilon) or is all zero.
+    """
+    check_block_size(block_size)
+    check_kbar(q, kbar, block_size)
+    B, L, Hq, D = q.shape
+    Hkv = kbar.shape[2]
+    M = N = num_blocks(L, block_size)
+    scale = resolve_scale(scale, D)
+    dtype = compute_dtype(q)
+
+    q_blocks = split_blocks(q, block_size)  # (B, Hq, M, Bs, D)
+    kbar_per_q_head = kbar.to(dtype).repeat_interleave(Hq // Hkv, dim=2).permute(0, 2, 1, 3)  # (B, Hq, N, D)
+    query_pos = torch.arange(M * block_size, device=q.device).view(M, block_size, 1)
+    J = torch.arange(N, device=q.device)
+    # Query i contributes to key block J iff it sees the whole block; padding queries contribute nowhere.
+    contributes = (query_pos >= (J + 1) * block_size - 1) & (query_pos < L)  # (M, Bs, N)
+
+    scores = torch.empty(B, Hq, M, N, dtype=dtype, device=q.device)
+    chunk = max(1, _CHUNK_ELEMENTS // (B * Hq * block_size * N))
+    for I0 in range(0, M, chunk):
+        I1 = min(M, I0 + chunk)
+        # 1. s_iJ = scale * q_i . kbar_J for the queries of blocks I0..I1-1: (B, Hq, c, Bs, N)
+        s = scale * torch.einsum("bhcrd,bhnd->bhcrn", q_blocks[:, :, I0:I1], kbar_per_q_head)
+        s = s.masked_fill(~contributes[I0:I1], float("-inf"))
+        # 2. Block max m_IJ and block sum S_IJ over the contributing queries (Eq. 1).
+        m = s.amax(dim=3)  # (B, Hq, c, N); -inf where nobody contributes
+        m_finite = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        S = torch.exp(s - m_finite.unsqueeze(3)).sum(dim=3)  # 0 where nobody contributes
+        # 3. Reweight by the row max M_I and normalise over J (Eq. 2).
+        M_I = m.amax(dim=-1, keepdim=True)
+        M_I = torch.where(torch.isfinite(M_I), M_I, torch.zeros_like(M_I))
+        weighted = S * torch.exp(m - M_I)
+        scores[:, :, I0:I1] = weighted / (weighted.sum(dim=-1, keepdim=True) + SCORE_EPS)
+    return scores

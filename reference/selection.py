@@ -1,0 +1,79 @@
+"""Stages 3-4 of FlashPrefill: dynamic thresholding (paper Eq. 3) and compaction into block lists.
+
+    keep(I, J)  iff  J <= I  and  ( Score_IJ >= alpha * max_J' Score_IJ'      the dynamic threshold
+                                    or J < sink_blocks                        attention sinks
+                                    or I - J < window_blocks                  local window (keeps the diagonal)
+                                    or I >= M - last_dense_blocks )           the last query blocks stay dense
+
+One max-reduction per row, no sort (top-k) and no cumulative sum over sorted scores (top-p): the long tail below
+alpha * max is dropped completely. The kept J of each row are then compacted into an ascending list so that the
+attention kernel jumps straight to them ("physical skip").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .validation import check_alpha, check_count, check_mask, check_scores
+
+
+def select_blocks(
+    scores: torch.Tensor,
+    alpha: float = 0.12,
+    sink_blocks: int = 2,
+    window_blocks: int = 4,
+    last_dense_blocks: int = 2,
+) -> torch.Tensor:
+    """Keep mask of every (query block, key block) pair.
+
+    Args:
+        scores: Score (B, Hq, M, N) from `block_scores`, M == N.
+        alpha: threshold relative to the row max; 0 keeps every causal block.
+        sink_blocks, window_blocks (>= 1), last_dense_blocks: the forced blocks of the safety net.
+    Returns:
+        mask (B, Hq, M, N) bool, never above the diagonal.
+    """
+    check_scores(scores)
+    alpha = check_alpha(alpha)
+    check_count("sink_blocks", sink_blocks, minimum=0)
+    check_count("window_blocks", window_blocks, minimum=1)
+    check_count("last_dense_blocks", last_dense_blocks, minimum=0)
+    M, N = scores.shape[-2:]
+    I = torch.arange(M, device=scores.device).view(M, 1)
+    J = torch.arange(N, device=scores.device).view(1, N)
+
+    # 1. Dynamic threshold: one max per row (Eq. 3).
+    row_max = scores.amax(dim=-1, keepdim=True)
+    above_threshold = scores >= alpha * row_max
+    # 2. Safety net: sinks, local window, dense last rows.
+    forced = (J < sink_blocks) | (I - J < window_blocks) | (I >= M - last_dense_blocks)
+    # 3. Causality.
+    return (J <= I) & (above_threshold | forced)
+
+
+def compact_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact every row of the mask into an ascending list of kept key blocks.
+
+    Args:
+        mask: (B, Hq, M, N) bool.
+    Returns:
+        counts (B, Hq, M) int32: kept blocks per row;
+        indices (B, Hq, M, N) int32: indices[..., :counts] are the kept J in ascending order; the entries past
+        counts are unspecified (here -1) and must not be read.
+    """
+    check_mask(mask)
+    N = mask.shape[-1]
+    counts = mask.sum(dim=-1, dtype=torch.int32)
+    # Slot of each kept block in its row's list = number of kept blocks before it (an exclusive prefix sum);
+    # dropped blocks are sent to a spare column N that is cut off afterwards.
+    slot = torch.where(mask, mask.cumsum(dim=-1) - 1, N)
+    J = torch.arange(N, dtype=torch.int32, device=mask.device).expand(mask.shape)
+    indices = torch.full((*mask.shape[:-1], N + 1), -1, dtype=torch.int32, device=mask.device)
+    indices.scatter_(-1, slot, J)
+    return counts, indices[..., :N].contiguous()
+
+
+def causal_block_density(counts: torch.Tensor) -> torch.Tensor:
+    """Kept causal blocks / all causal blocks over B and Hq, as a 0-d float32 tensor (no host sync)."""
+    B, Hq, M = counts.shape
+    return counts.sum(dtype=torch.float64).div(B * Hq * M * (M + 1) / 2).float()
