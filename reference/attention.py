@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .pooling import compute_dtype, split_blocks
-from .validation import check_block_layout, check_block_size, check_qkv, num_blocks, resolve_scale
+from .validation import check_block_layout, check_block_lists, check_block_size, check_qkv, num_blocks, resolve_scale
 
 _CHUNK_ELEMENTS = 1 << 24  # attention scores held at once by `dense_attention`: about 64 MB of float32
 
@@ -139,6 +139,7 @@ def block_sparse_attention(
     """
     scale = _check_sparse_args(q, k, v, block_size, scale)
     check_block_layout(q, block_size=block_size, counts=counts, indices=indices)
+    check_block_lists(counts, indices)
     blocks = _BlockedQKV(q, k, v, block_size)
     M = num_blocks(q.shape[1], block_size)
     visits = torch.zeros_like(counts)

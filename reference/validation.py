@@ -148,3 +148,19 @@ def check_block_layout(q, *, block_size: int, counts=None, indices=None, mask=No
         raise ValueError(
             f"indices must have shape (B={B}, Hq={Hq}, M={M}, C) with 1 <= C <= N={M}, got {tuple(indices.shape)}"
         )
+
+
+def check_block_lists(counts: torch.Tensor, indices: torch.Tensor) -> None:
+    """The lists are what `compact_blocks` makes: 0 <= counts[..., I] <= min(I + 1, C) and
+    indices[..., I, :counts] strictly ascending in [0, I]. (Reads the values: one host sync.)"""
+    M, C = counts.shape[-1], indices.shape[-1]
+    I = torch.arange(M, device=counts.device)
+    if bool(((counts < 0) | (counts > torch.clamp(I + 1, max=C))).any()):
+        raise ValueError("counts must satisfy 0 <= counts[..., I] <= I + 1 (no block above the diagonal)")
+    listed = torch.arange(C, device=counts.device) < counts.unsqueeze(-1)  # (B, Hq, M, C)
+    out_of_range = listed & ((indices < 0) | (indices > I.view(M, 1)))
+    if bool(out_of_range.any()):
+        raise ValueError("indices[..., I, :counts] must lie in [0, I] (causal key blocks of query block I)")
+    not_ascending = listed[..., 1:] & (indices[..., 1:] <= indices[..., :-1])
+    if bool(not_ascending.any()):
+        raise ValueError("indices[..., I, :counts] must be strictly ascending (as compact_blocks returns them)")

@@ -1,0 +1,29 @@
+"""Triton kernels for FlashPrefill, with the same public names and signatures as `reference`.
+
+Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set before
+triton is imported). Each stage lives in the file that mirrors its reference twin.
+"""
+
+from reference.flash_prefill import PAPER_ALPHA, FlashPrefillStats
+from reference.selection import causal_block_density
+
+from .attention import block_sparse_attention, block_sparse_attention_logical, dense_attention
+from .flash_prefill import flash_prefill
+from .pooling import mean_pool_keys
+from .scoring import block_scores
+from .selection import compact_blocks, select_and_compact, select_blocks
+
+__all__ = [
+    "mean_pool_keys",
+    "block_scores",
+    "select_blocks",
+    "compact_blocks",
+    "select_and_compact",
+    "block_sparse_attention",
+    "block_sparse_attention_logical",
+    "dense_attention",
+    "flash_prefill",
+    "FlashPrefillStats",
+    "causal_block_density",
+    "PAPER_ALPHA",
+]

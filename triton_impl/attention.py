@@ -1,0 +1,204 @@
+"""Stage 5 in Triton: causal attention over kept key blocks, and dense attention (twin of reference/attention.py).
+
+One FlashAttention-2-style kernel, three ways of choosing the key blocks (MODE, a compile-time constant):
+
+* PHYSICAL (`block_sparse_attention`): the program walks its compacted list indices[b, h, I, :counts] and loads
+  only those K/V blocks: the loop runs counts times ("physical jump").
+* LOGICAL (`block_sparse_attention_logical`): the program walks every causal block J = 0..I, reads the mask bit
+  and branches over the block when it is 0: the loop runs I + 1 times ("logical skip").
+* DENSE (`dense_attention`): every causal block, no bit to read.
+
+Programs: one per (query tile of BLOCK_M rows, batch * query head), longest rows (the last query tiles) first
+against the causal load imbalance. Query head h reads kv head h // group. Off-diagonal blocks need no mask at
+all; only the diagonal block is masked (causality inside it, and the padding of a partial last block), and the
+lists are ascending, so the diagonal block, when kept, is the last entry of the list.
+
+Inner step in base 2: logits are scaled by scale * log2(e) and exponentiated with exp2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from reference.validation import (
+    check_block_layout,
+    check_block_lists,
+    check_block_size,
+    num_blocks,
+    resolve_scale,
+)
+
+from .common import LOG2E, check_kernel_device, check_kernel_qkv, dot_precision, new_output, num_warps_for
+
+PHYSICAL, LOGICAL, DENSE = 0, 1, 2
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, q, q_pos, k_base, v_base, start, stride_kl, stride_vl, L, qk_scale,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold keys start .. start + BLOCK_N into the running softmax state (acc, m_i, l_i) of the query tile."""
+    key_pos = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    if MASKED:  # the diagonal block: may run past L
+        k = tl.load(k_base + key_pos[:, None] * stride_kl + offs_d[None, :], mask=(key_pos < L)[:, None], other=0.0)
+        v = tl.load(v_base + key_pos[:, None] * stride_vl + offs_d[None, :], mask=(key_pos < L)[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + key_pos[:, None] * stride_kl + offs_d[None, :])
+        v = tl.load(v_base + key_pos[:, None] * stride_vl + offs_d[None, :])
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # base-2 logits
+    if MASKED:
+        visible = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < L)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if MASKED:  # a row may have seen no key yet
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_new[:, None])
+    correction = tl.exp2(m_i - m_new)
+    l_i = l_i * correction + tl.sum(p, axis=1)
+    acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_block(
+    acc, m_i, l_i, q, q_pos, k_base, v_base, J, stride_kl, stride_vl, L, qk_scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold in a whole off-diagonal key block J (no mask needed: every key is visible and < L)."""
+    for n in tl.static_range(BLOCK_SIZE // BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_base, v_base, J * BLOCK_SIZE + n * BLOCK_N,
+                                     stride_kl, stride_vl, L, qk_scale, BLOCK_N, D, False, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attention_kernel(
+    Q, K, V, OUT, COUNTS, INDICES, MASK, VISITS,
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    stride_ob, stride_ol, stride_oh,
+    stride_lb, stride_lh, stride_lm,  # INDICES (or MASK) rows; COUNTS and VISITS are contiguous (B, Hq, M)
+    L, M, HQ, GROUP, qk_scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr,
+):
+    TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_M
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
+    I = tile // TILES_PER_BLOCK
+    b = tl.program_id(1) // HQ
+    h = tl.program_id(1) % HQ
+    q_pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + q_pos[:, None] * stride_ql + offs_d[None, :],
+                mask=(q_pos < L)[:, None], other=0.0)
+    k_base = K + b * stride_kb + (h // GROUP) * stride_kh
+    v_base = V + b * stride_vb + (h // GROUP) * stride_vh
+    row = b * stride_lb + h * stride_lh + I * stride_lm
+    stat = (b * HQ + h) * M + I
+
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # Off-diagonal blocks, then the diagonal block with its mask.
+    if MODE == PHYSICAL:
+        count = tl.load(COUNTS + stat)
+        last = tl.load(INDICES + row + tl.maximum(count - 1, 0), mask=count > 0, other=-1)
+        has_diagonal = last == I
+        for t in range(0, count - has_diagonal.to(tl.int32)):
+            J = tl.load(INDICES + row + t)
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, k_base, v_base, J, stride_kl, stride_vl, L,
+                                          qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION)
+        visits = count
+    elif MODE == LOGICAL:
+        for J in range(0, I):
+            if tl.load(MASK + row + J) != 0:
+                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, k_base, v_base, J, stride_kl, stride_vl, L,
+                                              qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION)
+        has_diagonal = tl.load(MASK + row + I) != 0
+        visits = I + 1
+    else:
+        for J in range(0, I):
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, k_base, v_base, J, stride_kl, stride_vl, L,
+                                          qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION)
+        has_diagonal = I >= 0
+        visits = I + 1
+    if has_diagonal:
+        diagonal_end = tl.minimum(tile * BLOCK_M + BLOCK_M, L)  # keys past this tile's last query are invisible
+        for start in range(I * BLOCK_SIZE, diagonal_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_base, v_base, start, stride_kl, stride_vl, L,
+                                         qk_scale, BLOCK_N, D, True, DOT_PRECISION)
+
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows that saw no key give 0, as in the reference
+    out = acc / l_i[:, None]
+    tl.store(OUT + b * stride_ob + h * stride_oh + q_pos[:, None] * stride_ol + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=(q_pos < L)[:, None])
+    if COUNT_VISITS:
+        if tile % TILES_PER_BLOCK == 0:
+            tl.store(VISITS + stat, visits)
+
+
+def attention_tile_sizes(block_size: int) -> tuple[int, int]:
+    """(BLOCK_M query rows, BLOCK_N keys) per tile; both divide the block size."""
+    return min(block_size, 128), min(block_size, 64)
+
+
+def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask=None, return_visits=False):
+    B, L, Hq, Hkv, D = q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]
+    M = num_blocks(L, block_size)
+    BLOCK_M, BLOCK_N = attention_tile_sizes(block_size)
+    # The kernels index the head dim with unit stride; anything else gets one copy here.
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out = new_output(B, L, Hq, D, dtype=q.dtype, device=q.device)
+    visits = new_output(B, Hq, M, dtype=torch.int32, device=q.device) if return_visits else out
+    rows = indices if mode == PHYSICAL else mask.view(torch.int8) if mode == LOGICAL else None
+    row_strides = rows.stride()[:3] if rows is not None else (0, 0, 0)
+    counts = counts.contiguous() if counts is not None else out
+    _attention_kernel[(M * (block_size // BLOCK_M), B * Hq)](
+        q, k, v, out, counts, rows if rows is not None else out, rows if rows is not None else out, visits,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *row_strides,
+        L, M, Hq, Hq // Hkv, scale * LOG2E,
+        BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
+        MODE=mode, DOT_PRECISION=dot_precision(q.dtype), COUNT_VISITS=return_visits,
+        num_warps=num_warps_for(BLOCK_M, D), num_stages=3,
+    )
+    return (out, visits) if return_visits else out
+
+
+def block_sparse_attention(q, k, v, counts, indices, block_size: int = 128, scale: float | None = None, *,
+                           return_visits: bool = False):
+    """Causal attention over the listed key blocks only (physical skip). Same contract as the reference;
+    visits (B, Hq, M) int32 counts the loop iterations of each row, measured inside the kernel."""
+    check_block_size(block_size)
+    D = check_kernel_qkv(q, k, v)[-1]
+    check_block_layout(q, block_size=block_size, counts=counts, indices=indices)
+    check_kernel_device(counts=counts, indices=indices)
+    check_block_lists(counts, indices)
+    return _launch(q, k, v, block_size, resolve_scale(scale, D), PHYSICAL, counts=counts, indices=indices,
+                   return_visits=return_visits)
+
+
+def block_sparse_attention_logical(q, k, v, mask, block_size: int = 128, scale: float | None = None, *,
+                                   return_visits: bool = False):
+    """Same output as `block_sparse_attention`, visiting every causal block and branching on its mask bit."""
+    check_block_size(block_size)
+    D = check_kernel_qkv(q, k, v)[-1]
+    check_block_layout(q, block_size=block_size, mask=mask)
+    check_kernel_device(mask=mask)
+    return _launch(q, k, v, block_size, resolve_scale(scale, D), LOGICAL, mask=mask.contiguous(),
+                   return_visits=return_visits)
+
+
+def dense_attention(q, k, v, softmax_scale: float | None = None):
+    """Exact causal GQA attention (the same kernel visiting every causal block)."""
+    D = check_kernel_qkv(q, k, v)[-1]
+    return _launch(q, k, v, 128, resolve_scale(softmax_scale, D), DENSE)

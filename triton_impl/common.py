@@ -1,0 +1,57 @@
+"""What every Triton entry point shares: supported inputs, the device rule, and launch helpers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from reference.validation import check_qkv
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float32 mainly for the CPU interpreter
+HEAD_DIMS = (16, 32, 64, 128)
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_kernel_device(**tensors: torch.Tensor) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1)."""
+    for name, t in tensors.items():
+        if t.device.type == "cuda" or (t.device.type == "cpu" and interpreting()):
+            continue
+        raise ValueError(
+            f"{name} is on {t.device}; triton_impl needs CUDA tensors "
+            "(or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)"
+        )
+
+
+def check_kernel_qkv(q, k, v):
+    """check_qkv restricted to what the kernels support; returns (B, L, Hq, Hkv, D)."""
+    shape = check_qkv(q, k, v, dtypes=KERNEL_DTYPES, head_dims=HEAD_DIMS)
+    check_kernel_device(q=q, k=k, v=v)
+    return shape
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 dots in full IEEE precision (Triton's default for them is tf32); fp16/bf16 dots are exact-input."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def num_warps_for(block_m: int, head_dim: int) -> int:
+    return 8 if block_m * head_dim >= 128 * 128 else 4
+
+
+# Tests set this (see tests/conftest.py) so that every kernel output starts as NaN (floats) or -1 (ints) and an
+# element a kernel forgot to write cannot pass as a plausible value.
+POISON_OUTPUTS = False
+
+
+def new_output(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, or a poisoned buffer while POISON_OUTPUTS is set."""
+    if not POISON_OUTPUTS:
+        return torch.empty(*shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else -1
+    return torch.full(shape, fill, dtype=dtype, device=device)

@@ -1,0 +1,56 @@
+"""Stage 1 in Triton: mean-pool every key block (twin of reference/pooling.py).
+
+One program per (key block J, batch b, kv head h) reads the block's Bs x D keys once, in tiles of POOL_ROWS
+rows, sums them in float32 and divides by the number of valid tokens. Memory-bound: it reads the keys once
+(B x L x Hkv x D elements) and writes N x D floats per head.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from reference.validation import check_block_size, check_tensor, num_blocks
+
+from .common import HEAD_DIMS, KERNEL_DTYPES, check_kernel_device, new_output
+
+
+@triton.jit
+def _mean_pool_kernel(
+    K, KBAR,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_ob, stride_on, stride_oh,
+    L, H,
+    BLOCK_SIZE: tl.constexpr, POOL_ROWS: tl.constexpr, D: tl.constexpr,
+):
+    J = tl.program_id(0)
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    offs_d = tl.arange(0, D)
+    block_start = J * BLOCK_SIZE
+    acc = tl.zeros([D], dtype=tl.float32)
+    for r0 in range(0, BLOCK_SIZE, POOL_ROWS):
+        rows = block_start + r0 + tl.arange(0, POOL_ROWS)
+        ptrs = K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kl + offs_d[None, :] * stride_kd
+        tile = tl.load(ptrs, mask=(rows < L)[:, None], other=0.0)
+        acc += tl.sum(tile.to(tl.float32), axis=0)
+    valid = tl.minimum(L - block_start, BLOCK_SIZE)
+    tl.store(KBAR + b * stride_ob + J * stride_on + h * stride_oh + offs_d, acc / valid)
+
+
+def mean_pool_keys(k: torch.Tensor, block_size: int = 128) -> torch.Tensor:
+    """kbar (B, N, Hkv, D) float32: the mean of the valid keys of every block. Same contract as the reference."""
+    check_tensor("k", k, ndim=4, dtypes=KERNEL_DTYPES)
+    check_block_size(block_size)
+    check_kernel_device(k=k)
+    B, L, H, D = k.shape
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dim {D} is not supported; expected one of {HEAD_DIMS}")
+    N = num_blocks(L, block_size)
+    kbar = new_output(B, N, H, D, dtype=torch.float32, device=k.device)
+    _mean_pool_kernel[(N, B * H)](
+        k, kbar, *k.stride(), *kbar.stride()[:3], L, H,
+        BLOCK_SIZE=block_size, POOL_ROWS=min(block_size, 64), D=D,
+    )
+    return kbar

@@ -1,0 +1,155 @@
+"""Stages 3-4 in Triton: dynamic thresholding (paper Eq. 3) and compaction (twin of reference/selection.py).
+
+Sort-free and compile-free. Every kernel runs one program per (query block I, batch b, query head h) row:
+
+* `select_blocks`  pass 1 reduces the row max of Score, pass 2 writes keep = J <= I and (Score >= alpha * max
+                   or forced);
+* `compact_blocks` walks the mask row in tiles, turns the keep bits into list slots with a prefix sum
+                   (tl.cumsum) plus a running offset, and scatters J into indices[slot];
+* `select_and_compact` (used by `flash_prefill`) does both in one program: row max, threshold, prefix sum,
+                   list. The (B, Hq, M, N) mask is never written.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from reference.validation import check_alpha, check_count, check_mask, check_scores
+
+from .common import check_kernel_device, new_output
+
+TILE_N = 128  # key blocks per tile of a row
+
+
+@triton.jit
+def _row_max(row, I, TILE: tl.constexpr):
+    """max_J Score_IJ over J <= I (scores are >= 0 and exactly 0 above the diagonal, so this is the row max)."""
+    best = tl.zeros([TILE], dtype=tl.float32)
+    for j0 in range(0, I + 1, TILE):
+        J = j0 + tl.arange(0, TILE)
+        best = tl.maximum(best, tl.load(row + J, mask=J <= I, other=0.0))
+    return tl.max(best, axis=0)
+
+
+@triton.jit
+def _keep_tile(row, J, I, M, threshold, sink_blocks, window_blocks, last_dense_blocks):
+    """Keep bits of the key blocks J of row I: causal and (above alpha * max, or a sink, window or dense row)."""
+    causal = J <= I
+    score = tl.load(row + J, mask=causal, other=0.0)
+    forced = (J < sink_blocks) | (I - J < window_blocks) | (I >= M - last_dense_blocks)
+    return causal & ((score >= threshold) | forced)
+
+
+@triton.jit
+def _append_kept(list_row, J, keep, count):
+    """Write the kept J of one tile at list slots count, count + 1, ...; return the new count."""
+    keep_i = keep.to(tl.int32)
+    slot = count + tl.cumsum(keep_i, axis=0) - 1
+    tl.store(list_row + slot, J, mask=keep)
+    return count + tl.sum(keep_i, axis=0)
+
+
+@triton.jit
+def _select_kernel(
+    SCORES, MASK, stride_sb, stride_sh, stride_sm, stride_mb, stride_mh, stride_mm,
+    M, HQ, alpha, sink_blocks, window_blocks, last_dense_blocks, TILE: tl.constexpr,
+):
+    I = tl.program_id(0)
+    b = tl.program_id(1) // HQ
+    h = tl.program_id(1) % HQ
+    row = SCORES + b * stride_sb + h * stride_sh + I * stride_sm
+    mask_row = MASK + b * stride_mb + h * stride_mh + I * stride_mm
+    threshold = alpha * _row_max(row, I, TILE)
+    for j0 in range(0, M, TILE):
+        J = j0 + tl.arange(0, TILE)
+        keep = _keep_tile(row, J, I, M, threshold, sink_blocks, window_blocks, last_dense_blocks)
+        tl.store(mask_row + J, keep.to(tl.int8), mask=J < M)
+
+
+@triton.jit
+def _compact_kernel(
+    MASK, COUNTS, INDICES, stride_mb, stride_mh, stride_mm, stride_ib, stride_ih, stride_im,
+    M, HQ, TILE: tl.constexpr,
+):
+    I = tl.program_id(0)
+    b = tl.program_id(1) // HQ
+    h = tl.program_id(1) % HQ
+    mask_row = MASK + b * stride_mb + h * stride_mh + I * stride_mm
+    list_row = INDICES + b * stride_ib + h * stride_ih + I * stride_im
+    count = tl.zeros([], dtype=tl.int32)
+    for j0 in range(0, M, TILE):
+        J = j0 + tl.arange(0, TILE)
+        keep = tl.load(mask_row + J, mask=J < M, other=0) != 0
+        count = _append_kept(list_row, J, keep, count)
+    tl.store(COUNTS + (b * HQ + h) * M + I, count)
+
+
+@triton.jit
+def _select_compact_kernel(
+    SCORES, COUNTS, INDICES, stride_sb, stride_sh, stride_sm, stride_ib, stride_ih, stride_im,
+    M, HQ, alpha, sink_blocks, window_blocks, last_dense_blocks, TILE: tl.constexpr,
+):
+    I = tl.program_id(0)
+    b = tl.program_id(1) // HQ
+    h = tl.program_id(1) % HQ
+    row = SCORES + b * stride_sb + h * stride_sh + I * stride_sm
+    list_row = INDICES + b * stride_ib + h * stride_ih + I * stride_im
+    threshold = alpha * _row_max(row, I, TILE)
+    count = tl.zeros([], dtype=tl.int32)
+    for j0 in range(0, I + 1, TILE):  # nothing above the diagonal is ever kept
+        J = j0 + tl.arange(0, TILE)
+        keep = _keep_tile(row, J, I, M, threshold, sink_blocks, window_blocks, last_dense_blocks)
+        count = _append_kept(list_row, J, keep, count)
+    tl.store(COUNTS + (b * HQ + h) * M + I, count)
+
+
+def _check_selection_args(scores, alpha, sink_blocks, window_blocks, last_dense_blocks):
+    check_scores(scores)
+    check_kernel_device(scores=scores)
+    check_count("sink_blocks", sink_blocks, minimum=0)
+    check_count("window_blocks", window_blocks, minimum=1)
+    check_count("last_dense_blocks", last_dense_blocks, minimum=0)
+    return check_alpha(alpha), scores.float().contiguous()
+
+
+def select_blocks(scores: torch.Tensor, alpha: float = 0.12, sink_blocks: int = 2, window_blocks: int = 4,
+                  last_dense_blocks: int = 2) -> torch.Tensor:
+    """mask (B, Hq, M, N) bool of the kept blocks. Same contract as the reference."""
+    alpha, scores = _check_selection_args(scores, alpha, sink_blocks, window_blocks, last_dense_blocks)
+    B, Hq, M, _ = scores.shape
+    mask = new_output(B, Hq, M, M, dtype=torch.bool, device=scores.device)
+    _select_kernel[(M, B * Hq)](
+        scores, mask.view(torch.int8), *scores.stride()[:3], *mask.stride()[:3],
+        M, Hq, alpha, sink_blocks, window_blocks, last_dense_blocks, TILE=TILE_N,
+    )
+    return mask
+
+
+def compact_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """counts (B, Hq, M) int32 and ascending lists indices (B, Hq, M, N) int32 (valid up to counts)."""
+    check_mask(mask)
+    check_kernel_device(mask=mask)
+    mask = mask.contiguous()
+    B, Hq, M, _ = mask.shape
+    counts = new_output(B, Hq, M, dtype=torch.int32, device=mask.device)
+    indices = new_output(B, Hq, M, M, dtype=torch.int32, device=mask.device)
+    _compact_kernel[(M, B * Hq)](
+        mask.view(torch.int8), counts, indices, *mask.stride()[:3], *indices.stride()[:3], M, Hq, TILE=TILE_N,
+    )
+    return counts, indices
+
+
+def select_and_compact(scores: torch.Tensor, alpha: float = 0.12, sink_blocks: int = 2, window_blocks: int = 4,
+                       last_dense_blocks: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """compact_blocks(select_blocks(scores, ...)) in one kernel, without writing the mask."""
+    alpha, scores = _check_selection_args(scores, alpha, sink_blocks, window_blocks, last_dense_blocks)
+    B, Hq, M, _ = scores.shape
+    counts = new_output(B, Hq, M, dtype=torch.int32, device=scores.device)
+    indices = new_output(B, Hq, M, M, dtype=torch.int32, device=scores.device)
+    _select_compact_kernel[(M, B * Hq)](
+        scores, counts, indices, *scores.stride()[:3], *indices.stride()[:3],
+        M, Hq, alpha, sink_blocks, window_blocks, last_dense_blocks, TILE=TILE_N,
+    )
+    return counts, indices
