@@ -9,7 +9,8 @@ peers describe, in dedicated feature dimensions of k (what a key offers) and q (
                     large for nearby tokens and decaying with distance;
 * slashes           the same features shifted by an offset d: q_i . k_j ~ sum_f cos(w_f (i - d - j)), a diagonal
                     line at i - j = d;
-* vertical stripes  a few random key positions share a direction that some heads look for;
+* vertical stripes  a few random key positions (runs of `stripe_width` tokens) share a direction that some
+                    heads look for;
 * noise             Gaussian in the remaining dimensions.
 
 Every figure that uses these inputs must say "synthetic". The strengths are logits (before the softmax scale is
@@ -36,6 +37,7 @@ class PlantedPatterns:
     slash_fraction: float = 0.5  # fraction of query heads with a slash
     slash_strength: float = 5.0
     stripes: int = 6  # vertical stripes (key positions) per kv head
+    stripe_width: int = 1  # tokens per stripe; mean pooling dilutes a stripe by stripe_width / Bs
     stripe_fraction: float = 0.5  # fraction of query heads that look at the stripes
     stripe_strength: float = 7.0
     noise: float = 1.0  # std of q and k in the remaining dimensions
@@ -81,7 +83,8 @@ def planted_qkv(
     k[:, :, :, STRIPE] = 0.0
     for h in range(Hkv):
         positions = torch.randint(p.sink_tokens, max(L, p.sink_tokens + 1), (p.stripes,), generator=gen)
-        k[:, positions.clamp(max=L - 1), h, STRIPE] = root
+        for start in positions.clamp(max=L - 1).tolist():
+            k[:, start : start + p.stripe_width, h, STRIPE] = root
     looks_at_stripes = torch.rand(Hq, generator=gen) < p.stripe_fraction
     q[:, :, :, STRIPE] = root * p.stripe_strength * looks_at_stripes.float()
 

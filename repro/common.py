@@ -1,0 +1,113 @@
+"""Helpers every benchmark in repro/ shares: where results go, the environment stamp, long-format CSV, markdown.
+
+Every result file says what produced it: `environment_stamp()` records the device (GPU name or CPU model), the
+torch / triton / python versions, the date and the git commit, and `write_long_csv` repeats the stamp on every
+row, so rows from different machines can be concatenated and still be told apart.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import platform
+import subprocess
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "repro" / "results"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _git_commit() -> str:
+    """Short commit of the repository, with "+dirty" when tracked files have uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def environment_stamp(device: str | torch.device | None = None) -> dict[str, str]:
+    """device, device_name (GPU name or CPU model), torch, triton, python, date (UTC), commit."""
+    device = torch.device(device or default_device())
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+    return {
+        "device": device.type,
+        "device_name": name,
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": _git_commit(),
+    }
+
+
+def stamp_line(stamp: Mapping[str, str]) -> str:
+    """One markdown line naming the machine and versions a result was measured with."""
+    return (f"Measured on {stamp['device_name']} ({stamp['device']}), torch {stamp['torch']}, "
+            f"triton {stamp['triton']}, python {stamp['python']}, commit {stamp['commit']}, {stamp['date']}.")
+
+
+def write_long_csv(path: str | Path, rows: Iterable[Mapping], stamp: Mapping[str, str] | None = None) -> Path:
+    """Write one measurement per row; every row gets the environment stamp's columns appended.
+
+    Columns: the union of the rows' keys in first-seen order, then the stamp's; missing values are left empty.
+    """
+    path = Path(path)
+    rows = list(rows)
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    columns += [key for key in (stamp or {}) if key not in columns]
+    rows = [dict(r, **(stamp or {})) for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def read_long_csv(path: str | Path) -> list[dict[str, str]]:
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    """A GitHub-flavoured markdown table; the first column left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(map(str, header)) + " |",
+             "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Regenerate everything in repro/results/ that this machine can: `bash repro/run_all.sh` from any folder.
+#
+# Each step is one line `step "name" command...`; it prints its timing, and a failing step stops the run with its
+# name. Steps that need a GPU go inside `if [[ $HAS_CUDA == 1 ]]`. Later issues add their steps below.
+set -Eeuo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."            # the repository root, wherever we are called from
+PYTHON=${PYTHON:-python}
+RESULTS=repro/results
+mkdir -p "$RESULTS"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works without `pip install -e .` too
+export MPLBACKEND=Agg
+
+HAS_CUDA=$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))')
+DEVICE=$("$PYTHON" -c 'from repro.common import environment_stamp as stamp
+print(", ".join(f"{k} {v}" for k, v in stamp().items()))')
+echo "run_all.sh on: $DEVICE (CUDA: $([[ $HAS_CUDA == 1 ]] && echo yes || echo no))"
+
+MARK=$(mktemp)                                     # files newer than this are what this run wrote
+trap 'rm -f "$MARK"' EXIT
+CURRENT_STEP=""
+trap 'echo "run_all.sh: step \"$CURRENT_STEP\" failed" >&2' ERR
+RUN_START=$SECONDS
+
+step() {
+    CURRENT_STEP=$1
+    shift
+    echo
+    echo "==> $CURRENT_STEP: $*"
+    local start=$SECONDS
+    "$@"
+    echo "<== $CURRENT_STEP: done in $((SECONDS - start)) s"
+}
+
+# --- steps -------------------------------------------------------------------------------------------------------
+step "walkthrough figure" "$PYTHON" -m reference --out "$RESULTS/walkthrough_toy.png"
+step "density vs alpha (synthetic)" "$PYTHON" -m repro.density_vs_alpha --out-dir "$RESULTS"
+if [[ $HAS_CUDA == 1 ]]; then
+    : # GPU steps (kernel benchmarks) are added here by later issues.
+fi
+
+# --- summary -----------------------------------------------------------------------------------------------------
+echo
+echo "==================== summary ($((SECONDS - RUN_START)) s) ===================="
+echo "written to $RESULTS/:"
+find "$RESULTS" -type f -newer "$MARK" | sort | sed 's/^/  /'
+echo
+sed -n '/^| alpha/,/^$/p' "$RESULTS/density_vs_alpha.md"
