@@ -113,7 +113,7 @@ class _BlockedQKV:
 def _check_sparse_args(q, k, v, block_size, scale):
     check_block_size(block_size)
     D = check_qkv(q, k, v)[-1]
-    return resolve_scale(scale, D)
+    return resolve_scale(scale, D, name="scale")
 
 
 def block_sparse_attention(

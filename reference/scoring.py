@@ -41,7 +41,7 @@ def block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int = 128, sca
     B, L, Hq, D = q.shape
     Hkv = kbar.shape[2]
     M = N = num_blocks(L, block_size)
-    scale = resolve_scale(scale, D)
+    scale = resolve_scale(scale, D, name="scale")
     dtype = compute_dtype(q)
 
     q_blocks = split_blocks(q, block_size)  # (B, Hq, M, Bs, D)

@@ -85,15 +85,15 @@ def check_count(name: str, value, *, minimum: int) -> int:
     return value
 
 
-def resolve_scale(softmax_scale, head_dim: int) -> float:
-    """softmax_scale, or 1/sqrt(D) when it is None."""
-    if softmax_scale is None:
+def resolve_scale(scale, head_dim: int, *, name: str = "softmax_scale") -> float:
+    """The softmax scale, or 1/sqrt(D) when it is None; `name` is the argument's name in error messages."""
+    if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a real number or None, got {type(softmax_scale).__name__}")
-    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
-        raise ValueError(f"softmax_scale must be a finite number > 0, got {softmax_scale}")
-    return float(softmax_scale)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{name} must be a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {scale}")
+    return float(scale)
 
 
 def num_blocks(length: int, block_size: int) -> int:

@@ -1,0 +1,197 @@
+"""Differential tests: triton_impl attention kernels against float64 oracles and against the reference.
+
+FlashAttention's rule for outputs: with a float64 oracle `ref` and a PyTorch result `pt` computed in the input's
+own precision on the same inputs and the same block set,
+
+    max |out - ref| <= 2 * max |pt - ref| + 1e-5.
+
+On CPU the kernels run under TRITON_INTERPRET=1 in float32/float16 at small sizes; on a GPU the same tests run
+natively in bfloat16/float16, plus larger sizes (up to L = 32K) marked `gpu`. Every kernel output starts as NaN
+(see the `poison_outputs` fixture in conftest.py), so an element a kernel forgot to write fails.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import mask_from_lists, causal_block_mask, num_blocks, random_block_mask, random_qkv
+
+import reference
+import triton_impl
+from reference.synthetic import planted_qkv
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = [torch.bfloat16, torch.float16] if HAS_CUDA else [torch.float32, torch.float16]
+
+# (B, L, Hq, Hkv, D, block_size): odd lengths, GQA groups 1/4/7/8, head dims 64/128, batch 1-3.
+CASES = [  # kept small: the CPU interpreter runs every program in Python
+    (1, 1, 2, 1, 64, 16),
+    (3, 127, 4, 1, 64, 32),
+    (1, 128, 7, 1, 64, 32),
+    (1, 129, 8, 1, 64, 16),
+    (1, 1000, 2, 2, 64, 64),
+    (2, 300, 2, 1, 128, 32),
+    (1, 257, 2, 1, 128, 128),
+]
+GPU_CASES = [
+    (1, 4097, 8, 1, 128, 128),
+    (2, 8191, 16, 2, 64, 128),
+    (1, 32768, 32, 4, 128, 128),
+]
+
+
+def case_id(case) -> str:
+    B, L, Hq, Hkv, D, bs = case
+    return f"B{B}-L{L}-g{Hq // Hkv}-D{D}-bs{bs}"
+
+
+def dtype_id(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+ALL_CASES = [pytest.param(c, id=case_id(c)) for c in CASES] + [
+    pytest.param(c, id=case_id(c), marks=pytest.mark.gpu) for c in GPU_CASES
+]
+
+
+def naive_attention(q, k, v, block_mask, block_size, scale, dtype):
+    """softmax(scale * q k^T) v over causal tokens of the kept blocks, computed entirely in `dtype`.
+
+    Query rows are processed in chunks, so no (L, L) matrix is held. Rows with no visible key give 0.
+    """
+    B, L, Hq, D = q.shape
+    group = Hq // k.shape[2]
+    qd = q.to(dtype).transpose(1, 2)
+    kd = k.to(dtype).repeat_interleave(group, dim=2).transpose(1, 2)
+    vd = v.to(dtype).repeat_interleave(group, dim=2).transpose(1, 2)
+    out = torch.zeros_like(qd)
+    rows = max(1, (1 << 25) // (B * Hq * L))
+    key_pos = torch.arange(L, device=q.device)
+    for i0 in range(0, L, rows):
+        i1 = min(L, i0 + rows)
+        query_pos = torch.arange(i0, i1, device=q.device)
+        kept = block_mask[:, :, query_pos // block_size][..., key_pos // block_size]  # (B, Hq, c, L)
+        visible = kept & (key_pos[None, :] <= query_pos[:, None])
+        s = (qd[:, :, i0:i1] @ kd.transpose(-1, -2)) * scale
+        s = s.masked_fill(~visible, float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        out[:, :, i0:i1] = p @ vd
+    return out.transpose(1, 2)
+
+
+def assert_flash_rule(out, q, k, v, block_mask, block_size, scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    assert not out.isnan().any(), "kernel left NaN (unwritten or invalid) elements"
+    ref = naive_attention(q, k, v, block_mask, block_size, scale, torch.float64)
+    pt = naive_attention(q, k, v, block_mask, block_size, scale, q.dtype)
+    err = (out.double() - ref).abs().max().item()
+    pt_err = (pt.double() - ref).abs().max().item()
+    assert err <= 2 * pt_err + 1e-5, f"max error {err:.3g} > 2 x PyTorch's {pt_err:.3g} + 1e-5"
+
+
+def inputs(case, dtype, seed, planted):
+    B, L, Hq, Hkv, D, _ = case
+    if planted:
+        return planted_qkv(B, L, Hq, Hkv, D, seed=seed, dtype=dtype, device=DEVICE)
+    return random_qkv(B, L, Hq, Hkv, D, dtype=dtype, seed=seed, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_dense_attention_matches_fp64(case, dtype):
+    q, k, v = inputs(case, dtype, seed=1, planted=False)
+    out = triton_impl.dense_attention(q, k, v)
+    assert out.dtype == dtype and out.shape == q.shape
+    M = num_blocks(q.shape[1], 128)
+    assert_flash_rule(out, q, k, v, causal_block_mask(q.shape[0], q.shape[2], M, device=DEVICE), 128)
+
+
+@pytest.mark.parametrize("planted", [False, True], ids=["random", "planted"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_physical_and_logical_match_fp64_on_the_same_block_set(case, dtype, planted):
+    B, L, Hq, Hkv, D, bs = case
+    q, k, v = inputs(case, dtype, seed=2, planted=planted)
+    M = num_blocks(L, bs)
+    mask = random_block_mask(B, Hq, M, keep=0.4, seed=3, device=DEVICE)
+    counts, indices = reference.compact_blocks(mask)
+    physical, visits = triton_impl.block_sparse_attention(q, k, v, counts, indices, bs, return_visits=True)
+    logical, logical_visits = triton_impl.block_sparse_attention_logical(q, k, v, mask, bs, return_visits=True)
+    assert_flash_rule(physical, q, k, v, mask, bs)
+    assert_flash_rule(logical, q, k, v, mask, bs)
+    # Both walks fold the same blocks in the same ascending order: the outputs agree to the bit.
+    torch.testing.assert_close(physical, logical, rtol=0, atol=0)
+    # Visits are counted inside the kernels: the list length, versus every causal block.
+    assert torch.equal(visits, counts)
+    assert torch.equal(logical_visits, (torch.arange(M, device=DEVICE, dtype=torch.int32) + 1).expand(B, Hq, M))
+    if M > 1:
+        assert visits.sum() < logical_visits.sum()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", [pytest.param(c, id=case_id(c)) for c in CASES[1:4]])
+def test_full_block_set_equals_dense(case, dtype):
+    B, L, Hq, Hkv, D, bs = case
+    q, k, v = inputs(case, dtype, seed=4, planted=False)
+    M = num_blocks(L, bs)
+    counts, indices = reference.compact_blocks(causal_block_mask(B, Hq, M, device=DEVICE))
+    sparse = triton_impl.block_sparse_attention(q, k, v, counts, indices, bs)
+    assert_flash_rule(sparse, q, k, v, causal_block_mask(B, Hq, M, device=DEVICE), bs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_rows_without_their_diagonal_block(dtype):
+    """Lists need not contain the diagonal (the kernel handles it as an ordinary list); empty rows give 0."""
+    B, L, Hq, Hkv, D, bs = 1, 100, 2, 1, 64, 16
+    q, k, v = random_qkv(B, L, Hq, Hkv, D, dtype=dtype, seed=5, device=DEVICE)
+    M = num_blocks(L, bs)
+    mask = random_block_mask(B, Hq, M, keep=0.5, seed=6, device=DEVICE)
+    mask &= ~torch.eye(M, dtype=torch.bool, device=DEVICE)
+    counts, indices = reference.compact_blocks(mask)
+    out = triton_impl.block_sparse_attention(q, k, v, counts, indices, bs)
+    assert_flash_rule(out, q, k, v, mask, bs)
+    assert (out[:, :bs] == 0).all()  # block 0 has no key block left
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_non_contiguous_inputs_and_custom_scale(dtype):
+    B, L, Hq, Hkv, D, bs = 2, 200, 4, 2, 64, 32
+    gen = torch.Generator().manual_seed(7)
+    # (B, H, L, D) storage viewed as (B, L, H, D): strided along L and H.
+    q = torch.randn(B, Hq, L, D, generator=gen).to(DEVICE, dtype).transpose(1, 2)
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(DEVICE, dtype).transpose(1, 2)
+    v = torch.randn(B, Hkv, L, D, generator=gen).to(DEVICE, dtype).transpose(1, 2)
+    assert not q.is_contiguous()
+    M = num_blocks(L, bs)
+    mask = random_block_mask(B, Hq, M, keep=0.5, seed=8, device=DEVICE)
+    counts, indices = reference.compact_blocks(mask)
+    out = triton_impl.block_sparse_attention(q, k, v, counts, indices, bs, 0.3)
+    assert_flash_rule(out, q, k, v, mask, bs, scale=0.3)
+    dense = triton_impl.dense_attention(q, k, v, softmax_scale=0.05)
+    assert_flash_rule(dense, q, k, v, causal_block_mask(B, Hq, num_blocks(L, 128), device=DEVICE), 128, 0.05)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", [pytest.param(c, id=case_id(c)) for c in CASES[1:]] + [
+    pytest.param((1, 16384, 8, 2, 128, 128), id="B1-L16384-g4-D128-bs128", marks=pytest.mark.gpu)])
+def test_flash_prefill_on_its_own_block_set(case, dtype):
+    """End to end: the output is exact attention over the block set the Triton selection chose."""
+    B, L, Hq, Hkv, D, bs = case
+    q, k, v = inputs(case, dtype, seed=9, planted=True)
+    out, stats = triton_impl.flash_prefill(q, k, v, alpha=0.1, block_size=bs, return_stats=True)
+    M = num_blocks(L, bs)
+    mask = mask_from_lists(stats.counts, stats.indices)
+    assert torch.equal(mask.sum(-1, dtype=torch.int32), stats.counts)
+    assert_flash_rule(out, q, k, v, mask, bs)
+    assert 0 < stats.density.item() <= 1
+
+
+def test_flash_prefill_alpha_zero_is_dense():
+    dtype = DTYPES[-1]
+    q, k, v = random_qkv(2, 150, 4, 2, 64, dtype=dtype, seed=10, device=DEVICE)
+    out, stats = triton_impl.flash_prefill(q, k, v, alpha=0.0, block_size=32, return_stats=True)
+    assert stats.density.item() == 1.0
+    assert_flash_rule(out, q, k, v, causal_block_mask(2, 4, num_blocks(150, 32), device=DEVICE), 32)

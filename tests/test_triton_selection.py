@@ -1,0 +1,131 @@
+"""Differential tests of the selection stages: triton_impl against the reference and against float64 restatements.
+
+Block sets must be identical except where a score lies within float rounding of its threshold; such ties are
+counted and bounded. Structured inputs (planted sinks, local bands, stripes, slashes) exercise real selections;
+random inputs exercise the arithmetic.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import mask_from_lists, assert_lists_match_mask, naive_mean_pool_fp64, random_block_mask, random_qkv
+
+import reference
+import triton_impl
+from reference.synthetic import planted_qkv
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = [torch.bfloat16, torch.float16] if HAS_CUDA else [torch.float32, torch.float16]
+TIE_TOLERANCE = 1e-4  # |Score - alpha * max| below this fraction of the row max counts as a threshold tie
+
+CASES = [  # (B, L, Hq, Hkv, D, block_size): kept small, the CPU interpreter runs every program in Python
+    (1, 1, 2, 1, 64, 16),
+    (3, 127, 4, 1, 64, 16),
+    (1, 129, 7, 1, 64, 32),
+    (1, 200, 8, 1, 64, 32),
+    (1, 1000, 2, 2, 128, 64),
+    (1, 2100, 2, 1, 64, 128),
+]
+GPU_CASES = [(1, 8192, 32, 4, 128, 128), (2, 32768, 8, 1, 64, 128)]
+
+
+def case_id(case) -> str:
+    B, L, Hq, Hkv, D, bs = case
+    return f"B{B}-L{L}-g{Hq // Hkv}-D{D}-bs{bs}"
+
+
+ALL_CASES = [pytest.param(c, id=case_id(c)) for c in CASES] + [
+    pytest.param(c, id=case_id(c), marks=pytest.mark.gpu) for c in GPU_CASES
+]
+
+
+def dtype_id(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def make_inputs(case, dtype, seed, planted=True):
+    B, L, Hq, Hkv, D, _ = case
+    if planted:
+        return planted_qkv(B, L, Hq, Hkv, D, seed=seed, dtype=dtype, device=DEVICE)
+    return random_qkv(B, L, Hq, Hkv, D, dtype=dtype, seed=seed, device=DEVICE)
+
+
+def assert_same_blocks_except_ties(mask, ref_mask, ref_scores, alpha, max_tie_fraction=0.01):
+    """mask == ref_mask, except at scores within TIE_TOLERANCE x row max of the threshold alpha x row max."""
+    row_max = ref_scores.amax(-1, keepdim=True)
+    near_threshold = (ref_scores - alpha * row_max).abs() <= TIE_TOLERANCE * row_max
+    differ = mask != ref_mask
+    assert not (differ & ~near_threshold).any(), f"{int((differ & ~near_threshold).sum())} blocks differ off a tie"
+    assert differ.sum() <= max_tie_fraction * mask.numel() + 1, f"{int(differ.sum())} threshold ties"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_mean_pool_keys(case, dtype):
+    q, k, v = make_inputs(case, dtype, seed=1, planted=False)
+    bs = case[-1]
+    kbar = triton_impl.mean_pool_keys(k, bs)
+    assert kbar.dtype == torch.float32
+    torch.testing.assert_close(kbar.double(), naive_mean_pool_fp64(k.cpu(), bs).to(DEVICE), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("planted", [False, True], ids=["random", "planted"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_block_scores(case, dtype, planted):
+    q, k, v = make_inputs(case, dtype, seed=2, planted=planted)
+    bs = case[-1]
+    kbar = reference.mean_pool_keys(k, bs)
+    scores = triton_impl.block_scores(q, kbar, bs)
+    expected = reference.block_scores(q.double(), kbar.double(), bs)  # float64 reference
+    assert scores.dtype == torch.float32 and scores.shape == expected.shape
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-6)
+    M = scores.shape[-1]
+    assert (scores.triu(1) == 0).all(), "J > I must score exactly 0"
+    custom = triton_impl.block_scores(q, kbar, bs, 0.02)
+    torch.testing.assert_close(custom.double(), reference.block_scores(q.double(), kbar.double(), bs, 0.02),
+                               rtol=1e-4, atol=1e-6)
+    assert M == scores.shape[-2]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.05, 0.12, 0.5, 1.5])
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_select_and_compact_match_reference_exactly_on_the_same_scores(case, alpha):
+    """Given the same float32 scores, the threshold arithmetic is identical: no tie is allowed."""
+    q, k, v = make_inputs(case, torch.float32, seed=3)
+    bs = case[-1]
+    scores = reference.block_scores(q, reference.mean_pool_keys(k, bs), bs)
+    params = dict(sink_blocks=1, window_blocks=2, last_dense_blocks=1)
+    ref_mask = reference.select_blocks(scores, alpha, **params)
+    mask = triton_impl.select_blocks(scores, alpha, **params)
+    assert torch.equal(mask, ref_mask)
+    counts, indices = triton_impl.compact_blocks(ref_mask)
+    assert_lists_match_mask(counts.cpu(), indices.cpu(), ref_mask.cpu())
+    counts, indices = triton_impl.select_and_compact(scores, alpha, **params)
+    assert_lists_match_mask(counts.cpu(), indices.cpu(), ref_mask.cpu())
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.3, 1.0])
+def test_compact_random_masks(keep):
+    mask = random_block_mask(2, 3, 37, keep=keep, seed=4, device=DEVICE)
+    if keep == 0.0:
+        mask[:] = False  # not even the diagonal: every count is 0
+    counts, indices = triton_impl.compact_blocks(mask)
+    assert_lists_match_mask(counts.cpu(), indices.cpu(), mask.cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", [p for p in ALL_CASES if p.id not in (case_id(CASES[0]), case_id(CASES[3]))])
+def test_flash_prefill_selects_the_reference_block_set(case, dtype):
+    q, k, v = make_inputs(case, dtype, seed=5)
+    bs, alpha = case[-1], 0.1
+    _, stats = triton_impl.flash_prefill(q, k, v, alpha=alpha, block_size=bs, return_stats=True)
+    ref_scores = reference.block_scores(q.double(), reference.mean_pool_keys(k.double(), bs), bs)
+    ref_mask = reference.select_blocks(ref_scores, alpha)
+    M = ref_mask.shape[-1]
+    mask = mask_from_lists(stats.counts, stats.indices)
+    assert_same_blocks_except_ties(mask, ref_mask, ref_scores, alpha)
+    assert torch.equal(mask.sum(-1, dtype=torch.int32), stats.counts)
+    assert torch.isclose(stats.density, reference.causal_block_density(stats.counts))
