@@ -32,7 +32,8 @@ from reference.validation import (
 
 from .common import LOG2E, check_kernel_device, check_kernel_qkv, dot_precision, new_output, num_warps_for
 
-PHYSICAL, LOGICAL, DENSE = 0, 1, 2
+# Which key blocks a program visits (compile-time constants of the kernel).
+PHYSICAL, LOGICAL, DENSE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
@@ -168,7 +169,7 @@ def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask
         *row_strides,
         L, M, Hq, Hq // Hkv, scale * LOG2E,
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
-        MODE=mode, DOT_PRECISION=dot_precision(q.dtype), COUNT_VISITS=return_visits,
+        MODE=mode.value, DOT_PRECISION=dot_precision(q.dtype), COUNT_VISITS=return_visits,
         num_warps=num_warps_for(BLOCK_M, D), num_stages=3,
     )
     return (out, visits) if return_visits else out
@@ -183,7 +184,7 @@ def block_sparse_attention(q, k, v, counts, indices, block_size: int = 128, scal
     check_block_layout(q, block_size=block_size, counts=counts, indices=indices)
     check_kernel_device(counts=counts, indices=indices)
     check_block_lists(counts, indices)
-    return _launch(q, k, v, block_size, resolve_scale(scale, D), PHYSICAL, counts=counts, indices=indices,
+    return _launch(q, k, v, block_size, resolve_scale(scale, D, name="scale"), PHYSICAL, counts=counts, indices=indices,
                    return_visits=return_visits)
 
 
@@ -194,7 +195,7 @@ def block_sparse_attention_logical(q, k, v, mask, block_size: int = 128, scale: 
     D = check_kernel_qkv(q, k, v)[-1]
     check_block_layout(q, block_size=block_size, mask=mask)
     check_kernel_device(mask=mask)
-    return _launch(q, k, v, block_size, resolve_scale(scale, D), LOGICAL, mask=mask.contiguous(),
+    return _launch(q, k, v, block_size, resolve_scale(scale, D, name="scale"), LOGICAL, mask=mask.contiguous(),
                    return_visits=return_visits)
 
 

@@ -107,7 +107,7 @@ def block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int = 128, sca
     B, L, Hq, D = q.shape
     if D not in HEAD_DIMS:
         raise ValueError(f"head dim {D} is not supported; expected one of {HEAD_DIMS}")
-    scale = resolve_scale(scale, D)
+    scale = resolve_scale(scale, D, name="scale")
     kbar = kbar.float().contiguous()
     M = N = num_blocks(L, block_size)
     scores = new_output(B, Hq, M, N, dtype=torch.float32, device=q.device)
