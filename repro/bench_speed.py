@@ -1,0 +1,178 @@
+"""GPU operator timings: FlashPrefill's Triton kernels against dense attention.
+
+    python -m repro.bench_speed [--lengths 4096 16384 ...] [--densities 0.035 0.1 0.3] [--out-dir DIR]
+
+Dense baselines, in the same run: torch SDPA with the FLASH_ATTENTION backend (FlashAttention-2, the paper's
+baseline) and with the CUDNN_ATTENTION backend (the fastest dense kernel on an H200), plus our own dense
+Triton kernel. Standard shape (DESIGN.md section 5): bf16, B=1, Hq=32, Hkv=4, D=128, causal.
+
+Two modes, one long-format CSV row per measurement (`what`, L, density, ms, ... and the environment stamp):
+
+* controlled  operator only: `block_sparse_attention` (physical skip) and `block_sparse_attention_logical`
+              (logical skip) on fixed random block masks that contain the forced blocks (sinks, window, dense
+              last rows) and random other causal blocks; `density` is the realised density of the mask.
+* pipeline    `flash_prefill` end to end (selection included) on synthetic planted-pattern inputs
+              (reference.synthetic.planted_qkv) at the density its own selection produces, and every selection
+              stage (pool, score, select + compact) timed alone.
+
+Times are medians of triton.testing.do_bench (CUDA events, after warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm import tqdm
+
+from repro.common import RESULTS_DIR, environment_stamp, markdown_table, stamp_line, write_long_csv
+
+DEFAULT_LENGTHS = [4096, 8192, 16384, 32768, 65536, 131072, 262144]
+DEFAULT_DENSITIES = [0.035, 0.1, 0.3]
+
+
+def bench_ms(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def forced_mask(M: int, sink_blocks=2, window_blocks=4, last_dense_blocks=2, device="cuda") -> torch.Tensor:
+    """(M, M) bool: the causal blocks the safety net always keeps."""
+    I = torch.arange(M, device=device).view(M, 1)
+    J = torch.arange(M, device=device).view(1, M)
+    forced = (J < sink_blocks) | (I - J < window_blocks) | (I >= M - last_dense_blocks)
+    return forced & (J <= I)
+
+
+def controlled_mask(B: int, Hq: int, M: int, target: float, seed: int, device="cuda") -> torch.Tensor:
+    """(B, Hq, M, M) bool: forced blocks plus random causal blocks, aiming at `target` causal density."""
+    forced = forced_mask(M, device=device)
+    causal = torch.ones(M, M, dtype=torch.bool, device=device).tril()
+    n_causal, n_forced = M * (M + 1) / 2, int(forced.sum())
+    p = max(0.0, (target * n_causal - n_forced) / max(n_causal - n_forced, 1))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    extra = torch.rand(B, Hq, M, M, generator=gen, device=device) < p
+    return (extra & causal) | forced
+
+
+def dense_baselines(q, k, v) -> dict[str, float]:
+    """SDPA flash (FA2) and cuDNN on (B, H, L, D) with kv heads repeated (the repeat is not timed)."""
+    group = q.shape[2] // k.shape[2]
+    qt = q.transpose(1, 2)
+    kt = k.repeat_interleave(group, dim=2).transpose(1, 2)
+    vt = v.repeat_interleave(group, dim=2).transpose(1, 2)
+    times = {}
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                times[name] = bench_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True))
+        except RuntimeError as err:  # backend not available for this shape / build
+            print(f"  {name}: unavailable ({str(err).splitlines()[0]})")
+    return times
+
+
+def run(lengths, densities, head_dim, q_heads, kv_heads, modes, alpha, seed):
+    import triton_impl
+    from reference.synthetic import planted_qkv
+    from triton_impl.attention import PHYSICAL, _launch
+    from triton_impl.selection import select_and_compact
+
+    rows = []
+    base = dict(B=1, Hq=q_heads, Hkv=kv_heads, D=head_dim, dtype="bfloat16", block_size=128)
+    for L in tqdm(lengths, desc="lengths"):
+        M = -(-L // 128)
+        q, k, v = planted_qkv(1, L, q_heads, kv_heads, head_dim, seed=seed, dtype=torch.bfloat16, device="cuda")
+        add = lambda what, ms, **kw: rows.append(dict(base, what=what, L=L, ms=ms, **kw))  # noqa: E731
+        for name, ms in dense_baselines(q, k, v).items():
+            add(name, ms, density=1.0, scope="operator", input="synthetic")
+        add("triton_dense", bench_ms(lambda: triton_impl.dense_attention(q, k, v)), density=1.0,
+            scope="operator", input="synthetic")
+
+        if "controlled" in modes:
+            for target in densities:
+                mask = controlled_mask(1, q_heads, M, target, seed)
+                counts, indices = triton_impl.compact_blocks(mask)
+                density = float(triton_impl.causal_block_density(counts))
+                scale = head_dim ** -0.5
+                add("physical", bench_ms(lambda: _launch(q, k, v, 128, scale, PHYSICAL, counts=counts,
+                                                         indices=indices)),
+                    density=density, target_density=target, scope="operator", input="synthetic, random mask")
+                add("logical", bench_ms(lambda: triton_impl.block_sparse_attention_logical(q, k, v, mask, 128)),
+                    density=density, target_density=target, scope="operator", input="synthetic, random mask")
+                del mask, counts, indices
+
+        if "pipeline" in modes:
+            _, stats = triton_impl.flash_prefill(q, k, v, alpha=alpha, return_stats=True)
+            density = float(stats.density)
+            kbar = triton_impl.mean_pool_keys(k, 128)
+            scores = triton_impl.block_scores(q, kbar, 128)
+            stages = {
+                "pool": lambda: triton_impl.mean_pool_keys(k, 128),
+                "score": lambda: triton_impl.block_scores(q, kbar, 128),
+                "select_compact": lambda: select_and_compact(scores, alpha),
+                "selection_total": lambda: select_and_compact(
+                    triton_impl.block_scores(q, triton_impl.mean_pool_keys(k, 128), 128), alpha),
+            }
+            for name, fn in stages.items():
+                add(name, bench_ms(fn), density=density, alpha=alpha, scope="selection", input="synthetic")
+            del scores
+            add("flash_prefill", bench_ms(lambda: triton_impl.flash_prefill(q, k, v, alpha=alpha)),
+                density=density, alpha=alpha, scope="operator + selection", input="synthetic")
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def summary_table(rows) -> str:
+    lengths = sorted({r["L"] for r in rows})
+    whats = []
+    for r in rows:
+        key = (r["what"], r.get("target_density"))
+        if key not in whats:
+            whats.append(key)
+    table = []
+    for what, target in whats:
+        cells = []
+        for L in lengths:
+            hit = [r for r in rows if r["L"] == L and r["what"] == what and r.get("target_density") == target]
+            cells.append(f"{hit[0]['ms']:.3f} ({hit[0]['density']:.1%})" if hit else "-")
+        label = what if target is None else f"{what} @ target {target:.1%}"
+        table.append([label] + cells)
+    return markdown_table(["ms (realised density)"] + [f"{L // 1024}K" for L in lengths], table)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS)
+    parser.add_argument("--densities", type=float, nargs="+", default=DEFAULT_DENSITIES)
+    parser.add_argument("--modes", nargs="+", default=["controlled", "pipeline"], choices=["controlled", "pipeline"])
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--q-heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--alpha", type=float, default=0.12)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--tag", default="speed", help="file name stem of the CSV / markdown")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_speed needs a CUDA GPU; the committed results are in repro/results/")
+    stamp = environment_stamp("cuda")
+    rows = run(args.lengths, args.densities, args.head_dim, args.q_heads, args.kv_heads, args.modes, args.alpha,
+               args.seed)
+    csv_path = write_long_csv(args.out_dir / f"{args.tag}.csv", rows, stamp)
+    table = summary_table(rows)
+    (args.out_dir / f"{args.tag}.md").write_text(
+        f"# Operator timings ({stamp['device_name']})\n\nbf16, B=1, Hq={args.q_heads}, Hkv={args.kv_heads}, "
+        f"D={args.head_dim}, causal, Bs=128; synthetic inputs. `physical`/`logical`: operator only on random block "
+        f"masks with the forced blocks; `flash_prefill`: selection included, alpha={args.alpha}.\n\n"
+        f"{table}\n\n{stamp_line(stamp)}\n")
+    print(table)
+    print(f"wrote {csv_path}")
+
+
+if __name__ == "__main__":
+    main()
