@@ -75,7 +75,7 @@ def dense_baselines(q, k, v) -> dict[str, float]:
     return times
 
 
-def run(lengths, densities, head_dim, q_heads, kv_heads, modes, alpha, seed):
+def run(lengths, densities, head_dim, q_heads, kv_heads, modes, alpha, seed, max_dense_length):
     import triton_impl
     from reference.synthetic import planted_qkv
     from triton_impl.attention import PHYSICAL, _launch
@@ -87,10 +87,11 @@ def run(lengths, densities, head_dim, q_heads, kv_heads, modes, alpha, seed):
         M = -(-L // 128)
         q, k, v = planted_qkv(1, L, q_heads, kv_heads, head_dim, seed=seed, dtype=torch.bfloat16, device="cuda")
         add = lambda what, ms, **kw: rows.append(dict(base, what=what, L=L, ms=ms, **kw))  # noqa: E731
-        for name, ms in dense_baselines(q, k, v).items():
-            add(name, ms, density=1.0, scope="operator", input="synthetic")
-        add("triton_dense", bench_ms(lambda: triton_impl.dense_attention(q, k, v)), density=1.0,
-            scope="operator", input="synthetic")
+        if L <= max_dense_length:
+            for name, ms in dense_baselines(q, k, v).items():
+                add(name, ms, density=1.0, scope="operator", input="synthetic")
+            add("triton_dense", bench_ms(lambda: triton_impl.dense_attention(q, k, v)), density=1.0,
+                scope="operator", input="synthetic")
 
         if "controlled" in modes:
             for target in densities:
@@ -120,8 +121,15 @@ def run(lengths, densities, head_dim, q_heads, kv_heads, modes, alpha, seed):
             for name, fn in stages.items():
                 add(name, bench_ms(fn), density=density, alpha=alpha, scope="selection", input="synthetic")
             del scores
-            add("flash_prefill", bench_ms(lambda: triton_impl.flash_prefill(q, k, v, alpha=alpha)),
-                density=density, alpha=alpha, scope="operator + selection", input="synthetic")
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            triton_impl.flash_prefill(q, k, v, alpha=alpha)
+            torch.cuda.synchronize()
+            peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20  # beyond q, k, v: selection + output
+            ms = bench_ms(lambda: triton_impl.flash_prefill(q, k, v, alpha=alpha))
+            add("flash_prefill", ms, density=density, alpha=alpha, scope="operator + selection", input="synthetic",
+                extra_peak_mib=round(peak_mb, 1))
         del q, k, v
         torch.cuda.empty_cache()
     return rows
@@ -155,6 +163,8 @@ def main(argv=None):
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=0.12)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-dense-length", type=int, default=262144,
+                        help="skip the dense baselines above this length (FA2 takes ~30 s a call at 1M)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--tag", default="speed", help="file name stem of the CSV / markdown")
     args = parser.parse_args(argv)
@@ -162,7 +172,7 @@ def main(argv=None):
         raise SystemExit("bench_speed needs a CUDA GPU; the committed results are in repro/results/")
     stamp = environment_stamp("cuda")
     rows = run(args.lengths, args.densities, args.head_dim, args.q_heads, args.kv_heads, args.modes, args.alpha,
-               args.seed)
+               args.seed, args.max_dense_length)
     csv_path = write_long_csv(args.out_dir / f"{args.tag}.csv", rows, stamp)
     table = summary_table(rows)
     (args.out_dir / f"{args.tag}.md").write_text(

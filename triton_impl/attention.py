@@ -86,13 +86,18 @@ def _attention_kernel(
     stride_lb, stride_lh, stride_lm,  # INDICES (or MASK) rows; COUNTS and VISITS are contiguous (B, Hq, M)
     L, M, HQ, GROUP, qk_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr,
+    MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, HEADS_FASTEST: tl.constexpr,
 ):
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_M
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
+    if HEADS_FASTEST:  # consecutive programs = the heads of one query tile: a GQA group shares K/V in L2
+        bh = tl.program_id(0)
+        tile = tl.num_programs(1) - 1 - tl.program_id(1)  # longest rows first
+    else:
+        bh = tl.program_id(1)
+        tile = tl.num_programs(0) - 1 - tl.program_id(0)
     I = tile // TILES_PER_BLOCK
-    b = tl.program_id(1) // HQ
-    h = tl.program_id(1) % HQ
+    b = bh // HQ
+    h = bh % HQ
     q_pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + b * stride_qb + h * stride_qh + q_pos[:, None] * stride_ql + offs_d[None, :],
@@ -144,15 +149,22 @@ def _attention_kernel(
             tl.store(VISITS + stat, visits)
 
 
-def attention_tile_sizes(block_size: int) -> tuple[int, int]:
+# Launch configuration, tuned on an H200 (repro/NOTES.md): keys per tile, warps, pipeline stages, program order.
+ATTENTION_CONFIG = dict(BLOCK_N=128, num_warps=None, num_stages=3, heads_fastest=True)
+
+
+def attention_tile_sizes(block_size: int, config=None) -> tuple[int, int]:
     """(BLOCK_M query rows, BLOCK_N keys) per tile; both divide the block size."""
-    return min(block_size, 128), min(block_size, 64)
+    return min(block_size, 128), min(block_size, (config or ATTENTION_CONFIG)["BLOCK_N"])
 
 
-def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask=None, return_visits=False):
+def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask=None, return_visits=False,
+            config=None):
     B, L, Hq, Hkv, D = q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]
     M = num_blocks(L, block_size)
-    BLOCK_M, BLOCK_N = attention_tile_sizes(block_size)
+    config = dict(ATTENTION_CONFIG, **(config or {}))
+    BLOCK_M, BLOCK_N = attention_tile_sizes(block_size, config)
+    tiles = M * (block_size // BLOCK_M)
     # The kernels index the head dim with unit stride; anything else gets one copy here.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out = new_output(B, L, Hq, D, dtype=q.dtype, device=q.device)
@@ -160,7 +172,8 @@ def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask
     rows = indices if mode == PHYSICAL else mask.view(torch.int8) if mode == LOGICAL else None
     row_strides = rows.stride()[:3] if rows is not None else (0, 0, 0)
     counts = counts.contiguous() if counts is not None else out
-    _attention_kernel[(M * (block_size // BLOCK_M), B * Hq)](
+    grid = (B * Hq, tiles) if config["heads_fastest"] else (tiles, B * Hq)
+    _attention_kernel[grid](
         q, k, v, out, counts, rows if rows is not None else out, rows if rows is not None else out, visits,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -170,7 +183,8 @@ def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask
         L, M, Hq, Hq // Hkv, scale * LOG2E,
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
         MODE=mode.value, DOT_PRECISION=dot_precision(q.dtype), COUNT_VISITS=return_visits,
-        num_warps=num_warps_for(BLOCK_M, D), num_stages=3,
+        HEADS_FASTEST=config["heads_fastest"],
+        num_warps=config["num_warps"] or num_warps_for(BLOCK_M, D), num_stages=config["num_stages"],
     )
     return (out, visits) if return_visits else out
 

@@ -28,19 +28,27 @@ from .common import HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_kernel_device, dot_pr
 
 
 @triton.jit
-def _score_tile(q, kbar_ptrs, key_blocks, row_pos, L, qk_scale,
-                BLOCK_SIZE: tl.constexpr, SPLIT_KBAR: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) base-2 logits of query rows row_pos against pooled keys key_blocks; -inf where the
-    query does not contribute (it does iff it sees the whole key block: i >= (J + 1) Bs - 1, and i < L)."""
+def _scores_t(q, kbar_ptrs, key_blocks, row_pos, L, qk_scale,
+              BLOCK_SIZE: tl.constexpr, SPLIT_KBAR: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(BLOCK_N, BLOCK_M) base-2 logits, transposed (pooled keys x queries) so that the reductions over the
+    queries run along axis 1, inside a warp. -inf where the query does not contribute (it does iff it sees the
+    whole key block: i >= (J + 1) Bs - 1, and i < L)."""
     kbar = tl.load(kbar_ptrs)  # (BLOCK_N, D) float32
     if SPLIT_KBAR:
         hi = kbar.to(q.dtype)
         lo = (kbar - hi.to(tl.float32)).to(q.dtype)
-        s = tl.dot(q, tl.trans(hi)) + tl.dot(q, tl.trans(lo))
+        s = tl.dot(hi, tl.trans(q)) + tl.dot(lo, tl.trans(q))
     else:
-        s = tl.dot(q.to(tl.float32), tl.trans(kbar), input_precision=DOT_PRECISION)
-    contributes = (row_pos[:, None] >= (key_blocks[None, :] + 1) * BLOCK_SIZE - 1) & (row_pos[:, None] < L)
+        s = tl.dot(kbar, tl.trans(q.to(tl.float32)), input_precision=DOT_PRECISION)
+    contributes = (row_pos[None, :] >= (key_blocks[:, None] + 1) * BLOCK_SIZE - 1) & (row_pos[None, :] < L)
     return tl.where(contributes, s * qk_scale, float("-inf"))
+
+
+@triton.jit
+def _load_rows(q_base, row_pos, stride_ql, stride_qd, L, D: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    return tl.load(q_base + row_pos[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                   mask=(row_pos < L)[:, None], other=0.0)
 
 
 @triton.jit
@@ -53,31 +61,35 @@ def _block_scores_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     SPLIT_KBAR: tl.constexpr, DOT_PRECISION: tl.constexpr, EPS: tl.constexpr,
 ):
-    I = tl.program_id(0)
-    b = tl.program_id(1) // HQ
-    h = tl.program_id(1) % HQ
-    offs_d = tl.arange(0, D)
+    bh = tl.program_id(0)  # heads vary fastest: the heads of a GQA group share kbar in L2
+    I = tl.num_programs(1) - 1 - tl.program_id(1)  # longest rows first
+    b = bh // HQ
+    h = bh % HQ
     offs_n = tl.arange(0, BLOCK_N)
     q_base = Q + b * stride_qb + h * stride_qh
     kbar_base = KBAR + b * stride_kb + (h // GROUP) * stride_kh
     row = SCORES + b * stride_sb + h * stride_sh + I * stride_sm
+    if BLOCK_M == BLOCK_SIZE:  # the whole query block fits one tile: load it once
+        q_block = _load_rows(q_base, I * BLOCK_SIZE + tl.arange(0, BLOCK_M), stride_ql, stride_qd, L, D)
 
     # Pass 1: u_IJ = m_IJ + log2 S_IJ for J <= I, the running row max M_I and the running denominator Z_I.
     row_max = tl.full([], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([], dtype=tl.float32)
     for j0 in range(0, I + 1, BLOCK_N):
         key_blocks = j0 + offs_n
-        kbar_ptrs = kbar_base + tl.minimum(key_blocks, N - 1)[:, None] * stride_kn + offs_d[None, :]
+        kbar_ptrs = kbar_base + tl.minimum(key_blocks, N - 1)[:, None] * stride_kn + tl.arange(0, D)[None, :]
         m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
         S = tl.zeros([BLOCK_N], dtype=tl.float32)
         for r0 in range(0, BLOCK_SIZE, BLOCK_M):  # the query rows of block I, BLOCK_M at a time
             row_pos = I * BLOCK_SIZE + r0 + tl.arange(0, BLOCK_M)
-            q = tl.load(q_base + row_pos[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                        mask=(row_pos < L)[:, None], other=0.0)
-            s = _score_tile(q, kbar_ptrs, key_blocks, row_pos, L, qk_scale, BLOCK_SIZE, SPLIT_KBAR, DOT_PRECISION)
-            m_new = tl.maximum(m, tl.max(s, axis=0))
+            if BLOCK_M == BLOCK_SIZE:
+                q = q_block
+            else:
+                q = _load_rows(q_base, row_pos, stride_ql, stride_qd, L, D)
+            s = _scores_t(q, kbar_ptrs, key_blocks, row_pos, L, qk_scale, BLOCK_SIZE, SPLIT_KBAR, DOT_PRECISION)
+            m_new = tl.maximum(m, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            S = S * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[None, :]), axis=0)
+            S = S * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
             m = m_new
         u = tl.where(S > 0, m + tl.log2(tl.where(S > 0, S, 1.0)), float("-inf"))
         tl.store(row + key_blocks, u, mask=key_blocks < N)
@@ -94,12 +106,17 @@ def _block_scores_kernel(
         tl.store(row + key_blocks, tl.exp2(u - safe_max) / (denom + EPS), mask=key_blocks < N)
 
 
-def score_tile_sizes(block_size: int) -> tuple[int, int]:
+# Launch configuration: BLOCK_M query rows x BLOCK_N pooled keys per tile, warps. Tuned on an H200 (repro/NOTES.md).
+SCORE_CONFIG = dict(BLOCK_N=64, num_warps=4)
+
+
+def score_tile_sizes(block_size: int, config=None) -> tuple[int, int]:
     """(BLOCK_M query rows, BLOCK_N pooled keys) per tile."""
-    return min(block_size, 128), 64
+    return min(block_size, 128), (config or SCORE_CONFIG)["BLOCK_N"]
 
 
-def block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int = 128, scale: float | None = None) -> torch.Tensor:
+def block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int = 128, scale: float | None = None, *,
+                 _config: dict | None = None) -> torch.Tensor:
     """Score (B, Hq, M, N) float32 of every (query block, key block) pair. Same contract as the reference."""
     check_block_size(block_size)
     check_kbar(q, kbar, block_size, dtypes=KERNEL_DTYPES)
@@ -111,12 +128,13 @@ def block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int = 128, sca
     kbar = kbar.float().contiguous()
     M = N = num_blocks(L, block_size)
     scores = new_output(B, Hq, M, N, dtype=torch.float32, device=q.device)
-    BLOCK_M, BLOCK_N = score_tile_sizes(block_size)
-    _block_scores_kernel[(M, B * Hq)](
+    config = dict(SCORE_CONFIG, **(_config or {}))
+    BLOCK_M, BLOCK_N = score_tile_sizes(block_size, config)
+    _block_scores_kernel[(B * Hq, M)](
         q, kbar, scores, *q.stride(), *kbar.stride()[:3], *scores.stride()[:3],
         L, N, Hq, Hq // kbar.shape[2], scale * LOG2E,
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
         SPLIT_KBAR=q.dtype != torch.float32, DOT_PRECISION=dot_precision(q.dtype), EPS=SCORE_EPS,
-        num_warps=4,
+        num_warps=config["num_warps"],
     )
     return scores
