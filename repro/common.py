@@ -8,6 +8,7 @@ row, so rows from different machines can be concatenated and still be told apart
 from __future__ import annotations
 
 import csv
+import os
 import datetime as _dt
 import platform
 import subprocess
@@ -36,6 +37,9 @@ def _cpu_model() -> str:
 
 def _git_commit() -> str:
     """Short commit of the repository, with "+dirty" when tracked files have uncommitted changes."""
+    if os.environ.get("FLASHPREFILL_COMMIT"):  # set by runs on a copy of the tree without .git (the lent GPU)
+        return os.environ["FLASHPREFILL_COMMIT"]
+
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
     try:

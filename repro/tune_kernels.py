@@ -23,7 +23,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--length", type=int, default=65536)
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--diagnose", action="store_true",
+                        help="only the physical-vs-dense per-block diagnosis, not the full sweep")
     args = parser.parse_args(argv)
+    if args.diagnose:
+        return diagnose(args)
 
     import triton_impl
     from reference.synthetic import planted_qkv
@@ -71,6 +75,36 @@ def main(argv=None):
         print(f"\n{what}: best")
         for r in best:
             print(f"  {r['ms']:.3f} ms  max_diff {r['max_diff']:.2g}  {r['config']}")
+
+
+def diagnose(args):
+    """Why does the physical walk cost more per block than the dense walk? Separate three effects at one length:
+    the list walk itself (a full causal list vs DENSE mode), L2 locality (the heads of a GQA group sharing one
+    random mask vs independent masks), and the dependent index load (PREFETCH_INDEX on/off)."""
+    import triton_impl
+    from reference.synthetic import planted_qkv
+    from triton_impl.attention import DENSE, PHYSICAL, _launch
+
+    L, Hq, Hkv, D = args.length, 32, 4, 128
+    M, scale = L // 128, D ** -0.5
+    q, k, v = planted_qkv(1, L, Hq, Hkv, D, seed=0, dtype=torch.bfloat16, device="cuda")
+    full = torch.ones(M, M, dtype=torch.bool, device="cuda").tril().expand(1, Hq, M, M)
+    independent = controlled_mask(1, Hq, M, 0.3, seed=1)
+    shared = controlled_mask(1, Hkv, M, 0.3, seed=1).repeat_interleave(Hq // Hkv, dim=1)
+    lists = {name: triton_impl.compact_blocks(m.contiguous()) for name, m in
+             (("full list", full), ("30% independent", independent), ("30% group-shared", shared))}
+    rows = [dict(what="dense mode", L=L, ms=bench_ms(lambda: _launch(q, k, v, 128, scale, DENSE)), blocks=M * (M + 1) // 2 * Hq)]
+    for name, (counts, indices) in lists.items():
+        for prefetch in (False, True):
+            cfg = dict(prefetch_index=prefetch)
+            fn = lambda: _launch(q, k, v, 128, scale, PHYSICAL, counts=counts, indices=indices, config=cfg)  # noqa
+            rows.append(dict(what=f"physical, {name}", prefetch_index=prefetch, L=L, ms=bench_ms(fn),
+                             blocks=int(counts.sum())))
+    for r in rows:
+        r["ns_per_block"] = r["ms"] * 1e6 / r["blocks"]
+        print(f"{r['what']:<34} prefetch={r.get('prefetch_index', '-')!s:<5} {r['ms']:8.3f} ms "
+              f"{r['ns_per_block']:6.2f} ns/block", flush=True)
+    write_long_csv(args.out_dir / f"diagnose_L{L}.csv", rows, environment_stamp("cuda"))
 
 
 if __name__ == "__main__":

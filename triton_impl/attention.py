@@ -87,6 +87,7 @@ def _attention_kernel(
     L, M, HQ, GROUP, qk_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+    PREFETCH_INDEX: tl.constexpr,
 ):
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_M
     if HEADS_FASTEST:  # consecutive programs = the heads of one query tile: a GQA group shares K/V in L2
@@ -95,9 +96,10 @@ def _attention_kernel(
     else:
         bh = tl.program_id(1)
         tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    tile = tile.to(tl.int64)  # 64-bit offsets: L x Hq x D passes 2^31 elements at 1M tokens
     I = tile // TILES_PER_BLOCK
-    b = bh // HQ
-    h = bh % HQ
+    b = bh.to(tl.int64) // HQ
+    h = bh.to(tl.int64) % HQ
     q_pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + b * stride_qb + h * stride_qh + q_pos[:, None] * stride_ql + offs_d[None, :],
@@ -116,10 +118,19 @@ def _attention_kernel(
         count = tl.load(COUNTS + stat)
         last = tl.load(INDICES + row + tl.maximum(count - 1, 0), mask=count > 0, other=-1)
         has_diagonal = last == I
-        for t in range(0, count - has_diagonal.to(tl.int32)):
-            J = tl.load(INDICES + row + t)
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, k_base, v_base, J, stride_kl, stride_vl, L,
-                                          qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION)
+        n_off_diagonal = count - has_diagonal.to(tl.int32)
+        if PREFETCH_INDEX:  # the next block id is loaded one iteration ahead, so K/V addresses are known early
+            J = tl.load(INDICES + row, mask=n_off_diagonal > 0, other=0).to(tl.int64)
+            for t in range(0, n_off_diagonal):
+                J_next = tl.load(INDICES + row + t + 1, mask=t + 1 < n_off_diagonal, other=0).to(tl.int64)
+                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, k_base, v_base, J, stride_kl, stride_vl, L,
+                                              qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION)
+                J = J_next
+        else:
+            for t in range(0, n_off_diagonal):
+                J = tl.load(INDICES + row + t).to(tl.int64)
+                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, k_base, v_base, J, stride_kl, stride_vl, L,
+                                              qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION)
         visits = count
     elif MODE == LOGICAL:
         for J in range(0, I):
@@ -150,7 +161,7 @@ def _attention_kernel(
 
 
 # Launch configuration, tuned on an H200 (repro/NOTES.md): keys per tile, warps, pipeline stages, program order.
-ATTENTION_CONFIG = dict(BLOCK_N=128, num_warps=None, num_stages=3, heads_fastest=True)
+ATTENTION_CONFIG = dict(BLOCK_N=128, num_warps=None, num_stages=3, heads_fastest=True, prefetch_index=True)
 
 
 def attention_tile_sizes(block_size: int, config=None) -> tuple[int, int]:
@@ -183,7 +194,7 @@ def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask
         L, M, Hq, Hq // Hkv, scale * LOG2E,
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
         MODE=mode.value, DOT_PRECISION=dot_precision(q.dtype), COUNT_VISITS=return_visits,
-        HEADS_FASTEST=config["heads_fastest"],
+        HEADS_FASTEST=config["heads_fastest"], PREFETCH_INDEX=config["prefetch_index"],
         num_warps=config["num_warps"] or num_warps_for(BLOCK_M, D), num_stages=config["num_stages"],
     )
     return (out, visits) if return_visits else out

@@ -24,9 +24,9 @@ def _mean_pool_kernel(
     L, H,
     BLOCK_SIZE: tl.constexpr, POOL_ROWS: tl.constexpr, D: tl.constexpr,
 ):
-    J = tl.program_id(0)
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
+    J = tl.program_id(0).to(tl.int64)  # 64-bit offsets for long sequences
+    b = tl.program_id(1).to(tl.int64) // H
+    h = tl.program_id(1).to(tl.int64) % H
     offs_d = tl.arange(0, D)
     block_start = J * BLOCK_SIZE
     acc = tl.zeros([D], dtype=tl.float32)

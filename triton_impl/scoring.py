@@ -61,8 +61,8 @@ def _block_scores_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     SPLIT_KBAR: tl.constexpr, DOT_PRECISION: tl.constexpr, EPS: tl.constexpr,
 ):
-    bh = tl.program_id(0)  # heads vary fastest: the heads of a GQA group share kbar in L2
-    I = tl.num_programs(1) - 1 - tl.program_id(1)  # longest rows first
+    bh = tl.program_id(0).to(tl.int64)  # heads vary fastest: a GQA group shares kbar in L2; 64-bit offsets
+    I = (tl.num_programs(1) - 1 - tl.program_id(1)).to(tl.int64)  # longest rows first
     b = bh // HQ
     h = bh % HQ
     offs_n = tl.arange(0, BLOCK_N)

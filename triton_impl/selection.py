@@ -24,6 +24,13 @@ TILE_N = 128  # key blocks per tile of a row
 
 
 @triton.jit
+def _row_ids(HQ):
+    """(query block I, batch b, head h) of this program, 64-bit: Hq x M x N passes 2^31 entries at 1M tokens."""
+    bh = tl.program_id(1).to(tl.int64)
+    return tl.program_id(0).to(tl.int64), bh // HQ, bh % HQ
+
+
+@triton.jit
 def _row_max(row, I, TILE: tl.constexpr):
     """max_J Score_IJ over J <= I (scores are >= 0 and exactly 0 above the diagonal, so this is the row max)."""
     best = tl.zeros([TILE], dtype=tl.float32)
@@ -56,9 +63,7 @@ def _select_kernel(
     SCORES, MASK, stride_sb, stride_sh, stride_sm, stride_mb, stride_mh, stride_mm,
     M, HQ, alpha, sink_blocks, window_blocks, last_dense_blocks, TILE: tl.constexpr,
 ):
-    I = tl.program_id(0)
-    b = tl.program_id(1) // HQ
-    h = tl.program_id(1) % HQ
+    I, b, h = _row_ids(HQ)
     row = SCORES + b * stride_sb + h * stride_sh + I * stride_sm
     mask_row = MASK + b * stride_mb + h * stride_mh + I * stride_mm
     threshold = alpha * _row_max(row, I, TILE)
@@ -73,9 +78,7 @@ def _compact_kernel(
     MASK, COUNTS, INDICES, stride_mb, stride_mh, stride_mm, stride_ib, stride_ih, stride_im,
     M, HQ, TILE: tl.constexpr,
 ):
-    I = tl.program_id(0)
-    b = tl.program_id(1) // HQ
-    h = tl.program_id(1) % HQ
+    I, b, h = _row_ids(HQ)
     mask_row = MASK + b * stride_mb + h * stride_mh + I * stride_mm
     list_row = INDICES + b * stride_ib + h * stride_ih + I * stride_im
     count = tl.zeros([], dtype=tl.int32)
@@ -91,9 +94,7 @@ def _select_compact_kernel(
     SCORES, COUNTS, INDICES, stride_sb, stride_sh, stride_sm, stride_ib, stride_ih, stride_im,
     M, HQ, alpha, sink_blocks, window_blocks, last_dense_blocks, TILE: tl.constexpr,
 ):
-    I = tl.program_id(0)
-    b = tl.program_id(1) // HQ
-    h = tl.program_id(1) % HQ
+    I, b, h = _row_ids(HQ)
     row = SCORES + b * stride_sb + h * stride_sh + I * stride_sm
     list_row = INDICES + b * stride_ib + h * stride_ih + I * stride_im
     threshold = alpha * _row_max(row, I, TILE)
