@@ -173,7 +173,9 @@ def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask
             config=None):
     B, L, Hq, Hkv, D = q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]
     M = num_blocks(L, block_size)
-    config = dict(ATTENTION_CONFIG, **(config or {}))
+    # float32 tiles are twice as large: 3 stages of 128 x 128 K/V tiles would not fit in shared memory.
+    fp32_config = dict(BLOCK_N=64, num_stages=1) if q.dtype == torch.float32 else {}
+    config = dict(ATTENTION_CONFIG, **fp32_config, **(config or {}))
     BLOCK_M, BLOCK_N = attention_tile_sizes(block_size, config)
     tiles = M * (block_size // BLOCK_M)
     # The kernels index the head dim with unit stride; anything else gets one copy here.
