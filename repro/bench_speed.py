@@ -21,6 +21,7 @@ Times are medians of triton.testing.do_bench (CUDA events, after warm-up).
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import torch
@@ -153,6 +154,12 @@ def summary_table(rows) -> str:
     return markdown_table(["ms (realised density)"] + [f"{L // 1024}K" for L in lengths], table)
 
 
+def default_tag(device_name: str) -> str:
+    """"NVIDIA H200" -> "speed_h200": results of different GPUs never overwrite each other."""
+    words = [w for w in re.split(r"[^a-z0-9]+", device_name.lower()) if w and w != "nvidia"]
+    return "speed_" + "_".join(words)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS)
@@ -166,11 +173,13 @@ def main(argv=None):
     parser.add_argument("--max-dense-length", type=int, default=262144,
                         help="skip the dense baselines above this length (FA2 takes ~30 s a call at 1M)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--tag", default="speed", help="file name stem of the CSV / markdown")
+    parser.add_argument("--tag", default=None,
+                        help="file name stem of the CSV / markdown (default: speed_<gpu>, e.g. speed_h200)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_speed needs a CUDA GPU; the committed results are in repro/results/")
     stamp = environment_stamp("cuda")
+    args.tag = args.tag or default_tag(stamp["device_name"])
     rows = run(args.lengths, args.densities, args.head_dim, args.q_heads, args.kv_heads, args.modes, args.alpha,
                args.seed, args.max_dense_length)
     csv_path = write_long_csv(args.out_dir / f"{args.tag}.csv", rows, stamp)

@@ -40,7 +40,15 @@ step "walkthrough figure" "$PYTHON" -m reference --out "$RESULTS/walkthrough_toy
 step "reference vs triton check" "$PYTHON" -m repro.check_triton --out-dir "$RESULTS"
 step "density vs alpha (synthetic)" "$PYTHON" -m repro.density_vs_alpha --out-dir "$RESULTS"
 if [[ $HAS_CUDA == 1 ]]; then
-    : # GPU steps (kernel benchmarks) are added here by later issues.
+    SPEED_TAG=$("$PYTHON" -c 'import torch; from repro.bench_speed import default_tag
+print(default_tag(torch.cuda.get_device_name()))')
+    step "operator speed sweep (GPU, 4K-256K)" "$PYTHON" -m repro.bench_speed --tag "$SPEED_TAG" --out-dir "$RESULTS"
+    step "speed plots" "$PYTHON" -m repro.plot_speed --csv "$RESULTS/$SPEED_TAG.csv"
+else
+    SPEED_TAG=speed_h200
+    echo
+    echo "==> no CUDA GPU: the speed sweep needs one; re-plotting the committed H200 results instead"
+    step "speed plots (committed H200 results)" "$PYTHON" -m repro.plot_speed --csv "$RESULTS/$SPEED_TAG.csv"
 fi
 
 # --- summary -----------------------------------------------------------------------------------------------------
@@ -50,3 +58,5 @@ echo "written to $RESULTS/:"
 find "$RESULTS" -type f -newer "$MARK" | sort | sed 's/^/  /'
 echo
 sed -n '/^| alpha/,/^$/p' "$RESULTS/density_vs_alpha.md"
+echo "Speed at the paper's density ($SPEED_TAG, operator only / + selection; see $RESULTS/${SPEED_TAG}_summary.md):"
+sed -n '/^| L | FA2/,/^$/p' "$RESULTS/${SPEED_TAG}_summary.md"
