@@ -168,7 +168,9 @@ def test_non_contiguous_inputs_and_custom_scale(dtype):
     M = num_blocks(L, bs)
     mask = random_block_mask(B, Hq, M, keep=0.5, seed=8, device=DEVICE)
     counts, indices = reference.compact_blocks(mask)
-    out = triton_impl.block_sparse_attention(q, k, v, counts, indices, bs, 0.3)
+    strided = torch.full((*indices.shape[:-1], 2 * M), -1, dtype=torch.int32, device=DEVICE)
+    strided[..., ::2] = indices  # lists with a last-dim stride of 2
+    out = triton_impl.block_sparse_attention(q, k, v, counts, strided[..., ::2], bs, 0.3)
     assert_flash_rule(out, q, k, v, mask, bs, scale=0.3)
     dense = triton_impl.dense_attention(q, k, v, softmax_scale=0.05)
     assert_flash_rule(dense, q, k, v, causal_block_mask(B, Hq, num_blocks(L, 128), device=DEVICE), 128, 0.05)

@@ -182,12 +182,15 @@ def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out = new_output(B, L, Hq, D, dtype=q.dtype, device=q.device)
     visits = new_output(B, Hq, M, dtype=torch.int32, device=q.device) if return_visits else out
-    rows = indices if mode == PHYSICAL else mask.view(torch.int8) if mode == LOGICAL else None
-    row_strides = rows.stride()[:3] if rows is not None else (0, 0, 0)
-    counts = counts.contiguous() if counts is not None else out
+    # What each row walks: its block list (PHYSICAL), its mask bits (LOGICAL), or nothing (DENSE). Pointers a mode
+    # does not read are given `out` as a placeholder.
+    lists = indices.contiguous() if mode == PHYSICAL else out
+    bits = mask.contiguous().view(torch.int8) if mode == LOGICAL else out
+    row_strides = lists.stride()[:3] if mode == PHYSICAL else bits.stride()[:3] if mode == LOGICAL else (0, 0, 0)
+    counts = counts.contiguous() if mode == PHYSICAL else out
     grid = (B * Hq, tiles) if config["heads_fastest"] else (tiles, B * Hq)
     _attention_kernel[grid](
-        q, k, v, out, counts, rows if rows is not None else out, rows if rows is not None else out, visits,
+        q, k, v, out, counts, lists, bits, visits,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -211,8 +214,8 @@ def block_sparse_attention(q, k, v, counts, indices, block_size: int = 128, scal
     check_block_layout(q, block_size=block_size, counts=counts, indices=indices)
     check_kernel_device(counts=counts, indices=indices)
     check_block_lists(counts, indices)
-    return _launch(q, k, v, block_size, resolve_scale(scale, D, name="scale"), PHYSICAL, counts=counts, indices=indices,
-                   return_visits=return_visits)
+    scale = resolve_scale(scale, D, name="scale")
+    return _launch(q, k, v, block_size, scale, PHYSICAL, counts=counts, indices=indices, return_visits=return_visits)
 
 
 def block_sparse_attention_logical(q, k, v, mask, block_size: int = 128, scale: float | None = None, *,
@@ -222,8 +225,8 @@ def block_sparse_attention_logical(q, k, v, mask, block_size: int = 128, scale: 
     D = check_kernel_qkv(q, k, v)[-1]
     check_block_layout(q, block_size=block_size, mask=mask)
     check_kernel_device(mask=mask)
-    return _launch(q, k, v, block_size, resolve_scale(scale, D, name="scale"), LOGICAL, mask=mask.contiguous(),
-                   return_visits=return_visits)
+    scale = resolve_scale(scale, D, name="scale")
+    return _launch(q, k, v, block_size, scale, LOGICAL, mask=mask, return_visits=return_visits)
 
 
 def dense_attention(q, k, v, softmax_scale: float | None = None):
