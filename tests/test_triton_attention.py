@@ -197,3 +197,24 @@ def test_flash_prefill_alpha_zero_is_dense():
     out, stats = triton_impl.flash_prefill(q, k, v, alpha=0.0, block_size=32, return_stats=True)
     assert stats.density.item() == 1.0
     assert_flash_rule(out, q, k, v, causal_block_mask(2, 4, num_blocks(150, 32), device=DEVICE), 32)
+
+
+@pytest.mark.parametrize("head_dim", [32, 96, 256])
+def test_unsupported_head_dims_raise(head_dim):
+    q, k, v = random_qkv(1, 64, 2, 1, head_dim, dtype=DTYPES[-1], device=DEVICE)
+    for call in (lambda: triton_impl.flash_prefill(q, k, v), lambda: triton_impl.dense_attention(q, k, v),
+                 lambda: triton_impl.mean_pool_keys(k)):
+        with pytest.raises(ValueError, match=f"head dim {head_dim} is not supported"):
+            call()
+
+
+def test_unsupported_dtype_and_device_raise(monkeypatch):
+    q, k, v = random_qkv(1, 64, 2, 1, 64, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="q has dtype torch.float64"):
+        triton_impl.flash_prefill(q, k, v)
+    from triton_impl import common
+
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    q, k, v = random_qkv(1, 64, 2, 1, 64, device="cpu")
+    with pytest.raises(ValueError, match="triton_impl needs CUDA tensors"):
+        triton_impl.dense_attention(q, k, v)

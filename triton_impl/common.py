@@ -9,7 +9,7 @@ import torch
 from reference.validation import check_qkv
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float32 mainly for the CPU interpreter
-HEAD_DIMS = (16, 32, 64, 128)
+HEAD_DIMS = (64, 128)  # the head dims the differential tests cover; others get a clear error
 LOG2E = 1.4426950408889634
 
 
