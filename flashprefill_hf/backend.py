@@ -1,0 +1,340 @@
+"""A transformers attention backend that runs FlashPrefill for prefill and exact dense attention otherwise.
+
+transformers (>= 5) looks attention functions up by name in `AttentionInterface`; every decoder layer calls
+
+    attn_output, attn_weights = fn(module, query, key, value, attention_mask, scaling=..., dropout=..., **kwargs)
+
+with query (B, Hq, Lq, D), key / value (B, Hkv, Lk, D), and expects attn_output (B, Lq, Hq, D).
+`register()` adds the name "fprefill" (ATTN_NAME says why not "flashprefill") to that interface (and to the mask
+interface, with the sdpa mask, so that a causal prompt without padding arrives with attention_mask=None).
+The function below then decides, per call:
+
+    prefill  (Lq == Lk, causal module, no padding: the mask is None or exactly causal, no dropout, no softcap,
+              no sliding window shorter than the prompt, not one of the first `dense_layers` layers)
+             -> FlashPrefill: `triton_impl.flash_prefill` on CUDA, `reference.flash_prefill` on the CPU
+    anything else (decoding, a cached prefix, padded batches, ...)
+             -> exact dense attention: transformers' own sdpa function
+
+Per-model parameters live in a `FlashPrefillConfig` attached to the model's attention modules by `configure`;
+a `DensityRecorder` in that config collects the realised block density of every FlashPrefill call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Not "flashprefill": transformers (5.x) treats every implementation name that contains "flash" as a FlashAttention
+# kernel (it tries to import flash_attn / hub kernels and changes its masking), so the backend is named "fprefill".
+ATTN_NAME = "fprefill"
+_CONFIG_ATTR = "flashprefill_config"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Density recording
+# --------------------------------------------------------------------------------------------------------------
+class DensityRecorder:
+    """Collects one record per attention call that went through the backend.
+
+    Each record is a dict: layer (module.layer_idx), length (Lq), batch, path ("flashprefill", "dense_layer" or
+    "dense_fallback"), reason (why a call fell back), density (kept causal blocks / all causal blocks for a
+    FlashPrefill call; 1.0 for a dense-layer prefill; None for a fallback that is not a prefill).
+    Densities are kept as tensors until read, so recording adds no host synchronisation on the GPU.
+    """
+
+    def __init__(self) -> None:
+        self._records: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def add(self, **record) -> None:
+        with self._lock:
+            self._records.append(record)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._records.clear()
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """The records, with densities as Python floats."""
+        out = []
+        for r in self._records:
+            d = r.get("density")
+            out.append(dict(r, density=float(d) if isinstance(d, torch.Tensor) else d))
+        return out
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def prefill_records(self) -> list[dict[str, Any]]:
+        """Records of prefill calls (FlashPrefill and dense-layer prefill), the ones that carry a density."""
+        return [r for r in self.records if r["density"] is not None]
+
+    def mean_density(self, include_dense_layers: bool = True) -> float | None:
+        """Mean density over prefill calls (dense layers count as 1.0 unless excluded); None if there were none.
+
+        Every layer of a Llama-style model has the same number of causal blocks, so the plain mean over layers is
+        the density of the whole prefill."""
+        recs = [r for r in self.prefill_records() if include_dense_layers or r["path"] == "flashprefill"]
+        return sum(r["density"] for r in recs) / len(recs) if recs else None
+
+    def per_layer(self) -> dict[int, float]:
+        """layer index -> mean density over that layer's prefill calls."""
+        acc: dict[int, list[float]] = {}
+        for r in self.prefill_records():
+            acc.setdefault(r["layer"], []).append(r["density"])
+        return {layer: sum(v) / len(v) for layer, v in sorted(acc.items())}
+
+    def paths(self) -> dict[str, int]:
+        """How many calls took each path."""
+        counts: dict[str, int] = {}
+        for r in self._records:
+            counts[r["path"]] = counts.get(r["path"], 0) + 1
+        return counts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class FlashPrefillConfig:
+    """FlashPrefill parameters for one model (DESIGN.md section 2; defaults follow the official V1 code).
+
+    alpha: dynamic threshold (0 = dense). block_size, sink_blocks, window_blocks, last_dense_blocks: the block
+    size and the safety net, in blocks. dense_layers: the first N layers keep exact dense attention.
+    impl: "auto" (Triton on CUDA, reference elsewhere), "reference" or "triton".
+    recorder: a `DensityRecorder`, or None to record nothing.
+    cpu_threads: torch threads while the reference runs on the CPU (None = leave as is). The reference walks
+    small (Bs x Bs) tiles; on a 2-core VM a multi-threaded torch op on such tiles pays a multi-millisecond thread
+    wake-up, and one thread ran the reference several times faster (see repro/results/accuracy_cpu_threads.md),
+    while the model's large matmuls still gain from all cores. Threads are restored after each call.
+    """
+
+    alpha: float = 0.12
+    block_size: int = 128
+    sink_blocks: int = 2
+    window_blocks: int = 4
+    last_dense_blocks: int = 2
+    dense_layers: int = 0
+    impl: str = "auto"
+    recorder: DensityRecorder | None = field(default_factory=DensityRecorder)
+    cpu_threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        from reference.validation import check_alpha, check_block_size, check_count
+
+        check_alpha(self.alpha)
+        check_block_size(self.block_size)
+        check_count("sink_blocks", self.sink_blocks, minimum=0)
+        check_count("window_blocks", self.window_blocks, minimum=1)
+        check_count("last_dense_blocks", self.last_dense_blocks, minimum=0)
+        check_count("dense_layers", self.dense_layers, minimum=0)
+        if self.impl not in ("auto", "reference", "triton"):
+            raise ValueError(f"impl must be 'auto', 'reference' or 'triton', got {self.impl!r}")
+
+    def kernel_kwargs(self) -> dict[str, Any]:
+        return dict(alpha=self.alpha, block_size=self.block_size, sink_blocks=self.sink_blocks,
+                    window_blocks=self.window_blocks, last_dense_blocks=self.last_dense_blocks)
+
+    def replace(self, **changes) -> "FlashPrefillConfig":
+        """A copy with some fields changed (the recorder is shared unless replaced)."""
+        return dataclasses.replace(self, **changes)
+
+
+# Used by modules that `configure` never touched (e.g. a model loaded with attn_implementation="fprefill").
+_DEFAULT_CONFIG = FlashPrefillConfig()
+
+
+def default_config() -> FlashPrefillConfig:
+    return _DEFAULT_CONFIG
+
+
+def set_default_config(config: FlashPrefillConfig | None = None, **kwargs) -> FlashPrefillConfig:
+    """Replace the process-wide default (used by attention modules without a per-model config)."""
+    global _DEFAULT_CONFIG
+    _DEFAULT_CONFIG = config if config is not None else FlashPrefillConfig(**kwargs)
+    return _DEFAULT_CONFIG
+
+
+def _config_of(module) -> FlashPrefillConfig:
+    return getattr(module, _CONFIG_ATTR, None) or _DEFAULT_CONFIG
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The attention function
+# --------------------------------------------------------------------------------------------------------------
+def _dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+    """Exact attention through transformers' sdpa function (handles masks, GQA, decoding, cached prefixes)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def _is_plain_causal(attention_mask: torch.Tensor | None, Lq: int, Lk: int) -> bool:
+    """True when the mask adds nothing to causal attention over one unpadded sequence."""
+    if attention_mask is None:
+        return True
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4 or Lq != Lk:
+        return False
+    if attention_mask.shape[-2:] != (Lq, Lk):
+        return False
+    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    causal = torch.ones(Lq, Lk, dtype=torch.bool, device=allowed.device).tril()
+    return bool((allowed == causal).all())
+
+
+def prefill_blocker(module, query, key, value, attention_mask, dropout, kwargs) -> str | None:
+    """Why this call cannot use FlashPrefill, or None if it can."""
+    Lq, Lk = query.shape[2], key.shape[2]
+    if Lq != Lk:
+        return "decode_or_cached_prefix" if Lq < Lk else "query_longer_than_keys"
+    if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
+        return "not_causal"
+    if dropout and module.training:
+        return "dropout"
+    if kwargs.get("softcap") is not None:
+        return "softcap"
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        return "attention_sinks"
+    window = kwargs.get("sliding_window")
+    if window is not None and window < Lq:
+        return "sliding_window"
+    if kwargs.get("position_bias") is not None:
+        return "position_bias"
+    if query.shape[-1] != value.shape[-1]:
+        return "head_dims_differ"
+    if not _is_plain_causal(attention_mask, Lq, Lk):
+        return "padding_or_custom_mask"
+    return None
+
+
+def _kernel(config: FlashPrefillConfig, device: torch.device, head_dim: int, dtype: torch.dtype):
+    impl = config.impl
+    if impl == "auto":
+        impl = "triton" if device.type == "cuda" else "reference"
+    if impl == "triton":
+        import triton_impl
+        from triton_impl.common import HEAD_DIMS, KERNEL_DTYPES
+
+        if config.impl == "auto" and (head_dim not in HEAD_DIMS or dtype not in KERNEL_DTYPES):
+            warnings.warn(f"FlashPrefill Triton kernels support head dims {HEAD_DIMS} and dtypes {KERNEL_DTYPES}; "
+                          f"got {head_dim}, {dtype}: using the (slow) PyTorch reference", stacklevel=3)
+            import reference
+
+            return reference.flash_prefill
+        return triton_impl.flash_prefill
+    import reference
+
+    return reference.flash_prefill
+
+
+@contextlib.contextmanager
+def _cpu_threads(n: int | None):
+    """Run the block with n torch threads (restored afterwards); None changes nothing."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def flashprefill_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The registered attention function (see the module docstring for the dispatch rules)."""
+    config = _config_of(module)
+    recorder = config.recorder
+    layer = getattr(module, "layer_idx", None)
+    B, Hq, Lq, D = query.shape
+    reason = prefill_blocker(module, query, key, value, attention_mask, dropout, kwargs)
+    if reason is None and layer is not None and layer < config.dense_layers:
+        reason = "dense_layer"
+    if reason is not None:
+        if recorder is not None:
+            recorder.add(layer=layer, length=Lq, batch=B,
+                         path="dense_layer" if reason == "dense_layer" else "dense_fallback", reason=reason,
+                         density=1.0 if reason == "dense_layer" else None)
+        return _dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+    flash_prefill = _kernel(config, query.device, D, query.dtype)
+    # (B, H, L, D) -> (B, L, H, D), the layout of the FlashPrefill API; the output is already (B, L, Hq, D).
+    q = query.transpose(1, 2).contiguous()
+    k = key.transpose(1, 2).contiguous()
+    v = value.transpose(1, 2).contiguous()
+    with _cpu_threads(config.cpu_threads if q.device.type == "cpu" else None):
+        out, stats = flash_prefill(q, k, v, softmax_scale=scaling, return_stats=True, **config.kernel_kwargs())
+    if recorder is not None:
+        recorder.add(layer=layer, length=Lq, batch=B, path="flashprefill", reason=None, density=stats.density)
+    return out, None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Registration and per-model configuration
+# --------------------------------------------------------------------------------------------------------------
+def register(name: str = ATTN_NAME) -> str:
+    """Register the backend under `name` in transformers' attention and attention-mask interfaces (idempotent).
+
+    After this, `from_pretrained(..., attn_implementation="fprefill")` or
+    `model.set_attn_implementation("fprefill")` selects it. Returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, flashprefill_attention_forward)
+    # The sdpa mask builder returns None for a causal, unpadded prompt: the cheapest signal of a plain prefill.
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+def attention_modules(model) -> list:
+    """The model's self-attention modules: modules with an integer `layer_idx` and a `config`."""
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "config")
+            and any(hasattr(m, p) for p in ("q_proj", "qkv_proj", "c_attn", "query_key_value"))]
+
+
+def configure(model, config: FlashPrefillConfig | None = None, *, enable: bool = True, **kwargs) -> FlashPrefillConfig:
+    """Attach a `FlashPrefillConfig` (given, or built from kwargs) to every attention module of `model`.
+
+    With enable=True (default) also registers the backend and switches the model to it. Returns the config,
+    whose `recorder` collects the densities."""
+    if config is None:
+        config = FlashPrefillConfig(**kwargs)
+    elif kwargs:
+        config = config.replace(**kwargs)
+    modules = attention_modules(model)
+    if not modules:
+        raise ValueError(f"found no attention module with a layer_idx in {type(model).__name__}")
+    for m in modules:
+        setattr(m, _CONFIG_ATTR, config)
+    if enable:
+        use_flashprefill(model)
+    return config
+
+
+def use_flashprefill(model) -> None:
+    """Switch a loaded model to the backend (registering it first)."""
+    set_attn_implementation(model, register())
+
+
+def use_dense(model, implementation: str = "sdpa") -> None:
+    """Switch a loaded model back to a dense implementation ("sdpa" or "eager")."""
+    set_attn_implementation(model, implementation)
+
+
+def set_attn_implementation(model, implementation: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(implementation)
+    else:  # older transformers: set it on every config
+        for m in model.modules():
+            cfg = getattr(m, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                cfg._attn_implementation = implementation

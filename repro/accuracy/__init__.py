@@ -1,0 +1,7 @@
+"""Accuracy of FlashPrefill on a real LLM, offline (issue 5).
+
+tasks.py    seeded generators: passkey, single-needle NIAH at depths, one task per RULER family
+scoring.py  RULER's string_match_all / string_match_part
+run.py      `python -m repro.accuracy.run [--quick] [--model PATH] ...`: Full vs FlashPrefill, alpha sweep,
+            per-layer error on real activations; writes repro/results/accuracy_*.{csv,md,png}
+"""
