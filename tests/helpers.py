@@ -174,11 +174,3 @@ def assert_lists_match_mask(counts: torch.Tensor, indices: torch.Tensor, mask: t
         listed = indices[b, h, I, :c].tolist()
         assert listed == torch.nonzero(mask[b, h, I]).flatten().tolist(), (row, listed)
 
-
-def mask_from_lists(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """(B, Hq, M) counts + (B, Hq, M, N) lists -> (B, Hq, M, N) bool mask; entries past counts are not read."""
-    N = indices.shape[-1]
-    listed = torch.arange(N, device=counts.device) < counts.unsqueeze(-1)
-    slots = torch.where(listed, indices.long(), N)  # unlisted entries go to a spare column, cut off below
-    mask = torch.zeros(*indices.shape[:-1], N + 1, dtype=torch.bool, device=counts.device)
-    return mask.scatter_(-1, slots, True)[..., :N]

@@ -12,15 +12,14 @@ natively in bfloat16/float16, plus larger sizes (up to L = 32K) marked `gpu`. Ev
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from helpers import mask_from_lists, causal_block_mask, num_blocks, random_block_mask, random_qkv
+from helpers import causal_block_mask, num_blocks, random_block_mask, random_qkv
 
 import reference
 import triton_impl
 from reference.synthetic import planted_qkv
+from repro.differential import flash_rule, mask_from_lists
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -57,39 +56,10 @@ ALL_CASES = [pytest.param(c, id=case_id(c)) for c in CASES] + [
 ]
 
 
-def naive_attention(q, k, v, block_mask, block_size, scale, dtype):
-    """softmax(scale * q k^T) v over causal tokens of the kept blocks, computed entirely in `dtype`.
-
-    Query rows are processed in chunks, so no (L, L) matrix is held. Rows with no visible key give 0.
-    """
-    B, L, Hq, D = q.shape
-    group = Hq // k.shape[2]
-    qd = q.to(dtype).transpose(1, 2)
-    kd = k.to(dtype).repeat_interleave(group, dim=2).transpose(1, 2)
-    vd = v.to(dtype).repeat_interleave(group, dim=2).transpose(1, 2)
-    out = torch.zeros_like(qd)
-    rows = max(1, (1 << 25) // (B * Hq * L))
-    key_pos = torch.arange(L, device=q.device)
-    for i0 in range(0, L, rows):
-        i1 = min(L, i0 + rows)
-        query_pos = torch.arange(i0, i1, device=q.device)
-        kept = block_mask[:, :, query_pos // block_size][..., key_pos // block_size]  # (B, Hq, c, L)
-        visible = kept & (key_pos[None, :] <= query_pos[:, None])
-        s = (qd[:, :, i0:i1] @ kd.transpose(-1, -2)) * scale
-        s = s.masked_fill(~visible, float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-        out[:, :, i0:i1] = p @ vd
-    return out.transpose(1, 2)
-
-
 def assert_flash_rule(out, q, k, v, block_mask, block_size, scale=None):
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     assert not out.isnan().any(), "kernel left NaN (unwritten or invalid) elements"
-    ref = naive_attention(q, k, v, block_mask, block_size, scale, torch.float64)
-    pt = naive_attention(q, k, v, block_mask, block_size, scale, q.dtype)
-    err = (out.double() - ref).abs().max().item()
-    pt_err = (pt.double() - ref).abs().max().item()
-    assert err <= 2 * pt_err + 1e-5, f"max error {err:.3g} > 2 x PyTorch's {pt_err:.3g} + 1e-5"
+    ok, err, pt_err = flash_rule(out, q, k, v, block_mask, block_size, scale)
+    assert ok, f"max error {err:.3g} > 2 x PyTorch's {pt_err:.3g} + 1e-5"
 
 
 def inputs(case, dtype, seed, planted):
