@@ -208,7 +208,10 @@ def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask
 def block_sparse_attention(q, k, v, counts, indices, block_size: int = 128, scale: float | None = None, *,
                            return_visits: bool = False):
     """Causal attention over the listed key blocks only (physical skip). Same contract as the reference;
-    visits (B, Hq, M) int32 counts the loop iterations of each row, measured inside the kernel."""
+    visits (B, Hq, M) int32 counts the loop iterations of each row, measured inside the kernel.
+
+    The lists are checked (counts in range, ids ascending and causal) before launch, which reads them back:
+    one host synchronisation. `flash_prefill` builds the lists itself and skips the check."""
     check_block_size(block_size)
     D = check_kernel_qkv(q, k, v)[-1]
     check_block_layout(q, block_size=block_size, counts=counts, indices=indices)
