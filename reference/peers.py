@@ -1,0 +1,327 @@
+"""The block selectors of FlashPrefill's two peers, written by us from their papers, in FlashPrefill's list format.
+
+* `flexprefill_select`  FlexPrefill (Lai et al., ICLR 2025, arXiv 2502.20766): per head, a vertical-slash pattern
+                        estimated from the last query block, or a query-aware pattern from block-pooled Q and K,
+                        chosen by a Jensen-Shannon test against tau; both cover a fraction gamma of the estimated
+                        attention mass, with a minimum budget.
+* `xattention_select`   XAttention (Xu et al., ICML 2025, arXiv 2503.16428): every block is scored by the sum of
+                        its strided antidiagonals of softmax(Q K^T), and each query block keeps the fewest key blocks
+                        whose cumulative score reaches a fraction tau (`threshold`) of its row.
+
+Both return exactly what `reference.compact_blocks` returns, (counts (B, Hq, M) int32, indices (B, Hq, M, N) int32,
+ascending, valid up to counts), so `reference.block_sparse_attention` / `triton_impl.block_sparse_attention` run
+them unchanged and `reference.causal_block_density(counts)` measures them like FlashPrefill.
+
+Conventions shared with the rest of the repo: q (B, L, Hq, D), k (B, L, Hkv, D); query head h reads kv head
+h // (Hq / Hkv) (selection is per query head); blocks of Bs tokens, M = N = ceil(L / Bs); causal (a key block above
+the diagonal is never kept). Everything is vectorised over batch and heads (no Python loop over heads or blocks);
+XAttention's estimate loops over chunks of query rows only, to bound memory at long L. Estimates are computed in
+float32 (float64 for float64 inputs). Both are written from the papers' descriptions for understanding; no code
+was copied from the official repositories.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .pooling import compute_dtype, mean_pool_keys
+from .selection import compact_blocks
+from .validation import check_block_size, check_count, check_qkv, num_blocks, resolve_scale
+
+# Paper defaults (see the docstrings for where each comes from).
+FLEXPREFILL_DEFAULTS = dict(gamma=0.9, tau=0.1, min_budget=1024, block_size=128)
+XATTENTION_DEFAULTS = dict(threshold=0.9, stride=8, block_size=128)
+
+__all__ = ["flexprefill_select", "xattention_select", "FLEXPREFILL_DEFAULTS", "XATTENTION_DEFAULTS"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Input checks (same style as reference/validation.py: the message names the argument)
+# --------------------------------------------------------------------------------------------------------------
+
+def _check_real(name: str, value, *, low: float, high: float, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    if math.isnan(value) or too_low or value > high:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must lie in {bracket}{low:g}, {high:g}], got {value}")
+    return value
+
+
+def _causal(M: int, device) -> torch.Tensor:
+    I = torch.arange(M, device=device)
+    return I.view(M, 1) >= I.view(1, M)  # (M, N): J <= I
+
+
+def _dense_lists(B: int, Hq: int, M: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return compact_blocks(_causal(M, device).expand(B, Hq, M, M))
+
+
+def _keep_top(scores: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the n[...] largest entries of each row of scores (..., N); ties broken by the sort order, the
+    same for every n, so a larger n always keeps a superset."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    rank_kept = torch.arange(scores.shape[-1], device=scores.device) < n.unsqueeze(-1)
+    return torch.zeros_like(rank_kept).scatter_(-1, order, rank_kept)
+
+
+def _sqrt_js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """sqrt(JSD(p || q)) over the last dim, natural log, in [0, sqrt(ln 2)]. 0 log 0 = 0."""
+    m = 0.5 * (p + q)
+    kl_pm = torch.where(p > 0, p * (p / m.clamp_min(1e-30)).log(), torch.zeros_like(p)).sum(-1)
+    kl_qm = torch.where(q > 0, q * (q / m.clamp_min(1e-30)).log(), torch.zeros_like(q)).sum(-1)
+    return (0.5 * kl_pm + 0.5 * kl_qm).clamp_min(0).sqrt()
+
+
+def _gqa_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * q k^T per query head: q (B, R, Hq, D), k (B, C, Hkv, D) -> (B, Hq, R, C); head h reads kv h // g."""
+    B, R, Hq, D = q.shape
+    Hkv = k.shape[2]
+    g = Hq // Hkv
+    s = torch.einsum("brhgd,bchd->bhgrc", q.reshape(B, R, Hkv, g, D), k)
+    return scale * s.reshape(B, Hq, R, k.shape[1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FlexPrefill
+# --------------------------------------------------------------------------------------------------------------
+
+def flexprefill_select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    gamma: float = 0.9,
+    tau: float = 0.1,
+    min_budget: int = 1024,
+    max_budget: int | None = None,
+    block_size: int = 128,
+    softmax_scale: float | None = None,
+    return_pattern: bool = False,
+):
+    """FlexPrefill's block selection (Lai et al., ICLR 2025, Algorithms 1-4), per query head.
+
+    Notation: Bs block size; M = N = ceil(L / Bs); Qhat = the last Bs queries (the last query block; positions
+    p_r = L - Bs + r); scale = softmax_scale or 1/sqrt(D); head h reads kv head h // (Hq / Hkv).
+
+    0. Short inputs are dense: if L <= max(2 Bs, ceil(min_budget / Bs) Bs) every causal block is kept (as the
+       official implementation does).
+    1. Estimate from the last query block: Ahat = softmax(scale Qhat K^T) with the causal mask, (B, Hq, Bs, L).
+       Vertical mass a_v[j] = mean_r Ahat[r, j]; slash mass a_s[o] = mean_r Ahat[r, p_r - o] (offset o = i - j).
+    2. Sparse pattern determination (Alg. 2): abar[J] = sum_{j in J} a_v[j] (the pooled true distribution of the
+       last block) and ahat[J] = softmax_J(scale * mean(Qhat) . kbar_J) (the estimate from pooled Q and K, kbar the
+       mean of key block J). d = sqrt(JSD(abar || ahat)). d < tau: the pooled estimate is faithful and the head is
+       **query-aware**; otherwise it is **vertical-slash**.
+    3. Vertical-slash index search (Alg. 3): K_v = the fewest tokens whose a_v, sorted descending, sum to >= gamma;
+       n_v = clamp(floor(K_v / Bs) + 1, ceil(min_budget / Bs), ceil(max_budget / Bs)) blocks; keep the n_v key
+       blocks with the largest sum_{j in J} a_v[j] as vertical columns (J, all I >= J). The same with a_s gives n_s
+       slash offsets s (in blocks) kept as diagonals (I, I - s). Forced: vertical block 0 (attention sink) and
+       slash offset 0 (the diagonal). Query-aware heads keep only the minimum budget of vertical and slash blocks.
+    4. Query-aware index search (Alg. 4, query-aware heads only): qbar_I, kbar_J = block means of q and k;
+       Abar = softmax_J(scale qbar_I . kbar_J) over J <= I, (M, N) per head; flatten, sort descending and keep the
+       fewest blocks whose mass reaches gamma * M (each row sums to 1, so gamma of the total); union with step 3.
+    5. Compact into ascending lists (`compact_blocks`).
+
+    Paper / official defaults: block_size 128, gamma 0.9 (0.95 for some models in the RULER scripts), tau 0.1,
+    min_budget 1024 tokens (the RULER / InfiniteBench scripts; the README example uses 512), max_budget None.
+    Simplifications and choices (ours): the budget count n = floor(K / Bs) + 1 converts a token count into blocks
+    as the official code does, and the blocks are then ranked by their pooled mass (not by which blocks contain the
+    chosen tokens); the query-aware set includes the block that crosses gamma (the fewest blocks that *reach*
+    gamma); a slash offset block s marks the block diagonal I - J = s (token slashes near a block edge straddle two
+    block diagonals; the pooled mass decides which is kept). Batch > 1 is supported (the official code is B = 1).
+
+    Args:
+        q: (B, L, Hq, D); k: (B, L, Hkv, D); Hq divisible by Hkv.
+        gamma: coverage in (0, 1]; tau: JS threshold in [0, 1]; min_budget, max_budget: tokens (max None = no cap).
+        block_size: Bs, a power of two >= 16. softmax_scale: None means 1/sqrt(D).
+        return_pattern: also return query_aware (B, Hq) bool (all False for short dense inputs).
+    Returns:
+        counts (B, Hq, M) int32, indices (B, Hq, M, N) int32 [, query_aware].
+    """
+    B, L, Hq, Hkv, D = check_qkv(q, k, k)
+    gamma = _check_real("gamma", gamma, low=0.0, high=1.0, low_open=True)
+    tau = _check_real("tau", tau, low=0.0, high=1.0)
+    check_count("min_budget", min_budget, minimum=0)
+    if max_budget is not None:
+        check_count("max_budget", max_budget, minimum=1)
+    check_block_size(block_size)
+    scale = resolve_scale(softmax_scale, D)
+    Bs, device = block_size, q.device
+    M = num_blocks(L, Bs)
+    min_blocks = -(-min_budget // Bs)
+    max_blocks = M if max_budget is None else min(M, -(-max_budget // Bs))
+    min_blocks = min(min_blocks, max_blocks)
+
+    # 0. Short inputs: dense.
+    if L <= max(2 * Bs, min_blocks * Bs):
+        counts, indices = _dense_lists(B, Hq, M, device)
+        pattern = torch.zeros(B, Hq, dtype=torch.bool, device=device)
+        return (counts, indices, pattern) if return_pattern else (counts, indices)
+
+    dtype = compute_dtype(q)
+    qf, kf = q.to(dtype), k.to(dtype)
+
+    # 1. Attention of the last Bs queries to every key: Ahat (B, Hq, Bs, L).
+    q_hat = qf[:, L - Bs:]
+    pos = torch.arange(L - Bs, L, device=device).view(Bs, 1)  # p_r
+    key = torch.arange(L, device=device).view(1, L)
+    s = _gqa_scores(q_hat, kf, scale).masked_fill(key > pos, float("-inf"))
+    a_hat = torch.softmax(s, dim=-1)
+    a_v = a_hat.mean(dim=-2)  # (B, Hq, L) vertical mass of key j
+    idx = pos - key  # (Bs, L): key index j = p_r - o of offset o (the column) in row r
+    valid = idx >= 0
+    a_s = (torch.gather(a_hat, -1, idx.clamp_min(0).expand(B, Hq, Bs, L)) * valid).mean(dim=-2)  # (B, Hq, L)
+    del s
+
+    def pool(x):  # (B, Hq, L) -> (B, Hq, N): sum over each block of Bs tokens / offsets
+        return F.pad(x, (0, M * Bs - L)).view(B, Hq, M, Bs).sum(-1)
+
+    v_blocks, s_blocks = pool(a_v), pool(a_s)
+
+    # 2. Pattern determination: JS divergence between the pooled true and pooled estimated distributions.
+    kbar = mean_pool_keys(k, Bs).to(dtype)  # (B, N, Hkv, D)
+    est = torch.softmax(_gqa_scores(q_hat.mean(dim=1, keepdim=True), kbar, scale).squeeze(2), dim=-1)  # (B, Hq, N)
+    query_aware = _sqrt_js_divergence(v_blocks, est) < tau  # (B, Hq)
+
+    # 3. Vertical-slash budgets from the token-level coverage gamma, clamped to [min, max] blocks.
+    def budget(mass):  # fewest tokens / offsets whose sorted mass reaches gamma -> blocks
+        csum = mass.sort(dim=-1, descending=True).values.cumsum(dim=-1)
+        tokens = ((csum < gamma * csum[..., -1:]).sum(dim=-1) + 1).clamp(max=L)
+        return (tokens // Bs + 1).clamp(min=min_blocks, max=max_blocks)
+
+    n_v = torch.where(query_aware, min_blocks, budget(a_v))
+    n_s = torch.where(query_aware, min_blocks, budget(a_s))
+    n_v, n_s = n_v.clamp_min(1), n_s.clamp_min(1)  # the forced sink / diagonal always count
+    inf = torch.tensor(float("inf"), dtype=dtype, device=device)
+    v_blocks = torch.cat([inf.expand(B, Hq, 1), v_blocks[..., 1:]], dim=-1)  # forced sink column
+    s_blocks = torch.cat([inf.expand(B, Hq, 1), s_blocks[..., 1:]], dim=-1)  # forced diagonal
+    v_keep = _keep_top(v_blocks, n_v)  # (B, Hq, N) kept columns J
+    s_keep = _keep_top(s_blocks, n_s)  # (B, Hq, N) kept block offsets s
+    causal = _causal(M, device)
+    I = torch.arange(M, device=device).view(M, 1)
+    J = torch.arange(M, device=device).view(1, M)
+    diag_offset = (I - J).clamp_min(0).expand(B, Hq, M, M)
+    mask = causal & (v_keep.unsqueeze(-2) | torch.gather(s_keep.unsqueeze(-2).expand(B, Hq, M, M), -1, diag_offset))
+
+    # 4. Query-aware heads: blocks of the pooled attention map covering gamma of its mass.
+    if bool(query_aware.any()):
+        qbar = mean_pool_keys(q, Bs).to(dtype)  # block means of the queries (same pooling as the keys)
+        a_bar = torch.softmax(_gqa_scores(qbar, kbar, scale).masked_fill(~causal, float("-inf")), dim=-1)
+        flat = a_bar.flatten(-2)  # (B, Hq, M*N), total mass M
+        values, order = flat.sort(dim=-1, descending=True, stable=True)
+        before = values.cumsum(dim=-1) - values  # mass of the blocks ranked above
+        kept_sorted = (before < gamma * M) & (values > 0)
+        qa_mask = torch.zeros_like(kept_sorted).scatter_(-1, order, kept_sorted).view(B, Hq, M, M)
+        mask = mask | (qa_mask & query_aware[..., None, None])
+
+    counts, indices = compact_blocks(mask)
+    return (counts, indices, query_aware) if return_pattern else (counts, indices)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# XAttention
+# --------------------------------------------------------------------------------------------------------------
+
+_XATTN_CHUNK_ELEMENTS = 1 << 26  # strided scores held at once: 256 MB of float32
+
+
+def xattention_block_scores(q, k, *, stride: int = 8, block_size: int = 128, softmax_scale: float | None = None):
+    """XAttention's antidiagonal block scores A (B, Hq, M, N), float32: A[I, J] = sum over the strided rows r in
+    query block I and strided columns c in key block J of softmax_c(scale / S * sum_s q[rS + S-1-s] . k[cS + s]).
+    Each strided row that holds a real query sums to 1 over J <= I; see `xattention_select`."""
+    B, L, Hq, Hkv, D = check_qkv(q, k, k)
+    check_block_size(block_size)
+    check_count("stride", stride, minimum=1)
+    if block_size % stride or stride & (stride - 1):
+        raise ValueError(f"stride must be a power of two dividing block_size={block_size}, got {stride}")
+    scale = resolve_scale(softmax_scale, D)
+    S, Bs, device = stride, block_size, q.device
+    M = num_blocks(L, Bs)
+    Lp, n, per_block = M * Bs, M * Bs // S, Bs // S
+    dtype = compute_dtype(q)
+    qp = F.pad(q.to(dtype), (0, 0, 0, 0, 0, Lp - L))
+    kp = F.pad(k.to(dtype), (0, 0, 0, 0, 0, Lp - L))
+    # Strided reshape: row r of q_t concatenates q[rS + S-1], ..., q[rS] (reversed), column c of k_t concatenates
+    # k[cS], ..., k[cS + S-1]; their dot product is the sum of one antidiagonal of the S x S tile (r, c).
+    q_t = qp.view(B, n, S, Hq, D).flip(2).permute(0, 1, 3, 2, 4).reshape(B, n, Hq, S * D)
+    k_t = kp.view(B, n, S, Hkv, D).permute(0, 1, 3, 2, 4).reshape(B, n, Hkv, S * D)
+    valid_cols = -(-L // S)  # strided columns holding at least one real key
+    scores = torch.zeros(B, Hq, M, M, dtype=dtype, device=device)
+    # Whole query blocks per chunk, so every chunk sums into whole rows of A.
+    blocks_per_chunk = max(1, _XATTN_CHUNK_ELEMENTS // (B * Hq * per_block * n))
+    for I0 in range(0, M, blocks_per_chunk):
+        I1 = min(M, I0 + blocks_per_chunk)
+        r0, r1 = I0 * per_block, I1 * per_block
+        cols = min(r1, valid_cols)  # causal at stride level: column c <= row r; no fully padded columns
+        logits = _gqa_scores(q_t[:, r0:r1], k_t[:, :cols], scale / S)  # (B, Hq, rows, cols)
+        r = torch.arange(r0, r1, device=device).view(-1, 1)
+        c = torch.arange(cols, device=device).view(1, -1)
+        p = torch.softmax(logits.masked_fill(c > r, float("-inf")), dim=-1)
+        p = p * (r * S < L).to(dtype)  # strided rows made only of padding queries count nothing
+        Nc = num_blocks(cols * S, Bs)
+        p = F.pad(p, (0, Nc * per_block - cols)).view(B, Hq, I1 - I0, per_block, Nc, per_block)
+        scores[:, :, I0:I1, :Nc] = p.sum(dim=(3, 5))
+    return scores
+
+
+def xattention_select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    threshold: float = 0.9,
+    stride: int = 8,
+    block_size: int = 128,
+    softmax_scale: float | None = None,
+    keep_sink: bool = True,
+    keep_diagonal: bool = True,
+):
+    """XAttention's block selection (Xu et al., ICML 2025, Sec. 2.1-2.2), per query head.
+
+    Notation: S stride; Bs block size (S divides Bs); M = N = ceil(L / Bs); scale = softmax_scale or 1/sqrt(D);
+    head h reads kv head h // (Hq / Hkv).
+
+    1. Antidiagonal scoring: split Q K^T into S x S tiles and keep, in each tile, the sum along one antidiagonal
+       (lower-left to upper-right). Every token row and every token column of the tile is hit once, so both vertical
+       and slash patterns show up in the sum. Done as one GEMM on strided reshapes: Qt[r] = (q[rS+S-1], ..., q[rS]),
+       Kt[c] = (k[cS], ..., k[cS+S-1]); logits[r, c] = scale / S * Qt[r] . Kt[c] (the 1/S makes it the mean of S
+       logits); causal at stride level (c <= r); P = softmax_c(logits).
+    2. Block scores: A[I, J] = sum of P[r, c] over the Bs/S strided rows of I and the Bs/S strided columns of J.
+    3. Threshold block selection: per row I, keep the forced blocks (J = 0 and J = I), then the other key blocks in
+       descending A[I, J] while the mass kept *before* a block is < tau * sum_J A[I, J]: the fewest blocks whose
+       cumulative score reaches tau (the block that crosses tau is kept). Blocks above the diagonal never count.
+
+    Paper defaults: block_size 128, stride S = 8 for language (16 for video), threshold tau = 0.9. Safety
+    convention (official code and the OpenVINO port): the first key block (attention sink) and the diagonal block
+    are always kept. Simplifications (ours): no per-head threshold prediction (the paper's optional dynamic
+    programming step); one uniform tau for all heads; the estimate is exact in float32 rather than fused Triton.
+
+    Args:
+        q: (B, L, Hq, D); k: (B, L, Hkv, D).
+        threshold: tau in (0, 1]; 1 keeps every causal block with non-zero score (plus the forced ones).
+        stride: S, a power of two dividing block_size. keep_sink, keep_diagonal: the forced blocks.
+    Returns:
+        counts (B, Hq, M) int32, indices (B, Hq, M, N) int32.
+    """
+    threshold = _check_real("threshold", threshold, low=0.0, high=1.0, low_open=True)
+    for name, flag in (("keep_sink", keep_sink), ("keep_diagonal", keep_diagonal)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    scores = xattention_block_scores(q, k, stride=stride, block_size=block_size, softmax_scale=softmax_scale)
+    B, Hq, M, _ = scores.shape
+    causal = _causal(M, q.device)
+    I = torch.arange(M, device=q.device).view(M, 1)
+    J = torch.arange(M, device=q.device).view(1, M)
+    forced = ((J == 0) & keep_sink) | ((J == I) & keep_diagonal)
+    forced = forced & causal
+    total = scores.sum(dim=-1, keepdim=True)
+    forced_mass = (scores * forced).sum(dim=-1, keepdim=True)
+    others = scores.masked_fill(forced | ~causal, -1.0)  # never ranked above a causal candidate
+    values, order = others.sort(dim=-1, descending=True, stable=True)
+    before = forced_mass + values.clamp_min(0).cumsum(dim=-1) - values.clamp_min(0)
+    kept_sorted = (values >= 0) & (before < threshold * total)
+    mask = torch.zeros_like(kept_sorted).scatter_(-1, order, kept_sorted) | forced
+    return compact_blocks(mask & causal)
