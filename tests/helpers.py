@@ -11,10 +11,35 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 # Tolerances for comparing an output in `dtype` against a float64 ground truth computed from the same inputs.
 ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+# Where the Triton differential tests run: natively in bf16/fp16 on a GPU, under the interpreter in fp32/fp16 on a
+# CPU (the interpreter computes tl.dot on bf16 wrongly, triton-lang/triton#11584).
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+KERNEL_TEST_DTYPES = [torch.bfloat16, torch.float16] if HAS_CUDA else [torch.float32, torch.float16]
+
+
+def case_id(case) -> str:
+    """(B, L, Hq, Hkv, D, block_size) -> "B2-L127-g4-D64-bs16"."""
+    B, L, Hq, Hkv, D, bs = case
+    return f"B{B}-L{L}-g{Hq // Hkv}-D{D}-bs{bs}"
+
+
+def dtype_id(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def case_params(cases, gpu_cases=()) -> list:
+    """pytest params with readable ids; the GPU-only cases carry the `gpu` mark."""
+    return [pytest.param(c, id=case_id(c)) for c in cases] + [
+        pytest.param(c, id=case_id(c), marks=pytest.mark.gpu) for c in gpu_cases
+    ]
 
 
 def random_qkv(

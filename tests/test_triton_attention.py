@@ -14,16 +14,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import causal_block_mask, num_blocks, random_block_mask, random_qkv
+from helpers import (
+    DEVICE,
+    KERNEL_TEST_DTYPES,
+    case_id,
+    case_params,
+    causal_block_mask,
+    dtype_id,
+    num_blocks,
+    random_block_mask,
+    random_qkv,
+)
 
 import reference
 import triton_impl
 from reference.synthetic import planted_qkv
 from repro.differential import flash_rule, mask_from_lists
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-DTYPES = [torch.bfloat16, torch.float16] if HAS_CUDA else [torch.float32, torch.float16]
+DTYPES = KERNEL_TEST_DTYPES
 
 # (B, L, Hq, Hkv, D, block_size): odd lengths, GQA groups 1/4/7/8, head dims 64/128, batch 1-3.
 CASES = [  # kept small: the CPU interpreter runs every program in Python
@@ -40,20 +48,7 @@ GPU_CASES = [
     (2, 8191, 16, 2, 64, 128),
     (1, 32768, 32, 4, 128, 128),
 ]
-
-
-def case_id(case) -> str:
-    B, L, Hq, Hkv, D, bs = case
-    return f"B{B}-L{L}-g{Hq // Hkv}-D{D}-bs{bs}"
-
-
-def dtype_id(dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-ALL_CASES = [pytest.param(c, id=case_id(c)) for c in CASES] + [
-    pytest.param(c, id=case_id(c), marks=pytest.mark.gpu) for c in GPU_CASES
-]
+ALL_CASES = case_params(CASES, GPU_CASES)
 
 
 def assert_flash_rule(out, q, k, v, block_mask, block_size, scale=None):

@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_lists_match_mask, naive_mean_pool_fp64, random_block_mask, random_qkv
+from helpers import (
+    DEVICE,
+    KERNEL_TEST_DTYPES,
+    assert_lists_match_mask,
+    case_id,
+    case_params,
+    dtype_id,
+    naive_mean_pool_fp64,
+    random_block_mask,
+    random_qkv,
+)
 
 import reference
 import triton_impl
 from reference.synthetic import planted_qkv
 from repro.differential import block_set_differences, block_sets_agree, mask_from_lists
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-DTYPES = [torch.bfloat16, torch.float16] if HAS_CUDA else [torch.float32, torch.float16]
+DTYPES = KERNEL_TEST_DTYPES
 
 CASES = [  # (B, L, Hq, Hkv, D, block_size): kept small, the CPU interpreter runs every program in Python
     (1, 1, 2, 1, 64, 16),
@@ -29,20 +37,7 @@ CASES = [  # (B, L, Hq, Hkv, D, block_size): kept small, the CPU interpreter run
     (1, 2100, 2, 1, 64, 128),
 ]
 GPU_CASES = [(1, 8192, 32, 4, 128, 128), (2, 32768, 8, 1, 64, 128)]
-
-
-def case_id(case) -> str:
-    B, L, Hq, Hkv, D, bs = case
-    return f"B{B}-L{L}-g{Hq // Hkv}-D{D}-bs{bs}"
-
-
-ALL_CASES = [pytest.param(c, id=case_id(c)) for c in CASES] + [
-    pytest.param(c, id=case_id(c), marks=pytest.mark.gpu) for c in GPU_CASES
-]
-
-
-def dtype_id(dtype) -> str:
-    return str(dtype).replace("torch.", "")
+ALL_CASES = case_params(CASES, GPU_CASES)
 
 
 def make_inputs(case, dtype, seed, planted=True):
