@@ -30,9 +30,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from repro.common import RESULTS_DIR, environment_stamp, markdown_table, stamp_line, write_long_csv
+from repro.paper import PAPER_DENSITY_256K
 
 DEFAULT_LENGTHS = [4096, 8192, 16384, 32768, 65536, 131072, 262144]
-DEFAULT_DENSITIES = [0.035, 0.1, 0.3]
+DEFAULT_DENSITIES = [PAPER_DENSITY_256K["FlashPrefill"], 0.1, 0.3]  # the paper's 3.5% at 256K, then denser
 
 
 def bench_ms(fn) -> float:

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from repro.common import RESULTS_DIR, markdown_table, read_long_csv  # noqa: E402
 from repro.paper import PAPER_DENSITY_256K, PAPER_OPERATOR_SPEEDUP  # noqa: E402
 
-LOW_DENSITY = 0.035  # the paper's FlashPrefill density at 256K
+LOW_DENSITY = PAPER_DENSITY_256K["FlashPrefill"]  # the controlled-density row compared with the paper
 
 
 def load(path: Path):
