@@ -212,7 +212,7 @@ def summarize(rows, default_alpha):
 
 
 def write_report(path: Path, rows, err_rows, args, name, default_alpha, stamp, wall, calibrated, prefix):
-    from .paper_numbers import PAPER_INFINITEBENCH, PAPER_NIAH, PAPER_RULER, PAPER_V2_ALPHA, PAPER_V2_NIAH_DENSITY
+    from repro.paper import PAPER_INFINITEBENCH, PAPER_NIAH, PAPER_RULER, PAPER_V2_ALPHA, PAPER_V2_NIAH_DENSITY
 
     summary = summarize(rows, default_alpha)
     lines = [f"# Accuracy: FlashPrefill vs Full on {name}" + (" (quick mode)" if args.quick else ""), "",
@@ -362,7 +362,7 @@ def plot(rows, err_rows, default_alpha, out_dir: Path, prefix: str, name: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .paper_numbers import PAPER_V2_NIAH_DENSITY
+    from repro.paper import PAPER_V2_NIAH_DENSITY
 
     paths = []
     niah = [r for r in rows if r["experiment"] == "niah" and r["task"] == "niah_single"]
