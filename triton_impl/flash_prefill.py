@@ -24,9 +24,9 @@ from reference.selection import causal_block_density
 
 from .attention import PHYSICAL, _launch
 from .common import HEAD_DIMS, KERNEL_DTYPES, check_kernel_device
-from .pooling import mean_pool_keys
-from .scoring import block_scores
-from .selection import select_and_compact
+from .pooling import launch_mean_pool
+from .scoring import launch_block_scores
+from .selection import launch_select_and_compact
 
 
 def flash_prefill(
@@ -46,9 +46,11 @@ def flash_prefill(
     scale = check_flash_prefill_args(q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
                                      softmax_scale, dtypes=KERNEL_DTYPES, head_dims=HEAD_DIMS)
     check_kernel_device(q=q, k=k, v=v)
-    kbar = mean_pool_keys(k, block_size)  # 1. mean proxy
-    scores = block_scores(q, kbar, block_size, scale)  # 2. Eq. 1-2
-    counts, indices = select_and_compact(scores, alpha, sink_blocks, window_blocks, last_dense_blocks)  # 3-4
+    # Inputs are checked once, above; the stages launch their kernels directly (no per-stage re-checks).
+    kbar = launch_mean_pool(k, block_size)  # 1. mean proxy
+    scores = launch_block_scores(q, kbar, block_size, scale)  # 2. Eq. 1-2
+    counts, indices = launch_select_and_compact(scores, float(alpha), sink_blocks, window_blocks,
+                                                last_dense_blocks)  # 3-4
     del scores
     out = _launch(q, k, v, block_size, scale, PHYSICAL, counts=counts, indices=indices)  # 5. physical skip
     if return_stats:

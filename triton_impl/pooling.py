@@ -47,6 +47,12 @@ def mean_pool_keys(k: torch.Tensor, block_size: int = 128) -> torch.Tensor:
     B, L, H, D = k.shape
     if D not in HEAD_DIMS:
         raise ValueError(f"head dim {D} is not supported; expected one of {HEAD_DIMS}")
+    return launch_mean_pool(k, block_size)
+
+
+def launch_mean_pool(k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """`mean_pool_keys` without the input checks (flash_prefill has made them already)."""
+    B, L, H, D = k.shape
     N = num_blocks(L, block_size)
     kbar = new_output(B, N, H, D, dtype=torch.float32, device=k.device)
     _mean_pool_kernel[(N, B * H)](

@@ -124,8 +124,14 @@ def block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int = 128, sca
     B, L, Hq, D = q.shape
     if D not in HEAD_DIMS:
         raise ValueError(f"head dim {D} is not supported; expected one of {HEAD_DIMS}")
-    scale = resolve_scale(scale, D, name="scale")
-    kbar = kbar.float().contiguous()
+    return launch_block_scores(q, kbar.float().contiguous(), block_size, resolve_scale(scale, D, name="scale"),
+                               _config)
+
+
+def launch_block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int, scale: float,
+                        _config: dict | None = None) -> torch.Tensor:
+    """`block_scores` without the input checks; kbar must be contiguous float32."""
+    B, L, Hq, D = q.shape
     M = N = num_blocks(L, block_size)
     scores = new_output(B, Hq, M, N, dtype=torch.float32, device=q.device)
     config = dict(SCORE_CONFIG, **(_config or {}))

@@ -146,6 +146,11 @@ def select_and_compact(scores: torch.Tensor, alpha: float = 0.12, sink_blocks: i
                        last_dense_blocks: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """compact_blocks(select_blocks(scores, ...)) in one kernel, without writing the mask."""
     alpha, scores = _check_selection_args(scores, alpha, sink_blocks, window_blocks, last_dense_blocks)
+    return launch_select_and_compact(scores, alpha, sink_blocks, window_blocks, last_dense_blocks)
+
+
+def launch_select_and_compact(scores, alpha, sink_blocks, window_blocks, last_dense_blocks):
+    """`select_and_compact` without the input checks; scores must be contiguous float32."""
     B, Hq, M, _ = scores.shape
     counts = new_output(B, Hq, M, dtype=torch.int32, device=scores.device)
     indices = new_output(B, Hq, M, M, dtype=torch.int32, device=scores.device)
