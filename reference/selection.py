@@ -17,6 +17,15 @@ import torch
 from .validation import check_alpha, check_count, check_mask, check_scores
 
 
+def safety_net_mask(M: int, sink_blocks: int = 2, window_blocks: int = 4, last_dense_blocks: int = 2,
+                     device: str | torch.device | None = None) -> torch.Tensor:
+    """(M, M) bool: the causal blocks kept whatever the scores (sinks, local window, dense last query blocks)."""
+    I = torch.arange(M, device=device).view(M, 1)
+    J = torch.arange(M, device=device).view(1, M)
+    forced = (J < sink_blocks) | (I - J < window_blocks) | (I >= M - last_dense_blocks)
+    return forced & (J <= I)
+
+
 def select_blocks(
     scores: torch.Tensor,
     alpha: float = 0.12,
@@ -38,17 +47,16 @@ def select_blocks(
     check_count("sink_blocks", sink_blocks, minimum=0)
     check_count("window_blocks", window_blocks, minimum=1)
     check_count("last_dense_blocks", last_dense_blocks, minimum=0)
-    M, N = scores.shape[-2:]
-    I = torch.arange(M, device=scores.device).view(M, 1)
-    J = torch.arange(N, device=scores.device).view(1, N)
+    M = scores.shape[-1]
+    causal = torch.ones(M, M, dtype=torch.bool, device=scores.device).tril()
 
     # 1. Dynamic threshold: one max per row (Eq. 3).
     row_max = scores.amax(dim=-1, keepdim=True)
     above_threshold = scores >= alpha * row_max
     # 2. Safety net: sinks, local window, dense last rows.
-    forced = (J < sink_blocks) | (I - J < window_blocks) | (I >= M - last_dense_blocks)
+    forced = safety_net_mask(M, sink_blocks, window_blocks, last_dense_blocks, device=scores.device)
     # 3. Causality.
-    return (J <= I) & (above_threshold | forced)
+    return causal & (above_threshold | forced)
 
 
 def compact_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from repro.common import RESULTS_DIR, environment_stamp, markdown_table, stamp_line, write_long_csv
+from reference.selection import safety_net_mask
 from repro.paper import PAPER_DENSITY_256K
 
 DEFAULT_LENGTHS = [4096, 8192, 16384, 32768, 65536, 131072, 262144]
@@ -42,17 +43,9 @@ def bench_ms(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def forced_mask(M: int, sink_blocks=2, window_blocks=4, last_dense_blocks=2, device="cuda") -> torch.Tensor:
-    """(M, M) bool: the causal blocks the safety net always keeps."""
-    I = torch.arange(M, device=device).view(M, 1)
-    J = torch.arange(M, device=device).view(1, M)
-    forced = (J < sink_blocks) | (I - J < window_blocks) | (I >= M - last_dense_blocks)
-    return forced & (J <= I)
-
-
 def controlled_mask(B: int, Hq: int, M: int, target: float, seed: int, device="cuda") -> torch.Tensor:
     """(B, Hq, M, M) bool: forced blocks plus random causal blocks, aiming at `target` causal density."""
-    forced = forced_mask(M, device=device)
+    forced = safety_net_mask(M, device=device)
     causal = torch.ones(M, M, dtype=torch.bool, device=device).tril()
     n_causal, n_forced = M * (M + 1) / 2, int(forced.sum())
     p = max(0.0, (target * n_causal - n_forced) / max(n_causal - n_forced, 1))

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from reference import block_scores, causal_block_density, compact_blocks, mean_pool_keys, select_blocks
-from reference.plotting import forced_blocks
+from reference.selection import safety_net_mask
 from reference.synthetic import planted_qkv
 
 from .common import RESULTS_DIR, default_device, environment_stamp, markdown_table, stamp_line, write_long_csv
@@ -55,9 +55,7 @@ def measure(lengths, alphas, *, block_size: int = 128, seed: int = 0, device: st
         scores = block_scores(q, mean_pool_keys(k, block_size), block_size)
         M = scores.shape[-1]
         causal_blocks = M * (M + 1) // 2
-        forced = torch.zeros(M, M, dtype=torch.bool)
-        for mask in forced_blocks(M, **SAFETY_NET).values():
-            forced |= torch.from_numpy(mask)
+        forced = safety_net_mask(M, **SAFETY_NET)
         rows.append(dict(what="forced_density", L=L, M=M, alpha="", density=float(forced.sum()) / causal_blocks,
                          **common))
         for alpha in alphas:
