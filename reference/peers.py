@@ -14,9 +14,10 @@ them unchanged and `reference.causal_block_density(counts)` measures them like F
 
 Conventions shared with the rest of the repo: q (B, L, Hq, D), k (B, L, Hkv, D); query head h reads kv head
 h // (Hq / Hkv) (selection is per query head); blocks of Bs tokens, M = N = ceil(L / Bs); causal (a key block above
-the diagonal is never kept). Everything is vectorised over batch and heads (no Python loop over heads or blocks);
-XAttention's estimate loops over chunks of query rows only, to bound memory at long L. Estimates are computed in
-float32 (float64 for float64 inputs). Both are written from the papers' descriptions for understanding; no code
+the diagonal is never kept). Everything is vectorised over batch and heads, except two loops that bound memory at long L
+(see `_FLEX_CHUNK_ELEMENTS`, `_XATTN_CHUNK_ELEMENTS`; the results do not depend on the chunk sizes): FlexPrefill's
+last-block estimate runs a few kv-head groups at a time, XAttention's estimate a few query blocks at a time.
+Estimates are computed in float32 (float64 for float64 inputs). Both are written from the papers' descriptions for understanding; no code
 was copied from the official repositories.
 """
 
@@ -91,6 +92,37 @@ def _gqa_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
 # FlexPrefill
 # --------------------------------------------------------------------------------------------------------------
 
+_FLEX_CHUNK_ELEMENTS = 1 << 28  # last-block attention probabilities held at once: 1 GiB of float32
+
+
+def _last_block_masses(q_hat: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlexPrefill step 1: Ahat = softmax(scale q_hat K^T) with the causal mask, for the last Bs queries q_hat
+    (B, Bs, Hq, D) (positions p_r = L - Bs + r), reduced to the vertical mass a_v[j] = mean_r Ahat[r, j] and the
+    slash mass a_s[o] = mean_r Ahat[r, p_r - o], both (B, Hq, L) in q_hat's dtype.
+
+    Ahat is (B, Hq, Bs, L): 4 GiB of float32 per copy at L = 256K with Hq = 32, so it is made for a few kv-head
+    groups at a time (heads are independent: the chunking changes no value)."""
+    B, Bs, Hq, _ = q_hat.shape
+    L, Hkv = k.shape[1], k.shape[2]
+    g, device = Hq // Hkv, q_hat.device
+    pos = torch.arange(L - Bs, L, device=device).view(Bs, 1)  # p_r
+    key = torch.arange(L, device=device).view(1, L)
+    idx = pos - key  # (Bs, L): key index j = p_r - o of offset o (the column) in row r
+    valid = idx >= 0
+    a_v = torch.empty(B, Hq, L, dtype=q_hat.dtype, device=device)
+    a_s = torch.empty_like(a_v)
+    kv_per_chunk = max(1, _FLEX_CHUNK_ELEMENTS // (B * g * Bs * L))
+    for h0 in range(0, Hkv, kv_per_chunk):
+        h1 = min(Hkv, h0 + kv_per_chunk)
+        heads = slice(h0 * g, h1 * g)  # the query heads that read kv heads h0 .. h1 - 1
+        s = _gqa_scores(q_hat[:, :, heads], k[:, :, h0:h1].to(q_hat.dtype), scale)
+        a_hat = torch.softmax(s.masked_fill_(key > pos, float("-inf")), dim=-1)
+        del s
+        a_v[:, heads] = a_hat.mean(dim=-2)
+        a_s[:, heads] = (torch.gather(a_hat, -1, idx.clamp_min(0).expand_as(a_hat)) * valid).mean(dim=-2)
+    return a_v, a_s
+
+
 def flexprefill_select(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -163,19 +195,10 @@ def flexprefill_select(
         return (counts, indices, pattern) if return_pattern else (counts, indices)
 
     dtype = compute_dtype(q)
-    qf, kf = q.to(dtype), k.to(dtype)
 
-    # 1. Attention of the last Bs queries to every key: Ahat (B, Hq, Bs, L).
-    q_hat = qf[:, L - Bs:]
-    pos = torch.arange(L - Bs, L, device=device).view(Bs, 1)  # p_r
-    key = torch.arange(L, device=device).view(1, L)
-    s = _gqa_scores(q_hat, kf, scale).masked_fill(key > pos, float("-inf"))
-    a_hat = torch.softmax(s, dim=-1)
-    a_v = a_hat.mean(dim=-2)  # (B, Hq, L) vertical mass of key j
-    idx = pos - key  # (Bs, L): key index j = p_r - o of offset o (the column) in row r
-    valid = idx >= 0
-    a_s = (torch.gather(a_hat, -1, idx.clamp_min(0).expand(B, Hq, Bs, L)) * valid).mean(dim=-2)  # (B, Hq, L)
-    del s
+    # 1. Vertical and slash masses from the last query block's attention.
+    q_hat = q[:, L - Bs:].to(dtype)
+    a_v, a_s = _last_block_masses(q_hat, k, scale)
 
     def pool(x):  # (B, Hq, L) -> (B, Hq, N): sum over each block of Bs tokens / offsets
         return F.pad(x, (0, M * Bs - L)).view(B, Hq, M, Bs).sum(-1)
@@ -243,12 +266,13 @@ def xattention_block_scores(q, k, *, stride: int = 8, block_size: int = 128, sof
     M = num_blocks(L, Bs)
     Lp, n, per_block = M * Bs, M * Bs // S, Bs // S
     dtype = compute_dtype(q)
-    qp = F.pad(q.to(dtype), (0, 0, 0, 0, 0, Lp - L))
-    kp = F.pad(k.to(dtype), (0, 0, 0, 0, 0, Lp - L))
+    pad = (0, 0, 0, 0, 0, Lp - L)
     # Strided reshape: row r of q_t concatenates q[rS + S-1], ..., q[rS] (reversed), column c of k_t concatenates
     # k[cS], ..., k[cS + S-1]; their dot product is the sum of one antidiagonal of the S x S tile (r, c).
-    q_t = qp.view(B, n, S, Hq, D).flip(2).permute(0, 1, 3, 2, 4).reshape(B, n, Hq, S * D)
-    k_t = kp.view(B, n, S, Hkv, D).permute(0, 1, 3, 2, 4).reshape(B, n, Hkv, S * D)
+    # q_t stays in q's dtype (the reshape copies it: 2 GiB in bf16 at 256K, Hq = 32) and each chunk converts its
+    # own rows; the conversion is exact, so this changes no value.
+    q_t = F.pad(q, pad).view(B, n, S, Hq, D).flip(2).permute(0, 1, 3, 2, 4).reshape(B, n, Hq, S * D)
+    k_t = F.pad(k.to(dtype), pad).view(B, n, S, Hkv, D).permute(0, 1, 3, 2, 4).reshape(B, n, Hkv, S * D)
     valid_cols = -(-L // S)  # strided columns holding at least one real key
     scores = torch.zeros(B, Hq, M, M, dtype=dtype, device=device)
     # Whole query blocks per chunk, so every chunk sums into whole rows of A.
@@ -257,7 +281,7 @@ def xattention_block_scores(q, k, *, stride: int = 8, block_size: int = 128, sof
         I1 = min(M, I0 + blocks_per_chunk)
         r0, r1 = I0 * per_block, I1 * per_block
         cols = min(r1, valid_cols)  # causal at stride level: column c <= row r; no fully padded columns
-        logits = _gqa_scores(q_t[:, r0:r1], k_t[:, :cols], scale / S)  # (B, Hq, rows, cols)
+        logits = _gqa_scores(q_t[:, r0:r1].to(dtype), k_t[:, :cols], scale / S)  # (B, Hq, rows, cols)
         r = torch.arange(r0, r1, device=device).view(-1, 1)
         c = torch.arange(cols, device=device).view(1, -1)
         p = torch.softmax(logits.masked_fill(c > r, float("-inf")), dim=-1)

@@ -6,7 +6,8 @@ planted vertical stripe and a planted slash are found. XAttention (`xattention_s
 scores equal a loop-by-loop restatement; the sink and diagonal are kept; the threshold rule keeps the fewest blocks
 whose mass reaches tau; a larger tau keeps a superset; planted stripe and slash found. Both: causal, ascending
 lists, counts == list lengths, GQA head mapping h // g, batch rows independent, the lists run in
-block_sparse_attention, bad inputs raise errors that name the argument.
+block_sparse_attention, the memory-bounding chunk loops change nothing, bad inputs raise errors that name the
+argument.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from reference import block_sparse_attention, causal_block_density
+import reference.peers as peers
 from reference.peers import flexprefill_select, xattention_block_scores, xattention_select
 from reference.validation import check_block_lists
 from repro.differential import flash_rule, mask_from_lists
@@ -132,6 +134,27 @@ def test_lists_run_in_block_sparse_attention(name):
     out = block_sparse_attention(q, k, v, counts, indices, BS)
     ok, err, pt_err = flash_rule(out, q, k, v, mask_from_lists(counts, indices), BS)
     assert ok, (err, pt_err)
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+def test_chunked_estimate_equals_one_piece(name, monkeypatch):
+    """The smallest chunks (one kv-head group / one query block at a time, as at 256K on a GPU) give the same
+    lists as one piece. B = 2, Hq = 8 over Hkv = 4, a partial last block."""
+    q, k, _ = rand_qkv(B=2, L=600, Hq=8, Hkv=4)
+    q_hat = q[:, -BS:]
+    whole = SELECTORS[name](q, k)
+    masses = peers._last_block_masses(q_hat, k, 0.25)
+    scores = xattention_block_scores(q, k, stride=8, block_size=BS)
+    monkeypatch.setattr(peers, "_FLEX_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(peers, "_XATTN_CHUNK_ELEMENTS", 1)
+    chunked = SELECTORS[name](q, k)
+    assert torch.equal(mask_of(*whole), mask_of(*chunked))
+    if name == "flexprefill":
+        for a, b in zip(masses, peers._last_block_masses(q_hat, k, 0.25)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    else:
+        torch.testing.assert_close(scores, xattention_block_scores(q, k, stride=8, block_size=BS), rtol=1e-6,
+                                   atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------------ FlexPrefill
