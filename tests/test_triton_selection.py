@@ -25,6 +25,7 @@ import reference
 import triton_impl
 from reference.synthetic import planted_qkv
 from repro.differential import block_set_differences, block_sets_agree, mask_from_lists
+from triton_impl.flash_prefill import query_block_chunks
 
 DTYPES = KERNEL_TEST_DTYPES
 
@@ -122,3 +123,50 @@ def test_flash_prefill_selects_the_reference_block_set(case, dtype):
     assert_same_blocks_except_ties(mask, ref_mask, ref_scores, alpha)
     assert torch.equal(mask.sum(-1, dtype=torch.int32), stats.counts)
     assert torch.isclose(stats.density, reference.causal_block_density(stats.counts))
+
+
+@pytest.mark.parametrize("budget_rows", [1, 3])
+def test_flash_prefill_in_chunks_of_query_blocks_equals_one_piece(budget_rows):
+    """Scoring, selecting and attending a few query blocks at a time (the memory bound of 1M-token prefill) gives
+    the same lists and the same output, bit for bit, as one piece."""
+    B, L, Hq, Hkv, D, bs = 2, 700, 4, 2, 64, 64
+    q, k, v = make_inputs((B, L, Hq, Hkv, D, bs), torch.float16, seed=6)
+    M = -(-L // bs)
+    budget = budget_rows * B * Hq * M * 8
+    assert len(query_block_chunks(B, Hq, M, budget)) == -(-M // budget_rows)
+    one, one_stats = triton_impl.flash_prefill(q, k, v, alpha=0.1, block_size=bs, return_stats=True)
+    out, stats = triton_impl.flash_prefill(q, k, v, alpha=0.1, block_size=bs, return_stats=True,
+                                           max_selection_bytes=budget)
+    assert torch.equal(stats.counts, one_stats.counts)
+    assert torch.equal(mask_from_lists(stats.counts, stats.indices), mask_from_lists(one_stats.counts,
+                                                                                    one_stats.indices))
+    assert torch.equal(out, one)
+
+
+def test_flash_prefill_chunks_cover_every_query_block_within_the_budget():
+    for B, Hq, M, budget in [(1, 32, 8192, 1 << 30), (1, 32, 2048, 1 << 30), (2, 3, 5, 1), (1, 1, 1, 10**12)]:
+        chunks = query_block_chunks(B, Hq, M, budget)
+        assert chunks[0][0] == 0 and chunks[-1][1] == M
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        assert all(B * Hq * (i1 - i0) * M * 8 <= max(budget, B * Hq * M * 8) for i0, i1 in chunks)
+    assert len(query_block_chunks(1, 32, 2048, 1 << 30)) == 1  # 256K: one piece
+    assert len(query_block_chunks(1, 32, 8192, 1 << 30)) == 16  # 1M: 16 x 512 query blocks
+    with pytest.raises(ValueError, match="max_selection_bytes"):
+        triton_impl.flash_prefill(*make_inputs((1, 64, 2, 1, 64, 16), torch.float16, seed=0), block_size=16,
+                                  max_selection_bytes=0)
+
+
+def test_wide_offsets_give_the_same_results(monkeypatch):
+    """The int64-offset variant of every kernel (chosen for tensors past 2^31 elements, e.g. 1M tokens) computes
+    exactly what the int32 variant does."""
+    from triton_impl import attention, pooling, scoring, selection
+
+    q, k, v = make_inputs((1, 300, 4, 2, 64, 32), torch.float16, seed=7)
+    narrow, narrow_stats = triton_impl.flash_prefill(q, k, v, alpha=0.1, block_size=32, return_stats=True)
+    for module in (attention, pooling, scoring, selection):
+        monkeypatch.setattr(module, "needs_wide_offsets", lambda *tensors: True)
+    wide, wide_stats = triton_impl.flash_prefill(q, k, v, alpha=0.1, block_size=32, return_stats=True)
+    assert torch.equal(wide, narrow)
+    assert torch.equal(wide_stats.counts, narrow_stats.counts)
+    assert torch.equal(mask_from_lists(wide_stats.counts, wide_stats.indices),
+                       mask_from_lists(narrow_stats.counts, narrow_stats.indices))

@@ -30,7 +30,8 @@ from reference.validation import (
     resolve_scale,
 )
 
-from .common import LOG2E, check_kernel_device, check_kernel_qkv, dot_precision, new_output, num_warps_for
+from .common import (LOG2E, check_kernel_device, check_kernel_qkv, dot_precision, needs_wide_offsets, new_output,
+                     num_warps_for, widen)
 
 # Which key blocks a program visits (compile-time constants of the kernel).
 PHYSICAL, LOGICAL, DENSE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -84,10 +85,10 @@ def _attention_kernel(
     stride_vb, stride_vl, stride_vh,
     stride_ob, stride_ol, stride_oh,
     stride_lb, stride_lh, stride_lm,  # INDICES (or MASK) rows; COUNTS and VISITS are contiguous (B, Hq, M)
-    L, M, HQ, GROUP, qk_scale,
+    L, M, HQ, GROUP, qk_scale, ROW0,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, HEADS_FASTEST: tl.constexpr,
-    PREFETCH_INDEX: tl.constexpr,
+    PREFETCH_INDEX: tl.constexpr, WIDE: tl.constexpr,
 ):
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_M
     if HEADS_FASTEST:  # consecutive programs = the heads of one query tile: a GQA group shares K/V in L2
@@ -96,17 +97,18 @@ def _attention_kernel(
     else:
         bh = tl.program_id(1)
         tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    tile = tile.to(tl.int64)  # 64-bit offsets: L x Hq x D passes 2^31 elements at 1M tokens
+    # This launch covers query blocks ROW0, ROW0 + 1, ...; their lists are rows 0, 1, ... of INDICES (or MASK).
+    tile = widen(tile + ROW0 * TILES_PER_BLOCK, WIDE)  # 64-bit offsets when L x Hq x D passes 2^31
     I = tile // TILES_PER_BLOCK
-    b = bh.to(tl.int64) // HQ
-    h = bh.to(tl.int64) % HQ
+    b = widen(bh, WIDE) // HQ
+    h = widen(bh, WIDE) % HQ
     q_pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + b * stride_qb + h * stride_qh + q_pos[:, None] * stride_ql + offs_d[None, :],
                 mask=(q_pos < L)[:, None], other=0.0)
     k_base = K + b * stride_kb + (h // GROUP) * stride_kh
     v_base = V + b * stride_vb + (h // GROUP) * stride_vh
-    row = b * stride_lb + h * stride_lh + I * stride_lm
+    row = b * stride_lb + h * stride_lh + (I - ROW0) * stride_lm
     stat = (b * HQ + h) * M + I
 
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -120,15 +122,15 @@ def _attention_kernel(
         has_diagonal = last == I
         n_off_diagonal = count - has_diagonal.to(tl.int32)
         if PREFETCH_INDEX:  # the next block id is loaded one iteration ahead, so K/V addresses are known early
-            J = tl.load(INDICES + row, mask=n_off_diagonal > 0, other=0).to(tl.int64)
+            J = widen(tl.load(INDICES + row, mask=n_off_diagonal > 0, other=0), WIDE)
             for t in range(0, n_off_diagonal):
-                J_next = tl.load(INDICES + row + t + 1, mask=t + 1 < n_off_diagonal, other=0).to(tl.int64)
+                J_next = widen(tl.load(INDICES + row + t + 1, mask=t + 1 < n_off_diagonal, other=0), WIDE)
                 acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, k_base, v_base, J, stride_kl, stride_vl, L,
                                               qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION)
                 J = J_next
         else:
             for t in range(0, n_off_diagonal):
-                J = tl.load(INDICES + row + t).to(tl.int64)
+                J = widen(tl.load(INDICES + row + t), WIDE)
                 acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, k_base, v_base, J, stride_kl, stride_vl, L,
                                               qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION)
         visits = count
@@ -170,17 +172,22 @@ def attention_tile_sizes(block_size: int, config=None) -> tuple[int, int]:
 
 
 def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask=None, return_visits=False,
-            config=None):
+            config=None, rows=None, out=None):
+    """Launch the kernel over query blocks rows=(I0, I1) (default all M), writing into `out` (allocated when
+    None). With rows, indices (or mask) hold the lists of those query blocks only, as rows 0 .. I1 - I0 - 1;
+    counts stays the whole (B, Hq, M)."""
     B, L, Hq, Hkv, D = q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]
     M = num_blocks(L, block_size)
+    I0, I1 = rows or (0, M)
     # float32 tiles are twice as large: 3 stages of 128 x 128 K/V tiles would not fit in shared memory.
     fp32_config = dict(BLOCK_N=64, num_stages=1) if q.dtype == torch.float32 else {}
     config = dict(ATTENTION_CONFIG, **fp32_config, **(config or {}))
     BLOCK_M, BLOCK_N = attention_tile_sizes(block_size, config)
-    tiles = M * (block_size // BLOCK_M)
+    tiles = (I1 - I0) * (block_size // BLOCK_M)
     # The kernels index the head dim with unit stride; anything else gets one copy here.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    out = new_output(B, L, Hq, D, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = new_output(B, L, Hq, D, dtype=q.dtype, device=q.device)
     visits = new_output(B, Hq, M, dtype=torch.int32, device=q.device) if return_visits else out
     # What each row walks: its block list (PHYSICAL), its mask bits (LOGICAL), or nothing (DENSE). Pointers a mode
     # does not read are given `out` as a placeholder.
@@ -196,10 +203,11 @@ def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *row_strides,
-        L, M, Hq, Hq // Hkv, scale * LOG2E,
+        L, M, Hq, Hq // Hkv, scale * LOG2E, I0,
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
         MODE=mode.value, DOT_PRECISION=dot_precision(q.dtype), COUNT_VISITS=return_visits,
         HEADS_FASTEST=config["heads_fastest"], PREFETCH_INDEX=config["prefetch_index"],
+        WIDE=needs_wide_offsets(q, k, v, out, lists, bits),
         num_warps=config["num_warps"] or num_warps_for(BLOCK_M, D), num_stages=config["num_stages"],
     )
     return (out, visits) if return_visits else out

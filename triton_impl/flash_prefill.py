@@ -1,9 +1,9 @@
 """FlashPrefill end to end in Triton (twin of reference/flash_prefill.py).
 
-Four launches, no host synchronisation, no sort, no torch.compile:
+Four launches per chunk of query blocks, no host synchronisation, no sort, no torch.compile:
 pool (stage 1) -> score (stage 2) -> fused threshold + compaction (stages 3-4) -> block-sparse attention (5).
 
-Selection memory, in bytes, for B=1, Hq=32, Hkv=4, D=128, Bs=128 (M = N = L / 128):
+Selection memory, in bytes, for B=1, Hq=32, Hkv=4, D=128, Bs=128 (M = N = L / 128), if done in one piece:
 
     intermediate                          formula              256K (M=2048)    1M (M=8192)
     kbar (float32)                        B N Hkv D 4          4 MiB            16 MiB
@@ -11,8 +11,10 @@ Selection memory, in bytes, for B=1, Hq=32, Hkv=4, D=128, Bs=128 (M = N = L / 12
     indices (int32)                       B Hq M N 4           512 MiB          8 GiB
     counts (int32)                        B Hq M 4             256 KiB          1 MiB
 
-The (B, Hq, M, N) mask is never materialised (select and compact are fused); scores and indices are the two
-M x N intermediates.
+The (B, Hq, M, N) mask is never materialised (select and compact are fused). Rows of query blocks are
+independent, so scores and indices are made for a chunk of C query blocks at a time (B Hq C N x 8 bytes) and
+that chunk's attention runs before the next chunk is scored: C is the largest count that keeps the two buffers
+within `max_selection_bytes` (default 1 GiB: one chunk up to 256K, 16 chunks of 512 query blocks at 1M).
 """
 
 from __future__ import annotations
@@ -21,12 +23,23 @@ import torch
 
 from reference.flash_prefill import FlashPrefillStats, check_flash_prefill_args
 from reference.selection import causal_block_density
+from reference.validation import check_count, num_blocks
 
 from .attention import PHYSICAL, _launch
-from .common import HEAD_DIMS, KERNEL_DTYPES, check_kernel_device
+from .common import HEAD_DIMS, KERNEL_DTYPES, check_kernel_device, new_output
 from .pooling import launch_mean_pool
 from .scoring import launch_block_scores
 from .selection import launch_select_and_compact
+
+MAX_SELECTION_BYTES = 1 << 30  # scores + indices of one chunk of query blocks
+_BYTES_PER_PAIR = 4 + 4  # float32 score + int32 list slot per (query block, key block) pair
+
+
+def query_block_chunks(B: int, Hq: int, M: int, max_selection_bytes: int) -> list[tuple[int, int]]:
+    """[(I0, I1), ...] covering query blocks 0 .. M - 1, each chunk's scores + indices within the budget (at least
+    one query block per chunk)."""
+    rows = max(1, max_selection_bytes // (B * Hq * M * _BYTES_PER_PAIR))
+    return [(i0, min(i0 + rows, M)) for i0 in range(0, M, rows)]
 
 
 def flash_prefill(
@@ -41,18 +54,33 @@ def flash_prefill(
     last_dense_blocks: int = 2,
     softmax_scale: float | None = None,
     return_stats: bool = False,
+    max_selection_bytes: int = MAX_SELECTION_BYTES,
 ):
-    """Block-sparse causal prefill attention with FlashPrefill's selection. Same contract as the reference."""
+    """Block-sparse causal prefill attention with FlashPrefill's selection. Same contract as the reference, plus
+    `max_selection_bytes`, the budget of the per-chunk selection buffers (see the module docstring).
+
+    With return_stats the full (B, Hq, M, N) int32 lists are kept as well (4 B Hq M N bytes, beyond the budget)."""
     scale = check_flash_prefill_args(q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
                                      softmax_scale, dtypes=KERNEL_DTYPES, head_dims=HEAD_DIMS)
     check_kernel_device(q=q, k=k, v=v)
+    check_count("max_selection_bytes", max_selection_bytes, minimum=1)
+    B, L, Hq, D = q.shape
+    M = num_blocks(L, block_size)
     # Inputs are checked once, above; the stages launch their kernels directly (no per-stage re-checks).
     kbar = launch_mean_pool(k, block_size)  # 1. mean proxy
-    scores = launch_block_scores(q, kbar, block_size, scale)  # 2. Eq. 1-2
-    counts, indices = launch_select_and_compact(scores, float(alpha), sink_blocks, window_blocks,
-                                                last_dense_blocks)  # 3-4
-    del scores
-    out = _launch(q, k, v, block_size, scale, PHYSICAL, counts=counts, indices=indices)  # 5. physical skip
+    counts = new_output(B, Hq, M, dtype=torch.int32, device=q.device)
+    out = new_output(B, L, Hq, D, dtype=q.dtype, device=q.device)
+    all_indices = new_output(B, Hq, M, M, dtype=torch.int32, device=q.device) if return_stats else None
+    for rows in query_block_chunks(B, Hq, M, max_selection_bytes):
+        scores = launch_block_scores(q, kbar, block_size, scale, rows=rows)  # 2. Eq. 1-2
+        _, indices = launch_select_and_compact(scores, float(alpha), sink_blocks, window_blocks, last_dense_blocks,
+                                               row0=rows[0], counts=counts)  # 3-4
+        del scores
+        _launch(q, k, v, block_size, scale, PHYSICAL, counts=counts, indices=indices, rows=rows,
+                out=out)  # 5. physical skip
+        if all_indices is not None:
+            all_indices[:, :, rows[0]:rows[1]] = indices
+        del indices  # before the next chunk allocates its own
     if return_stats:
-        return out, FlashPrefillStats(counts, indices, causal_block_density(counts))
+        return out, FlashPrefillStats(counts, all_indices, causal_block_density(counts))
     return out

@@ -273,7 +273,24 @@ def variants(quick: bool = False, dtypes: list[str] | None = None) -> list[Varia
                 if bs == 128:  # dense_attention always uses 128-token blocks
                     add(f"{dt} D={D} dense", "dense_attention", ti.dense_attention, q, k, v)
                 add(label, "flash_prefill", ti.flash_prefill, q, k, v, block_size=bs)
+                if dt == "bf16" and D == 128 and bs == 128:  # the int64-offset kernels of 1M-token inputs
+                    add(f"{label} int64 offsets", "flash_prefill", _with_wide_offsets, ti.flash_prefill, q, k, v)
     return out
+
+
+def _with_wide_offsets(fn, *args, **kwargs):
+    """Call fn with every launcher choosing 64-bit offsets, as it does for tensors past 2^31 elements."""
+    from triton_impl import attention, pooling, scoring, selection
+
+    modules = (attention, pooling, scoring, selection)
+    saved = [m.needs_wide_offsets for m in modules]
+    try:
+        for m in modules:
+            m.needs_wide_offsets = lambda *tensors: True
+        return fn(*args, **kwargs)
+    finally:
+        for m, f in zip(modules, saved):
+            m.needs_wide_offsets = f
 
 
 # --- the report ----------------------------------------------------------------------------------------------------

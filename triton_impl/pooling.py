@@ -13,7 +13,7 @@ import triton.language as tl
 
 from reference.validation import check_block_size, check_tensor, num_blocks
 
-from .common import HEAD_DIMS, KERNEL_DTYPES, check_kernel_device, new_output
+from .common import HEAD_DIMS, KERNEL_DTYPES, check_kernel_device, needs_wide_offsets, new_output, widen
 
 
 @triton.jit
@@ -22,11 +22,12 @@ def _mean_pool_kernel(
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_ob, stride_on, stride_oh,
     L, H,
-    BLOCK_SIZE: tl.constexpr, POOL_ROWS: tl.constexpr, D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, POOL_ROWS: tl.constexpr, D: tl.constexpr, WIDE: tl.constexpr,
 ):
-    J = tl.program_id(0).to(tl.int64)  # 64-bit offsets for long sequences
-    b = tl.program_id(1).to(tl.int64) // H
-    h = tl.program_id(1).to(tl.int64) % H
+    J = widen(tl.program_id(0), WIDE)  # 64-bit offsets only when the keys need them
+    bh = widen(tl.program_id(1), WIDE)
+    b = bh // H
+    h = bh % H
     offs_d = tl.arange(0, D)
     block_start = J * BLOCK_SIZE
     acc = tl.zeros([D], dtype=tl.float32)
@@ -57,6 +58,6 @@ def launch_mean_pool(k: torch.Tensor, block_size: int) -> torch.Tensor:
     kbar = new_output(B, N, H, D, dtype=torch.float32, device=k.device)
     _mean_pool_kernel[(N, B * H)](
         k, kbar, *k.stride(), *kbar.stride()[:3], L, H,
-        BLOCK_SIZE=block_size, POOL_ROWS=min(block_size, 64), D=D,
+        BLOCK_SIZE=block_size, POOL_ROWS=min(block_size, 64), D=D, WIDE=needs_wide_offsets(k),
     )
     return kbar

@@ -24,7 +24,8 @@ import triton.language as tl
 from reference.scoring import SCORE_EPS
 from reference.validation import check_block_size, check_kbar, num_blocks, resolve_scale
 
-from .common import HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_kernel_device, dot_precision, new_output
+from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_kernel_device, dot_precision, needs_wide_offsets,
+                     new_output, widen)
 
 
 @triton.jit
@@ -57,18 +58,19 @@ def _block_scores_kernel(
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh,
     stride_sb, stride_sh, stride_sm,
-    L, N, HQ, GROUP, qk_scale,
+    L, N, HQ, GROUP, qk_scale, ROW0,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    SPLIT_KBAR: tl.constexpr, DOT_PRECISION: tl.constexpr, EPS: tl.constexpr,
+    SPLIT_KBAR: tl.constexpr, DOT_PRECISION: tl.constexpr, EPS: tl.constexpr, WIDE: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)  # heads vary fastest: a GQA group shares kbar in L2; 64-bit offsets
-    I = (tl.num_programs(1) - 1 - tl.program_id(1)).to(tl.int64)  # longest rows first
+    bh = widen(tl.program_id(0), WIDE)  # heads vary fastest: a GQA group shares kbar in L2
+    local = widen(tl.num_programs(1) - 1 - tl.program_id(1), WIDE)  # longest rows first
+    I = ROW0 + local  # this launch scores query blocks ROW0 .. ROW0 + num_programs(1) - 1 into rows 0, 1, ...
     b = bh // HQ
     h = bh % HQ
     offs_n = tl.arange(0, BLOCK_N)
     q_base = Q + b * stride_qb + h * stride_qh
     kbar_base = KBAR + b * stride_kb + (h // GROUP) * stride_kh
-    row = SCORES + b * stride_sb + h * stride_sh + I * stride_sm
+    row = SCORES + b * stride_sb + h * stride_sh + local * stride_sm
     if BLOCK_M == BLOCK_SIZE:  # the whole query block fits one tile: load it once
         q_block = _load_rows(q_base, I * BLOCK_SIZE + tl.arange(0, BLOCK_M), stride_ql, stride_qd, L, D)
 
@@ -129,18 +131,22 @@ def block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int = 128, sca
 
 
 def launch_block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int, scale: float,
-                        _config: dict | None = None) -> torch.Tensor:
-    """`block_scores` without the input checks; kbar must be contiguous float32."""
+                        _config: dict | None = None, *, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """`block_scores` without the input checks; kbar must be contiguous float32.
+
+    rows=(I0, I1) scores only query blocks I0 <= I < I1, into a (B, Hq, I1 - I0, N) buffer (flash_prefill's
+    chunks); None scores all M."""
     B, L, Hq, D = q.shape
     M = N = num_blocks(L, block_size)
-    scores = new_output(B, Hq, M, N, dtype=torch.float32, device=q.device)
+    I0, I1 = rows or (0, M)
+    scores = new_output(B, Hq, I1 - I0, N, dtype=torch.float32, device=q.device)
     config = dict(SCORE_CONFIG, **(_config or {}))
     BLOCK_M, BLOCK_N = score_tile_sizes(block_size, config)
-    _block_scores_kernel[(B * Hq, M)](
+    _block_scores_kernel[(B * Hq, I1 - I0)](
         q, kbar, scores, *q.stride(), *kbar.stride()[:3], *scores.stride()[:3],
-        L, N, Hq, Hq // kbar.shape[2], scale * LOG2E,
+        L, N, Hq, Hq // kbar.shape[2], scale * LOG2E, I0,
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
         SPLIT_KBAR=q.dtype != torch.float32, DOT_PRECISION=dot_precision(q.dtype), EPS=SCORE_EPS,
-        num_warps=config["num_warps"],
+        WIDE=needs_wide_offsets(q, scores), num_warps=config["num_warps"],
     )
     return scores

@@ -18,16 +18,16 @@ import triton.language as tl
 
 from reference.validation import check_alpha, check_count, check_mask, check_scores
 
-from .common import check_kernel_device, new_output
+from .common import check_kernel_device, needs_wide_offsets, new_output, widen
 
 TILE_N = 128  # key blocks per tile of a row
 
 
 @triton.jit
-def _row_ids(HQ):
-    """(query block I, batch b, head h) of this program, 64-bit: Hq x M x N passes 2^31 entries at 1M tokens."""
-    bh = tl.program_id(1).to(tl.int64)
-    return tl.program_id(0).to(tl.int64), bh // HQ, bh % HQ
+def _row_ids(HQ, WIDE: tl.constexpr):
+    """(query block I, batch b, head h) of this program; 64-bit when Hq x M x N passes 2^31 (1M tokens)."""
+    bh = widen(tl.program_id(1), WIDE)
+    return widen(tl.program_id(0), WIDE), bh // HQ, bh % HQ
 
 
 @triton.jit
@@ -61,9 +61,9 @@ def _append_kept(list_row, J, keep, count):
 @triton.jit
 def _select_kernel(
     SCORES, MASK, stride_sb, stride_sh, stride_sm, stride_mb, stride_mh, stride_mm,
-    M, HQ, alpha, sink_blocks, window_blocks, last_dense_blocks, TILE: tl.constexpr,
+    M, HQ, alpha, sink_blocks, window_blocks, last_dense_blocks, TILE: tl.constexpr, WIDE: tl.constexpr,
 ):
-    I, b, h = _row_ids(HQ)
+    I, b, h = _row_ids(HQ, WIDE)
     row = SCORES + b * stride_sb + h * stride_sh + I * stride_sm
     mask_row = MASK + b * stride_mb + h * stride_mh + I * stride_mm
     threshold = alpha * _row_max(row, I, TILE)
@@ -76,9 +76,9 @@ def _select_kernel(
 @triton.jit
 def _compact_kernel(
     MASK, COUNTS, INDICES, stride_mb, stride_mh, stride_mm, stride_ib, stride_ih, stride_im,
-    M, HQ, TILE: tl.constexpr,
+    M, HQ, TILE: tl.constexpr, WIDE: tl.constexpr,
 ):
-    I, b, h = _row_ids(HQ)
+    I, b, h = _row_ids(HQ, WIDE)
     mask_row = MASK + b * stride_mb + h * stride_mh + I * stride_mm
     list_row = INDICES + b * stride_ib + h * stride_ih + I * stride_im
     count = tl.zeros([], dtype=tl.int32)
@@ -92,11 +92,15 @@ def _compact_kernel(
 @triton.jit
 def _select_compact_kernel(
     SCORES, COUNTS, INDICES, stride_sb, stride_sh, stride_sm, stride_ib, stride_ih, stride_im,
-    M, HQ, alpha, sink_blocks, window_blocks, last_dense_blocks, TILE: tl.constexpr,
+    M, HQ, alpha, sink_blocks, window_blocks, last_dense_blocks, ROW0, TILE: tl.constexpr, WIDE: tl.constexpr,
 ):
-    I, b, h = _row_ids(HQ)
-    row = SCORES + b * stride_sb + h * stride_sh + I * stride_sm
-    list_row = INDICES + b * stride_ib + h * stride_ih + I * stride_im
+    # Rows ROW0, ROW0 + 1, ... of the (B, Hq, M, N) problem live in rows 0, 1, ... of SCORES and INDICES
+    # (flash_prefill's chunks of query blocks); COUNTS is the whole (B, Hq, M).
+    local = widen(tl.program_id(0), WIDE)
+    bh = widen(tl.program_id(1), WIDE)
+    I, b, h = ROW0 + local, bh // HQ, bh % HQ
+    row = SCORES + b * stride_sb + h * stride_sh + local * stride_sm
+    list_row = INDICES + b * stride_ib + h * stride_ih + local * stride_im
     threshold = alpha * _row_max(row, I, TILE)
     count = tl.zeros([], dtype=tl.int32)
     for j0 in range(0, I + 1, TILE):  # nothing above the diagonal is ever kept
@@ -124,6 +128,7 @@ def select_blocks(scores: torch.Tensor, alpha: float = 0.12, sink_blocks: int = 
     _select_kernel[(M, B * Hq)](
         scores, mask.view(torch.int8), *scores.stride()[:3], *mask.stride()[:3],
         M, Hq, alpha, sink_blocks, window_blocks, last_dense_blocks, TILE=TILE_N,
+        WIDE=needs_wide_offsets(scores, mask),
     )
     return mask
 
@@ -138,6 +143,7 @@ def compact_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     indices = new_output(B, Hq, M, M, dtype=torch.int32, device=mask.device)
     _compact_kernel[(M, B * Hq)](
         mask.view(torch.int8), counts, indices, *mask.stride()[:3], *indices.stride()[:3], M, Hq, TILE=TILE_N,
+        WIDE=needs_wide_offsets(mask, indices),
     )
     return counts, indices
 
@@ -149,13 +155,19 @@ def select_and_compact(scores: torch.Tensor, alpha: float = 0.12, sink_blocks: i
     return launch_select_and_compact(scores, alpha, sink_blocks, window_blocks, last_dense_blocks)
 
 
-def launch_select_and_compact(scores, alpha, sink_blocks, window_blocks, last_dense_blocks):
-    """`select_and_compact` without the input checks; scores must be contiguous float32."""
-    B, Hq, M, _ = scores.shape
-    counts = new_output(B, Hq, M, dtype=torch.int32, device=scores.device)
-    indices = new_output(B, Hq, M, M, dtype=torch.int32, device=scores.device)
-    _select_compact_kernel[(M, B * Hq)](
+def launch_select_and_compact(scores, alpha, sink_blocks, window_blocks, last_dense_blocks, *, row0: int = 0,
+                              counts: torch.Tensor | None = None):
+    """`select_and_compact` without the input checks; scores must be contiguous float32.
+
+    scores may hold only query blocks row0 .. row0 + scores.shape[2] - 1 (flash_prefill's chunks): their lists
+    come back in a buffer of the same shape, their counts go into `counts` (B, Hq, M), allocated when None."""
+    B, Hq, rows, M = scores.shape  # M = N: the full number of blocks
+    if counts is None:
+        counts = new_output(B, Hq, M, dtype=torch.int32, device=scores.device)
+    indices = new_output(B, Hq, rows, M, dtype=torch.int32, device=scores.device)
+    _select_compact_kernel[(rows, B * Hq)](
         scores, counts, indices, *scores.stride()[:3], *indices.stride()[:3],
-        M, Hq, alpha, sink_blocks, window_blocks, last_dense_blocks, TILE=TILE_N,
+        M, Hq, alpha, sink_blocks, window_blocks, last_dense_blocks, row0, TILE=TILE_N,
+        WIDE=needs_wide_offsets(scores, indices),
     )
     return counts, indices
