@@ -13,7 +13,10 @@ Two modes, one long-format CSV row per measurement (`what`, L, density, ms, ... 
               last rows) and random other causal blocks; `density` is the realised density of the mask.
 * pipeline    `flash_prefill` end to end (selection included) on synthetic planted-pattern inputs
               (reference.synthetic.planted_qkv) at the density its own selection produces, and every selection
-              stage (pool, score, select + compact) timed alone.
+              stage (pool, score, select + compact) timed alone. Also: the selection's peak memory
+              (`selection_peak_mib`: peak allocation beyond q, k, v and the output), the host time to enqueue
+              one call (`flash_prefill_host`, CPU only) and, up to --max-graph-length, the same call replayed
+              from a CUDA graph (`flash_prefill_cuda_graph`: no Python or launch overhead).
 
 Times are medians of triton.testing.do_bench (CUDA events, after warm-up).
 """
@@ -43,6 +46,35 @@ def bench_ms(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
+def host_enqueue_ms(fn, calls: int = 50) -> float:
+    """CPU milliseconds to enqueue one call (Python, argument checks, kernel launches), GPU time excluded: the
+    floor of a short sequence's latency when the GPU work is smaller than this."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    enqueued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e3 * enqueued / calls
+
+
+def graphed(fn):
+    """fn captured once in a CUDA graph (static inputs): replaying it launches every kernel without Python, the
+    way a serving engine that graphs its prefill would run it. Returns the replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the capture (compiles the kernels)
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def controlled_mask(B: int, Hq: int, M: int, target: float, seed: int, device="cuda") -> torch.Tensor:
     """(B, Hq, M, M) bool: forced blocks plus random causal blocks, aiming at `target` causal density."""
     forced = safety_net_mask(M, device=device)
@@ -70,7 +102,7 @@ def dense_baselines(q, k, v) -> dict[str, float]:
     return times
 
 
-def run(lengths, densities, head_dim, q_heads, kv_heads, modes, alpha, seed, max_dense_length):
+def run(lengths, densities, head_dim, q_heads, kv_heads, modes, alpha, seed, max_dense_length, max_graph_length):
     import triton_impl
     from reference.synthetic import planted_qkv
     from triton_impl.attention import PHYSICAL, _launch
@@ -115,16 +147,25 @@ def run(lengths, densities, head_dim, q_heads, kv_heads, modes, alpha, seed, max
             }
             for name, fn in stages.items():
                 add(name, bench_ms(fn), density=density, alpha=alpha, scope="selection", input="synthetic")
-            del scores
+            del scores, stats
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-            triton_impl.flash_prefill(q, k, v, alpha=alpha)
+            out = triton_impl.flash_prefill(q, k, v, alpha=alpha)
             torch.cuda.synchronize()
             peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20  # beyond q, k, v: selection + output
+            selection_mb = peak_mb - out.numel() * out.element_size() / 2**20
+            del out
             ms = bench_ms(lambda: triton_impl.flash_prefill(q, k, v, alpha=alpha))
             add("flash_prefill", ms, density=density, alpha=alpha, scope="operator + selection", input="synthetic",
-                extra_peak_mib=round(peak_mb, 1))
+                extra_peak_mib=round(peak_mb, 1), selection_peak_mib=round(selection_mb, 1))
+            add("flash_prefill_host", host_enqueue_ms(lambda: triton_impl.flash_prefill(q, k, v, alpha=alpha)),
+                density=density, alpha=alpha, scope="host enqueue (CPU time per call)", input="synthetic")
+            if L <= max_graph_length:
+                add("flash_prefill_cuda_graph", bench_ms(graphed(lambda: triton_impl.flash_prefill(q, k, v,
+                                                                                                   alpha=alpha))),
+                    density=density, alpha=alpha, scope="operator + selection, CUDA graph replay",
+                    input="synthetic")
         del q, k, v
         torch.cuda.empty_cache()
     return rows
@@ -166,6 +207,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-dense-length", type=int, default=262144,
                         help="skip the dense baselines above this length (FA2 takes ~30 s a call at 1M)")
+    parser.add_argument("--max-graph-length", type=int, default=32768,
+                        help="also time flash_prefill replayed from a CUDA graph up to this length")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--tag", default=None,
                         help="file name stem of the CSV / markdown (default: speed_<gpu>, e.g. speed_h200)")
@@ -175,7 +218,7 @@ def main(argv=None):
     stamp = environment_stamp("cuda")
     args.tag = args.tag or default_tag(stamp["device_name"])
     rows = run(args.lengths, args.densities, args.head_dim, args.q_heads, args.kv_heads, args.modes, args.alpha,
-               args.seed, args.max_dense_length)
+               args.seed, args.max_dense_length, args.max_graph_length)
     csv_path = write_long_csv(args.out_dir / f"{args.tag}.csv", rows, stamp)
     table = summary_table(rows)
     (args.out_dir / f"{args.tag}.md").write_text(

@@ -128,6 +128,17 @@ def plot_stages(t, path: Path, device: str):
     plt.close(fig)
 
 
+def cell(t, what, L, field, fmt="{:.3f}") -> str:
+    """One measured value, or "-" where the run did not take it (older CSVs, lengths past a limit)."""
+    value = t[(what, None)].get(L, {}).get(field, "")
+    return fmt.format(float(value)) if value != "" else "-"
+
+
+def ratio(t, what, over, L, fmt) -> str:
+    a, b = t[(what, None)].get(L), t[(over, None)].get(L)
+    return fmt.format(a["ms"] / b["ms"]) if a and b else "-"
+
+
 def summary(t, rows, stamp) -> str:
     speed = markdown_table(
         ["L", "FA2 ms", "cuDNN ms", "our dense ms", "realised rho", "attention ms", "selection ms",
@@ -143,6 +154,8 @@ def summary(t, rows, stamp) -> str:
         if what != "physical":
             continue
         for L, r in sorted(by_L.items()):
+            if L not in t[("sdpa_cudnn", None)]:  # past --max-dense-length: no dense reference
+                continue
             ideal = r["density"] * t[("sdpa_cudnn", None)][L]["ms"]
             logical = t[("logical", target)][L]["ms"]
             eff_rows.append([f"{target:.1%}", k_label(L), f"{r['density']:.1%}", f"{r['ms']:.2f}", f"{ideal:.2f}",
@@ -150,11 +163,13 @@ def summary(t, rows, stamp) -> str:
     efficiency = markdown_table(["target", "L", "rho", "physical ms", "rho x T(cuDNN) ms", "ratio (goal <= 1.15)",
                                  "logical ms", "logical / physical"], eff_rows)
     stages = markdown_table(
-        ["L", "density", "pool", "score", "select+compact", "selection total", "% of cuDNN dense", "flash_prefill"],
+        ["L", "density", "pool", "score", "select+compact", "selection total", "% of cuDNN dense (goal 1%)",
+         "flash_prefill", "/ cuDNN (goal at 4K 0.9)", "graph replay", "host enqueue", "selection peak MiB"],
         [[k_label(L), f"{t[('flash_prefill', None)][L]['density']:.1%}"]
          + [f"{t[(s, None)][L]['ms']:.3f}" for s in ("pool", "score", "select_compact", "selection_total")]
-         + [f"{t[('selection_total', None)][L]['ms'] / t[('sdpa_cudnn', None)][L]['ms']:.2%}",
-            f"{t[('flash_prefill', None)][L]['ms']:.2f}"]
+         + [ratio(t, "selection_total", "sdpa_cudnn", L, "{:.2%}"), f"{t[('flash_prefill', None)][L]['ms']:.3f}",
+            ratio(t, "flash_prefill", "sdpa_cudnn", L, "{:.2f}"), cell(t, "flash_prefill_cuda_graph", L, "ms"),
+            cell(t, "flash_prefill_host", L, "ms"), cell(t, "flash_prefill", L, "selection_peak_mib")]
          for L in sorted(t[("flash_prefill", None)])])
     return f"""# FlashPrefill operator speed on {stamp['device_name']}
 
@@ -177,6 +192,12 @@ activations at its own selection's density (paper: {PAPER_DENSITY_256K['FlashPre
 {efficiency}
 
 ## Whole pipeline and selection stages (ms), planted synthetic inputs, alpha 0.12, its own density
+
+Stages are timed alone (each launched through its public function); "flash_prefill" is the whole call as a user
+makes it. "graph replay": the same call captured once in a CUDA graph and replayed (no Python, no launch
+overhead; only measured up to 32K). "host enqueue": CPU time to enqueue one call (Python, checks, launches), which
+bounds short sequences from below. "selection peak MiB": peak GPU allocation of the call beyond q, k, v and the
+output (selection buffers; flash_prefill scores and lists at most 1 GiB of query blocks at a time).
 
 {stages}
 """
