@@ -6,7 +6,7 @@ pool (stage 1) -> score (stage 2) -> fused threshold + compaction (stages 3-4) -
 Selection memory, in bytes, for B=1, Hq=32, Hkv=4, D=128, Bs=128 (M = N = L / 128), if done in one piece:
 
     intermediate                          formula              256K (M=2048)    1M (M=8192)
-    kbar (float32)                        B N Hkv D 4          4 MiB            16 MiB
+    kbar (hi + lo in q's dtype)           B N Hkv D 4          4 MiB            16 MiB
     scores (float32)                      B Hq M N 4           512 MiB          8 GiB
     indices (int32)                       B Hq M N 4           512 MiB          8 GiB
     counts (int32)                        B Hq M 4             256 KiB          1 MiB
@@ -26,7 +26,7 @@ from reference.selection import causal_block_density
 from reference.validation import check_count, num_blocks
 
 from .attention import PHYSICAL, _launch
-from .common import HEAD_DIMS, KERNEL_DTYPES, check_kernel_device, new_output
+from .common import HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_kernel_device, new_output
 from .pooling import launch_mean_pool
 from .scoring import launch_block_scores
 from .selection import launch_select_and_compact
@@ -67,12 +67,13 @@ def flash_prefill(
     B, L, Hq, D = q.shape
     M = num_blocks(L, block_size)
     # Inputs are checked once, above; the stages launch their kernels directly (no per-stage re-checks).
-    kbar = launch_mean_pool(k, block_size)  # 1. mean proxy
+    # 1. mean proxy, scaled by scale x log2(e) and split into the score kernel's (hi, lo) pair
+    kbar_parts = launch_mean_pool(k, block_size, out_scale=scale * LOG2E, split_dtype=q.dtype)
     counts = new_output(B, Hq, M, dtype=torch.int32, device=q.device)
     out = new_output(B, L, Hq, D, dtype=q.dtype, device=q.device)
     all_indices = new_output(B, Hq, M, M, dtype=torch.int32, device=q.device) if return_stats else None
     for rows in query_block_chunks(B, Hq, M, max_selection_bytes):
-        scores = launch_block_scores(q, kbar, block_size, scale, rows=rows)  # 2. Eq. 1-2
+        scores = launch_block_scores(q, kbar_parts, block_size, rows=rows)  # 2. Eq. 1-2
         _, indices = launch_select_and_compact(scores, float(alpha), sink_blocks, window_blocks, last_dense_blocks,
                                                row0=rows[0], counts=counts)  # 3-4
         del scores

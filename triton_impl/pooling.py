@@ -18,11 +18,11 @@ from .common import HEAD_DIMS, KERNEL_DTYPES, check_kernel_device, needs_wide_of
 
 @triton.jit
 def _mean_pool_kernel(
-    K, KBAR,
+    K, KBAR, KBAR_LO,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_ob, stride_on, stride_oh,
-    L, H,
-    BLOCK_SIZE: tl.constexpr, POOL_ROWS: tl.constexpr, D: tl.constexpr, WIDE: tl.constexpr,
+    L, H, out_scale,
+    BLOCK_SIZE: tl.constexpr, POOL_ROWS: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, WIDE: tl.constexpr,
 ):
     J = widen(tl.program_id(0), WIDE)  # 64-bit offsets only when the keys need them
     bh = widen(tl.program_id(1), WIDE)
@@ -37,7 +37,14 @@ def _mean_pool_kernel(
         tile = tl.load(ptrs, mask=(rows < L)[:, None], other=0.0)
         acc += tl.sum(tile.to(tl.float32), axis=0)
     valid = tl.minimum(L - block_start, BLOCK_SIZE)
-    tl.store(KBAR + b * stride_ob + J * stride_on + h * stride_oh + offs_d, acc / valid)
+    mean = acc / valid * out_scale
+    out = b * stride_ob + J * stride_on + h * stride_oh + offs_d
+    if SPLIT:  # hi + lo in the half dtype, for the score kernel's two tensor-core dots
+        hi = mean.to(KBAR.dtype.element_ty)
+        tl.store(KBAR + out, hi)
+        tl.store(KBAR_LO + out, (mean - hi.to(tl.float32)).to(KBAR_LO.dtype.element_ty))
+    else:
+        tl.store(KBAR + out, mean)
 
 
 def mean_pool_keys(k: torch.Tensor, block_size: int = 128) -> torch.Tensor:
@@ -51,13 +58,20 @@ def mean_pool_keys(k: torch.Tensor, block_size: int = 128) -> torch.Tensor:
     return launch_mean_pool(k, block_size)
 
 
-def launch_mean_pool(k: torch.Tensor, block_size: int) -> torch.Tensor:
-    """`mean_pool_keys` without the input checks (flash_prefill has made them already)."""
+def launch_mean_pool(k: torch.Tensor, block_size: int, *, out_scale: float = 1.0, split_dtype=None):
+    """`mean_pool_keys` without the input checks (flash_prefill has made them already).
+
+    flash_prefill asks for the score kernel's input directly: kbar x out_scale, as the pair (hi, lo) in
+    split_dtype (fp16/bf16), or (x, x) in float32 when split_dtype is float32 (see scoring.split_kbar)."""
     B, L, H, D = k.shape
     N = num_blocks(L, block_size)
-    kbar = new_output(B, N, H, D, dtype=torch.float32, device=k.device)
+    split = split_dtype is not None and split_dtype != torch.float32
+    kbar = new_output(B, N, H, D, dtype=split_dtype if split else torch.float32, device=k.device)
+    kbar_lo = new_output(B, N, H, D, dtype=split_dtype, device=k.device) if split else kbar
     _mean_pool_kernel[(N, B * H)](
-        k, kbar, *k.stride(), *kbar.stride()[:3], L, H,
-        BLOCK_SIZE=block_size, POOL_ROWS=min(block_size, 64), D=D, WIDE=needs_wide_offsets(k),
+        k, kbar, kbar_lo, *k.stride(), *kbar.stride()[:3], L, H, out_scale,
+        BLOCK_SIZE=block_size, POOL_ROWS=min(block_size, 64), D=D, SPLIT=split, WIDE=needs_wide_offsets(k),
     )
-    return kbar
+    if split_dtype is None:
+        return kbar
+    return kbar, kbar_lo

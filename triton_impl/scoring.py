@@ -10,9 +10,15 @@ Two passes over the row, holding nothing but the float32 output row itself:
           and the running denominator Z_I = sum_J S_IJ 2^(m_IJ - M_I) (online, as in FlashAttention);
   pass 2, for every J: Score_IJ = 2^(u_IJ - M_I) / (Z_I + 1e-9), written over u; 0 where nobody contributes.
 
-Precision: q is exact in its own dtype, kbar is float32. For fp16/bf16 q the dot runs on the tensor cores as
-q . hi(kbar) + q . lo(kbar), hi = kbar rounded to q's dtype and lo its rounding error: accurate to about 2^-16
-relative, so block sets match the float32 reference except at genuine threshold ties.
+Precision: q is exact in its own dtype; kbar is float32 and arrives pre-scaled by scale x log2(e) (the pooling
+kernel or `split_kbar` folds the scale in once, so no tile multiplies by it). For fp16/bf16 q the dot runs on the
+tensor cores as q . hi + q . lo, hi = the scaled kbar rounded to q's dtype and lo its rounding error, both made
+once per key block rather than in every tile: accurate to about 2^-16 relative, so block sets match the float32
+reference except at genuine threshold ties.
+
+Masks: a tile of key blocks entirely below the diagonal of a full query block needs none (every query sees every
+key of those blocks), so each row runs its tiles unmasked and only its last tile (the one holding J = I, and the
+padding of a partial last query block) with the mask.
 """
 
 from __future__ import annotations
@@ -29,20 +35,20 @@ from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_kernel_device, dot_p
 
 
 @triton.jit
-def _scores_t(q, kbar_ptrs, key_blocks, row_pos, L, qk_scale,
-              BLOCK_SIZE: tl.constexpr, SPLIT_KBAR: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _scores_t(q, hi_ptrs, lo_ptrs, key_blocks, row_pos, L,
+              BLOCK_SIZE: tl.constexpr, SPLIT_KBAR: tl.constexpr, MASKED: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
     """(BLOCK_N, BLOCK_M) base-2 logits, transposed (pooled keys x queries) so that the reductions over the
-    queries run along axis 1, inside a warp. -inf where the query does not contribute (it does iff it sees the
-    whole key block: i >= (J + 1) Bs - 1, and i < L)."""
-    kbar = tl.load(kbar_ptrs)  # (BLOCK_N, D) float32
+    queries run along axis 1, inside a warp. MASKED: -inf where the query does not contribute (it does iff it
+    sees the whole key block: i >= (J + 1) Bs - 1, and i < L)."""
     if SPLIT_KBAR:
-        hi = kbar.to(q.dtype)
-        lo = (kbar - hi.to(tl.float32)).to(q.dtype)
-        s = tl.dot(hi, tl.trans(q)) + tl.dot(lo, tl.trans(q))
+        s = tl.dot(tl.load(hi_ptrs), tl.trans(q)) + tl.dot(tl.load(lo_ptrs), tl.trans(q))
     else:
-        s = tl.dot(kbar, tl.trans(q.to(tl.float32)), input_precision=DOT_PRECISION)
-    contributes = (row_pos[None, :] >= (key_blocks[:, None] + 1) * BLOCK_SIZE - 1) & (row_pos[None, :] < L)
-    return tl.where(contributes, s * qk_scale, float("-inf"))
+        s = tl.dot(tl.load(hi_ptrs), tl.trans(q), input_precision=DOT_PRECISION)
+    if MASKED:
+        contributes = (row_pos[None, :] >= (key_blocks[:, None] + 1) * BLOCK_SIZE - 1) & (row_pos[None, :] < L)
+        s = tl.where(contributes, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -53,12 +59,53 @@ def _load_rows(q_base, row_pos, stride_ql, stride_qd, L, D: tl.constexpr):
 
 
 @triton.jit
+def _fold_tile(m, S, q_base, hi_ptrs, lo_ptrs, key_blocks, I, stride_ql, stride_qd, L, q_block,
+               BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, SPLIT_KBAR: tl.constexpr,
+               MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """m_IJ, S_IJ of a tile of key blocks, over the query rows of block I (BLOCK_M at a time)."""
+    for r0 in tl.static_range(0, BLOCK_SIZE, BLOCK_M):
+        row_pos = I * BLOCK_SIZE + r0 + tl.arange(0, BLOCK_M)
+        if BLOCK_M == BLOCK_SIZE:
+            q = q_block
+        else:
+            q = _load_rows(q_base, row_pos, stride_ql, stride_qd, L, D)
+        s = _scores_t(q, hi_ptrs, lo_ptrs, key_blocks, row_pos, L, BLOCK_SIZE, SPLIT_KBAR, MASKED, DOT_PRECISION)
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        if MASKED:  # a key block may have no contributing query yet
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_safe = m_new
+        S = S * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+        m = m_new
+    return m, S
+
+
+@triton.jit
+def _score_tile(row_max, denom, j0, row, q_base, KBAR_HI, KBAR_LO, kbar_offset, stride_kn, I, stride_ql, stride_qd,
+                L, N, q_block, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                D: tl.constexpr, SPLIT_KBAR: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Key blocks j0 .. j0 + BLOCK_N - 1 of row I: store their u_IJ, fold them into (M_I, Z_I)."""
+    key_blocks = j0 + tl.arange(0, BLOCK_N)
+    kbar_rows = kbar_offset + tl.minimum(key_blocks, N - 1)[:, None] * stride_kn + tl.arange(0, D)[None, :]
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    S = tl.zeros([BLOCK_N], dtype=tl.float32)
+    m, S = _fold_tile(m, S, q_base, KBAR_HI + kbar_rows, KBAR_LO + kbar_rows, key_blocks, I, stride_ql, stride_qd,
+                      L, q_block, BLOCK_SIZE, BLOCK_M, D, SPLIT_KBAR, MASKED, DOT_PRECISION)
+    u = tl.where(S > 0, m + tl.log2(tl.where(S > 0, S, 1.0)), float("-inf"))
+    tl.store(row + key_blocks, u, mask=key_blocks < N)
+    new_max = tl.maximum(row_max, tl.max(m, axis=0))
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    denom = denom * tl.exp2(row_max - safe_max) + tl.sum(tl.exp2(u - safe_max), axis=0)
+    return new_max, denom
+
+
+@triton.jit
 def _block_scores_kernel(
-    Q, KBAR, SCORES,
+    Q, KBAR_HI, KBAR_LO, SCORES,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh,
     stride_sb, stride_sh, stride_sm,
-    L, N, HQ, GROUP, qk_scale, ROW0,
+    L, N, HQ, GROUP, ROW0,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     SPLIT_KBAR: tl.constexpr, DOT_PRECISION: tl.constexpr, EPS: tl.constexpr, WIDE: tl.constexpr,
 ):
@@ -67,49 +114,39 @@ def _block_scores_kernel(
     I = ROW0 + local  # this launch scores query blocks ROW0 .. ROW0 + num_programs(1) - 1 into rows 0, 1, ...
     b = bh // HQ
     h = bh % HQ
-    offs_n = tl.arange(0, BLOCK_N)
     q_base = Q + b * stride_qb + h * stride_qh
-    kbar_base = KBAR + b * stride_kb + (h // GROUP) * stride_kh
+    kbar_offset = b * stride_kb + (h // GROUP) * stride_kh
     row = SCORES + b * stride_sb + h * stride_sh + local * stride_sm
     if BLOCK_M == BLOCK_SIZE:  # the whole query block fits one tile: load it once
         q_block = _load_rows(q_base, I * BLOCK_SIZE + tl.arange(0, BLOCK_M), stride_ql, stride_qd, L, D)
+    else:
+        q_block = tl.zeros([BLOCK_M, D], dtype=Q.dtype.element_ty)  # unused
+    # Tiles that end below the diagonal of a full query block need no mask; the rest (one tile) does.
+    block_is_full = (I + 1) * BLOCK_SIZE <= L
+    unmasked_end = tl.where(block_is_full, (I // BLOCK_N) * BLOCK_N, 0)
 
     # Pass 1: u_IJ = m_IJ + log2 S_IJ for J <= I, the running row max M_I and the running denominator Z_I.
     row_max = tl.full([], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([], dtype=tl.float32)
-    for j0 in range(0, I + 1, BLOCK_N):
-        key_blocks = j0 + offs_n
-        kbar_ptrs = kbar_base + tl.minimum(key_blocks, N - 1)[:, None] * stride_kn + tl.arange(0, D)[None, :]
-        m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-        S = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for r0 in range(0, BLOCK_SIZE, BLOCK_M):  # the query rows of block I, BLOCK_M at a time
-            row_pos = I * BLOCK_SIZE + r0 + tl.arange(0, BLOCK_M)
-            if BLOCK_M == BLOCK_SIZE:
-                q = q_block
-            else:
-                q = _load_rows(q_base, row_pos, stride_ql, stride_qd, L, D)
-            s = _scores_t(q, kbar_ptrs, key_blocks, row_pos, L, qk_scale, BLOCK_SIZE, SPLIT_KBAR, DOT_PRECISION)
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            S = S * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-            m = m_new
-        u = tl.where(S > 0, m + tl.log2(tl.where(S > 0, S, 1.0)), float("-inf"))
-        tl.store(row + key_blocks, u, mask=key_blocks < N)
-        new_max = tl.maximum(row_max, tl.max(m, axis=0))
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        denom = denom * tl.exp2(row_max - safe_max) + tl.sum(tl.exp2(u - safe_max), axis=0)
-        row_max = new_max
+    for j0 in range(0, unmasked_end, BLOCK_N):
+        row_max, denom = _score_tile(row_max, denom, j0, row, q_base, KBAR_HI, KBAR_LO, kbar_offset, stride_kn, I,
+                                     stride_ql, stride_qd, L, N, q_block, BLOCK_SIZE, BLOCK_M, BLOCK_N, D,
+                                     SPLIT_KBAR, False, DOT_PRECISION)
+    for j0 in range(unmasked_end, I + 1, BLOCK_N):
+        row_max, denom = _score_tile(row_max, denom, j0, row, q_base, KBAR_HI, KBAR_LO, kbar_offset, stride_kn, I,
+                                     stride_ql, stride_qd, L, N, q_block, BLOCK_SIZE, BLOCK_M, BLOCK_N, D,
+                                     SPLIT_KBAR, True, DOT_PRECISION)
 
     # Pass 2: normalise. J > I was never computed and scores exactly 0, as do non-contributing pairs.
     safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
     for j0 in range(0, N, BLOCK_N):
-        key_blocks = j0 + offs_n
+        key_blocks = j0 + tl.arange(0, BLOCK_N)
         u = tl.load(row + key_blocks, mask=key_blocks <= I, other=float("-inf"))
         tl.store(row + key_blocks, tl.exp2(u - safe_max) / (denom + EPS), mask=key_blocks < N)
 
 
 # Launch configuration: BLOCK_M query rows x BLOCK_N pooled keys per tile, warps. Tuned on an H200 (repro/NOTES.md).
-SCORE_CONFIG = dict(BLOCK_N=64, num_warps=4)
+SCORE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2)
 
 
 def score_tile_sizes(block_size: int, config=None) -> tuple[int, int]:
@@ -126,16 +163,27 @@ def block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int = 128, sca
     B, L, Hq, D = q.shape
     if D not in HEAD_DIMS:
         raise ValueError(f"head dim {D} is not supported; expected one of {HEAD_DIMS}")
-    return launch_block_scores(q, kbar.float().contiguous(), block_size, resolve_scale(scale, D, name="scale"),
-                               _config)
+    kbar_parts = split_kbar(kbar.float(), resolve_scale(scale, D, name="scale"), q.dtype)
+    return launch_block_scores(q, kbar_parts, block_size, _config)
 
 
-def launch_block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int, scale: float,
+def split_kbar(kbar: torch.Tensor, scale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo), contiguous: kbar x scale x log2(e) as hi + lo in `dtype` (fp16/bf16), or (x, x) in float32 for
+    float32 q. The score kernel's input; the pooling kernel makes the same pair directly (`launch_mean_pool`)."""
+    x = (kbar.float() * (scale * LOG2E)).contiguous()
+    if dtype == torch.float32:
+        return x, x
+    hi = x.to(dtype)
+    return hi, (x - hi.float()).to(dtype)
+
+
+def launch_block_scores(q: torch.Tensor, kbar_parts: tuple[torch.Tensor, torch.Tensor], block_size: int,
                         _config: dict | None = None, *, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """`block_scores` without the input checks; kbar must be contiguous float32.
+    """`block_scores` without the input checks, on the scaled (hi, lo) pair of `split_kbar` / `launch_mean_pool`.
 
     rows=(I0, I1) scores only query blocks I0 <= I < I1, into a (B, Hq, I1 - I0, N) buffer (flash_prefill's
     chunks); None scores all M."""
+    hi, lo = kbar_parts
     B, L, Hq, D = q.shape
     M = N = num_blocks(L, block_size)
     I0, I1 = rows or (0, M)
@@ -143,10 +191,11 @@ def launch_block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int, sc
     config = dict(SCORE_CONFIG, **(_config or {}))
     BLOCK_M, BLOCK_N = score_tile_sizes(block_size, config)
     _block_scores_kernel[(B * Hq, I1 - I0)](
-        q, kbar, scores, *q.stride(), *kbar.stride()[:3], *scores.stride()[:3],
-        L, N, Hq, Hq // kbar.shape[2], scale * LOG2E, I0,
+        q, hi, lo, scores, *q.stride(), *hi.stride()[:3], *scores.stride()[:3],
+        L, N, Hq, Hq // hi.shape[2], I0,
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
         SPLIT_KBAR=q.dtype != torch.float32, DOT_PRECISION=dot_precision(q.dtype), EPS=SCORE_EPS,
         WIDE=needs_wide_offsets(q, scores), num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     return scores
