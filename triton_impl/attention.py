@@ -163,12 +163,14 @@ def _attention_kernel(
 
 
 # Launch configuration, tuned on an H200 (repro/NOTES.md): keys per tile, warps, pipeline stages, program order.
-ATTENTION_CONFIG = dict(BLOCK_N=128, num_warps=None, num_stages=3, heads_fastest=True, prefetch_index=True)
+ATTENTION_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, num_warps=None, num_stages=3, heads_fastest=True,
+                        prefetch_index=True)
 
 
 def attention_tile_sizes(block_size: int, config=None) -> tuple[int, int]:
     """(BLOCK_M query rows, BLOCK_N keys) per tile; both divide the block size."""
-    return min(block_size, 128), min(block_size, (config or ATTENTION_CONFIG)["BLOCK_N"])
+    config = config or ATTENTION_CONFIG
+    return min(block_size, config["BLOCK_M"]), min(block_size, config["BLOCK_N"])
 
 
 def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask=None, return_visits=False,
