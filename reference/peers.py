@@ -14,11 +14,11 @@ them unchanged and `reference.causal_block_density(counts)` measures them like F
 
 Conventions shared with the rest of the repo: q (B, L, Hq, D), k (B, L, Hkv, D); query head h reads kv head
 h // (Hq / Hkv) (selection is per query head); blocks of Bs tokens, M = N = ceil(L / Bs); causal (a key block above
-the diagonal is never kept). Everything is vectorised over batch and heads, except two loops that bound memory at long L
-(see `_FLEX_CHUNK_ELEMENTS`, `_XATTN_CHUNK_ELEMENTS`; the results do not depend on the chunk sizes): FlexPrefill's
+the diagonal is never kept). Everything is vectorised over batch and heads, except two loops that bound memory at
+long L (`_FLEX_CHUNK_ELEMENTS`, `_XATTN_CHUNK_ELEMENTS`; the chunk sizes change no result): FlexPrefill's
 last-block estimate runs a few kv-head groups at a time, XAttention's estimate a few query blocks at a time.
-Estimates are computed in float32 (float64 for float64 inputs). Both are written from the papers' descriptions for understanding; no code
-was copied from the official repositories.
+Estimates are computed in float32 (float64 for float64 inputs). Both are written from the papers' descriptions for
+understanding; no code was copied from the official repositories.
 """
 
 from __future__ import annotations

@@ -2,30 +2,45 @@
 attention-output error (the paper's sparsity comparison: 3.5% / 8.4% / 18.5% at 256K).
 
     python -m repro.sparsity [--lengths 4096 ...] [--real-lengths 1024 ...] [--device cpu|cuda] [--no-match]
+                             [--synthetic-only] [--tag NAME] [--out-dir DIR]
 
 Selectors (all in this repo, same list format, same sparse attention):
-  FlashPrefill  reference stages 1-4 (mean_pool_keys, block_scores, select_blocks, compact_blocks), V1 safety net
-                (sink 2, window 4, last-dense 2 blocks), alpha 0.12 (the V1 default, Qwen3-30B-A3B, the model of the
-                paper's 256K density figure) and alpha 0.1 (the V2 paper's setting);
+  FlashPrefill  stages 1-4 (mean_pool_keys, block_scores, select_blocks + compact_blocks), V1 safety net (sink 2,
+                window 4, last-dense 2 blocks), alpha 0.12 (the V1 default, Qwen3-30B-A3B, the model of the paper's
+                256K density figure) and alpha 0.1 (the V2 paper's setting). Two implementations:
+                * "Triton kernels": triton_impl.mean_pool_keys, block_scores, select_and_compact (the selection
+                  triton_impl.flash_prefill runs before its attention), the timed FlashPrefill selector on a GPU
+                  (and on a CPU under TRITON_INTERPRET=1, for dry runs);
+                * "reference stages": the readable PyTorch stages of `reference`, alpha 0.12 only when the Triton
+                  rows run (a second, separately labelled row; its density must equal the Triton one), both alphas
+                  otherwise.
   FlexPrefill   `reference.peers.flexprefill_select`, paper defaults gamma 0.9, tau 0.1, min_budget 1024 tokens;
   XAttention    `reference.peers.xattention_select`, paper defaults threshold 0.9, stride 8.
+                The peers exist in PyTorch only (written by us from the papers; no Triton version here).
 Block size 128 everywhere.
 
 Inputs:
   (a) real: SmolLM2-135M q/k/v dumps (repro/activations/, a NIAH prompt, 5 layers, Hq=9, Hkv=3, D=64), truncated
       to each length of --real-lengths (a causal prefix of real activations is the prefix prompt's activations).
-      Skipped, with a message, when the dumps are absent (python -m repro.dump_activations makes them).
+      Skipped, with a message, when the dumps are absent (python -m repro.dump_activations makes them) or with
+      --synthetic-only. FlashPrefill runs the reference stages here on every device.
   (b) synthetic: `reference.synthetic.planted_qkv` (sinks, local decay, slashes, vertical stripes; **synthetic**,
-      no model), B=1, CPU Hq=8 Hkv=2 D=64 / GPU Hq=32 Hkv=4 D=128, lengths --lengths.
+      no model), B=1, CPU Hq=8 Hkv=2 D=64 float32 / GPU Hq=32 Hkv=4 D=128 bfloat16, lengths --lengths.
 
-Measured: density = kept causal blocks / all causal blocks over heads (and layers); selection time (wall clock,
-median of --repeats, on --device, one thread on CPU); on the real activations, the relative error
-||O_sparse - O_dense||_F / ||O_dense||_F of reference.block_sparse_attention with each selector's lists against
-reference.dense_attention. "Error-matched" (unless --no-match): at the longest real length, each peer's parameter
-is swept and the sparsest setting whose error is <= FlashPrefill's error at alpha 0.12 is reported. This matches
-attention-output error, not task accuracy.
+Measured: density = kept causal blocks / all causal blocks over heads (and layers), from the lists the timed
+selector returned; selection time = one untimed warm-up call, then the median of --repeats calls (CUDA: each call
+between two CUDA events; CPU: wall clock, one thread); on CUDA, the peak memory one call allocates beyond its
+inputs. On the real activations, the relative error ||O_sparse - O_dense||_F / ||O_dense||_F of
+reference.block_sparse_attention with each selector's lists against reference.dense_attention. "Error-matched"
+(unless --no-match): at the longest real length, each peer's parameter is swept and the sparsest setting whose
+error is <= FlashPrefill's error at alpha 0.12 is reported. This matches attention-output error, not task accuracy.
 
-Writes repro/results/sparsity.csv (long format), sparsity.md, sparsity_density.png, sparsity_error.png.
+Where the Triton and reference FlashPrefill rows both run, their densities must agree to 1e-3: the run fails
+otherwise (after writing the CSV, for diagnosis).
+
+Writes <out-dir>/<tag>.csv (long format), <tag>.md, <tag>_density.png and, with real activations, <tag>_error.png.
+The tag defaults to "sparsity" on a CPU and "sparsity_<gpu>" (e.g. sparsity_h200) on CUDA, so GPU results never
+overwrite the committed CPU ones.
 """
 
 from __future__ import annotations
@@ -43,11 +58,14 @@ import torch
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+import triton_impl
 from reference import (block_scores, block_sparse_attention, causal_block_density, compact_blocks, dense_attention,
                        mean_pool_keys, select_blocks)
 from reference.peers import flexprefill_select, xattention_select
 from reference.synthetic import planted_qkv
+from triton_impl.common import interpreting
 
+from .bench_speed import default_tag
 from .common import RESULTS_DIR, default_device, environment_stamp, markdown_table, stamp_line, write_long_csv
 from .paper import PAPER_DENSITY_256K
 
@@ -59,12 +77,17 @@ GPU_SHAPE = dict(q_heads=32, kv_heads=4, head_dim=128)  # DESIGN.md's standard s
 BLOCK = 128
 SAFETY_NET = dict(sink_blocks=2, window_blocks=4, last_dense_blocks=2)
 SYNTHETIC = "synthetic planted_qkv"
+DENSITY_TOLERANCE = 1e-3  # Triton vs reference FlashPrefill density (they differ only at exact threshold ties)
 # Sweeps for the error matching (each peer's own knob; the paper default is in each grid).
 MATCH_GRID = {
     "FlashPrefill": ("alpha", [0.02, 0.05, 0.08, 0.1, 0.12, 0.18, 0.3]),
     "FlexPrefill": ("gamma", [0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995]),
     "XAttention": ("threshold", [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99]),
 }
+# Which code computed a row's lists (the `impl` column).
+REFERENCE = "reference stages (PyTorch)"
+TRITON = "Triton kernels"
+PYTORCH = "PyTorch (ours; no Triton version)"
 
 
 @dataclass(frozen=True)
@@ -73,9 +96,10 @@ class Setting:
     param: str
     value: float
     label: str
+    impl: str
 
     def select(self, q, k):
-        return SELECT[self.selector](q, k, **{self.param: self.value})
+        return SELECT[self.selector, self.impl](q, k, **{self.param: self.value})
 
 
 def flashprefill_lists(q, k, alpha: float = 0.12):
@@ -83,37 +107,90 @@ def flashprefill_lists(q, k, alpha: float = 0.12):
     return compact_blocks(select_blocks(scores, alpha, **SAFETY_NET))
 
 
-SELECT: dict[str, Callable] = {
-    "FlashPrefill": flashprefill_lists,
-    "FlexPrefill": lambda q, k, gamma=0.9: flexprefill_select(q, k, gamma=gamma, tau=0.1, min_budget=1024,
-                                                                block_size=BLOCK),
-    "XAttention": lambda q, k, threshold=0.9: xattention_select(q, k, threshold=threshold, stride=8,
-                                                                  block_size=BLOCK),
+def flashprefill_lists_triton(q, k, alpha: float = 0.12):
+    """The same selection with the Triton kernels (public entry points, input checks included)."""
+    scores = triton_impl.block_scores(q, triton_impl.mean_pool_keys(k, BLOCK), BLOCK)
+    return triton_impl.select_and_compact(scores, alpha, **SAFETY_NET)
+
+
+SELECT: dict[tuple[str, str], Callable] = {
+    ("FlashPrefill", REFERENCE): flashprefill_lists,
+    ("FlashPrefill", TRITON): flashprefill_lists_triton,
+    ("FlexPrefill", PYTORCH): lambda q, k, gamma=0.9: flexprefill_select(q, k, gamma=gamma, tau=0.1, min_budget=1024,
+                                                                          block_size=BLOCK),
+    ("XAttention", PYTORCH): lambda q, k, threshold=0.9: xattention_select(q, k, threshold=threshold, stride=8,
+                                                                            block_size=BLOCK),
 }
+PEER_SETTINGS = [
+    Setting("FlexPrefill", "gamma", 0.9, "FlexPrefill gamma=0.9 tau=0.1 (paper default)", PYTORCH),
+    Setting("XAttention", "threshold", 0.9, "XAttention tau=0.9 S=8 (paper default)", PYTORCH),
+]
+# Without Triton (a CPU without the interpreter; always on the real activations): the reference stages.
 DEFAULT_SETTINGS = [
-    Setting("FlashPrefill", "alpha", 0.12, "FlashPrefill alpha=0.12 (V1 default)"),
-    Setting("FlashPrefill", "alpha", 0.1, "FlashPrefill alpha=0.1 (V2 paper)"),
-    Setting("FlexPrefill", "gamma", 0.9, "FlexPrefill gamma=0.9 tau=0.1 (paper default)"),
-    Setting("XAttention", "threshold", 0.9, "XAttention tau=0.9 S=8 (paper default)"),
+    Setting("FlashPrefill", "alpha", 0.12, "FlashPrefill alpha=0.12 (V1 default)", REFERENCE),
+    Setting("FlashPrefill", "alpha", 0.1, "FlashPrefill alpha=0.1 (V2 paper)", REFERENCE),
+    *PEER_SETTINGS,
+]
+# With Triton (CUDA, or the interpreter): Triton is the timed FlashPrefill; the reference stages stay as a separately
+# labelled row at alpha 0.12, for their time and as the density cross-check.
+TRITON_SETTINGS = [
+    Setting("FlashPrefill", "alpha", 0.12, "FlashPrefill alpha=0.12 (V1 default)", TRITON),
+    Setting("FlashPrefill", "alpha", 0.1, "FlashPrefill alpha=0.1 (V2 paper)", TRITON),
+    Setting("FlashPrefill", "alpha", 0.12, "FlashPrefill alpha=0.12 (V1 default), reference stages", REFERENCE),
+    *PEER_SETTINGS,
 ]
 COLORS = {"FlashPrefill": "tab:blue", "FlexPrefill": "tab:orange", "XAttention": "tab:green"}
 
 
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+def impl_of(row) -> str:
+    """A row's implementation; CSVs written before the `impl` column ran FlashPrefill's reference stages."""
+    return row.get("impl") or (REFERENCE if row["selector"] == "FlashPrefill" else PYTORCH)
 
 
-def timed_select(setting: Setting, q, k, repeats: int):
-    """(counts, indices, median ms)."""
+def line_style(label: str) -> str:
+    """Dashed for the V2 alpha, dotted crosses for the reference-stages twin of a Triton row."""
+    return "x:" if label.endswith("reference stages") else "o--" if "V2" in label else "o-"
+
+
+def output_tag(stamp) -> str:
+    """File stem: "sparsity" on a CPU (the committed CPU results), "sparsity_<gpu>" on CUDA ("NVIDIA H200" ->
+    sparsity_h200, bench_speed's GPU slug), so results of different machines never overwrite each other."""
+    if stamp["device"] != "cuda":
+        return "sparsity"
+    return "sparsity_" + default_tag(stamp["device_name"]).removeprefix("speed_")
+
+
+def measure_call(fn, device, repeats: int):
+    """(result of an untimed warm-up call, median ms of `repeats` more calls, peak MiB of the warm-up call).
+
+    The warm-up call absorbs Triton compilation and allocator growth; its result is what the caller measures. On
+    CUDA each timed call sits between two CUDA events (the GPU's time, launches included) and the peak is
+    torch.cuda.max_memory_allocated beyond what was allocated before the call; on a CPU the time is wall clock and
+    the peak is None."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    result = fn()
+    peak_mib = None
+    if cuda:
+        torch.cuda.synchronize(device)
+        peak_mib = (torch.cuda.max_memory_allocated(device) - before) / 2**20
     times = []
     for _ in range(repeats):
-        sync(q.device)
-        t0 = time.perf_counter()
-        counts, indices = setting.select(q, k)
-        sync(q.device)
-        times.append(1e3 * (time.perf_counter() - t0))
-    return counts, indices, statistics.median(times)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return result, statistics.median(times), peak_mib
 
 
 def relative_error(out, ref) -> tuple[float, float]:
@@ -121,26 +198,41 @@ def relative_error(out, ref) -> tuple[float, float]:
     return float((out.double() - ref.double()).pow(2).sum()), float(ref.double().pow(2).sum())
 
 
-def measure_synthetic(lengths, shape, device, repeats, seed) -> list[dict]:
+def measure_synthetic(lengths, settings, shape, device, repeats, seed) -> list[dict]:
     rows = []
-    q, k, _ = planted_qkv(1, 1024, shape["q_heads"], shape["kv_heads"], shape["head_dim"], device=device)
-    for s in DEFAULT_SETTINGS:  # warm-up (first-call allocations, CUDA context), not timed
-        s.select(q, k)
-    bar = tqdm(total=len(lengths) * len(DEFAULT_SETTINGS), desc="synthetic", unit="sel", disable=None)
+    cuda = torch.device(device).type == "cuda"
+    # bfloat16 on a GPU (the paper's dtype); float32 on a CPU (the interpreter computes bfloat16 dots wrongly).
+    dtype = torch.bfloat16 if cuda else torch.float32
+    bar = tqdm(total=len(lengths) * len(settings), desc="synthetic", unit="sel", disable=None)
     for L in lengths:
-        q, k, _ = planted_qkv(1, L, shape["q_heads"], shape["kv_heads"], shape["head_dim"], seed=seed,
-                              dtype=torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32,
+        q, k, v = planted_qkv(1, L, shape["q_heads"], shape["kv_heads"], shape["head_dim"], seed=seed, dtype=dtype,
                               device=device)
-        for s in DEFAULT_SETTINGS:
-            counts, _, ms = timed_select(s, q, k, repeats)
+        del v  # selection reads q and k only
+        for s in settings:
+            bar.set_postfix_str(f"L={L} {s.selector} {s.impl.split()[0]}")
+            (counts, _), ms, peak_mib = measure_call(lambda: s.select(q, k), device, repeats)
             rows.append(dict(what="selection", input=SYNTHETIC, layer="", L=L, selector=s.selector, param=s.param,
-                             value=s.value, setting=s.label, density=float(causal_block_density(counts)),
-                             rel_error="", select_ms=round(ms, 3), B=1, Hq=shape["q_heads"], Hkv=shape["kv_heads"],
-                             D=shape["head_dim"], dtype=str(q.dtype).replace("torch.", ""), block_size=BLOCK))
+                             value=s.value, setting=s.label, impl=s.impl, density=float(causal_block_density(counts)),
+                             rel_error="", select_ms=round(ms, 3), repeats=repeats,
+                             peak_mib="" if peak_mib is None else round(peak_mib, 1), B=1, Hq=shape["q_heads"],
+                             Hkv=shape["kv_heads"], D=shape["head_dim"], dtype=str(dtype).replace("torch.", ""),
+                             block_size=BLOCK))
             bar.update()
         del q, k
+        if cuda:
+            torch.cuda.empty_cache()  # the next length's inputs are 2x larger
     bar.close()
     return rows
+
+
+def density_check(rows) -> tuple[list[tuple[int, float, float]], list[int]]:
+    """[(L, Triton density, reference density)] at every synthetic length where both FlashPrefill alpha = 0.12
+    implementations ran, and the lengths where they differ by more than DENSITY_TOLERANCE."""
+    d = {(r["L"], r["impl"]): r["density"] for r in rows if r["input"] == SYNTHETIC and r["selector"] == "FlashPrefill"
+         and r["value"] == 0.12}
+    pairs = [(L, d[L, TRITON], d[L, REFERENCE]) for L in sorted({L for L, _ in d})
+             if (L, TRITON) in d and (L, REFERENCE) in d]
+    return pairs, [L for L, a, b in pairs if abs(a - b) > DENSITY_TOLERANCE]
 
 
 def measure_real(acts, lengths, settings, device, repeats, desc) -> list[dict]:
@@ -154,7 +246,7 @@ def measure_real(acts, lengths, settings, device, repeats, desc) -> list[dict]:
             q, k, v = (t[:, :L].to(device).contiguous() for t in (q8, k8, v8))
             ref = dense_attention(q, k, v)
             for s in settings:
-                counts, indices, ms = timed_select(s, q, k, repeats)
+                (counts, indices), ms, _ = measure_call(lambda: s.select(q, k), device, repeats)
                 out = block_sparse_attention(q, k, v, counts, indices, BLOCK)
                 err2, ref2 = relative_error(out, ref)
                 density = float(causal_block_density(counts))
@@ -164,16 +256,16 @@ def measure_real(acts, lengths, settings, device, repeats, desc) -> list[dict]:
                 a[2].append(density)
                 a[3].append(ms)
                 rows.append(dict(what="selection", input="real SmolLM2-135M", layer=layer, L=L, selector=s.selector,
-                                 param=s.param, value=s.value, setting=s.label, density=density,
-                                 rel_error=math.sqrt(err2 / ref2), select_ms=round(ms, 3), B=1, Hq=q.shape[2],
-                                 Hkv=k.shape[2], D=q.shape[3], dtype=str(q.dtype).replace("torch.", ""),
+                                 param=s.param, value=s.value, setting=s.label, impl=s.impl, density=density,
+                                 rel_error=math.sqrt(err2 / ref2), select_ms=round(ms, 3), repeats=repeats, B=1,
+                                 Hq=q.shape[2], Hkv=k.shape[2], D=q.shape[3], dtype=str(q.dtype).replace("torch.", ""),
                                  block_size=BLOCK))
                 bar.update()
         for s, (e2, r2, dens, ms) in agg.items():
             rows.append(dict(what="selection", input="real SmolLM2-135M", layer="all", L=L, selector=s.selector,
-                             param=s.param, value=s.value, setting=s.label, density=statistics.mean(dens),
-                             rel_error=math.sqrt(e2 / r2), select_ms=round(sum(ms), 3), B=1, Hq=q8.shape[2],
-                             Hkv=k8.shape[2], D=q8.shape[3], dtype=str(q8.dtype).replace("torch.", ""),
+                             param=s.param, value=s.value, setting=s.label, impl=s.impl, density=statistics.mean(dens),
+                             rel_error=math.sqrt(e2 / r2), select_ms=round(sum(ms), 3), repeats=repeats, B=1,
+                             Hq=q8.shape[2], Hkv=k8.shape[2], D=q8.shape[3], dtype=str(q8.dtype).replace("torch.", ""),
                              block_size=BLOCK))
     bar.close()
     return rows
@@ -191,8 +283,8 @@ def match_errors(sweep_rows: list[dict], L: int) -> list[dict]:
         out.append(dict(what="error_matched", input="real SmolLM2-135M", layer="all", L=L, selector=selector,
                         param=best["param"], value=best["value"], setting=f"{selector} {best['param']}={best['value']:g}",
                         density=best["density"], rel_error=best["rel_error"], target_rel_error=target["rel_error"],
-                        matched=bool(ok), select_ms=best["select_ms"], B=1, Hq=best["Hq"], Hkv=best["Hkv"],
-                        D=best["D"], dtype=best["dtype"], block_size=BLOCK))
+                        impl=best["impl"], matched=bool(ok), select_ms=best["select_ms"], B=1, Hq=best["Hq"],
+                        Hkv=best["Hkv"], D=best["D"], dtype=best["dtype"], block_size=BLOCK))
     return out
 
 
@@ -202,49 +294,91 @@ def pct(x) -> str:
     return "-" if x == "" or x is None else f"{100 * x:.1f}%"
 
 
-def write_markdown(path: Path, rows, stamp, args, shape, real_note) -> str:
+def tokens(L: int) -> str:
+    """8192 -> "8K"; lengths that are not whole K stay in tokens."""
+    return f"{L // 1024}K" if L % 1024 == 0 else str(L)
+
+
+def paper_cell(s: Setting) -> str:
+    """The paper's 256K density for a selector's default setting (FlashPrefill: alpha 0.12), labelled "paper"."""
+    quoted = s.selector != "FlashPrefill" or s.value == 0.12
+    return f"{100 * PAPER_DENSITY_256K[s.selector]:.1f}% (paper)" if quoted else "-"
+
+
+def write_markdown(path: Path, rows, stamp, args, settings, shape, real_note) -> str:
     syn = [r for r in rows if r["input"] == SYNTHETIC]
     real = [r for r in rows if r["input"] != SYNTHETIC and r["what"] == "selection" and r["layer"] == "all"
             and any(r["setting"] == s.label for s in DEFAULT_SETTINGS)]
     matched = [r for r in rows if r["what"] == "error_matched"]
-    labels = [s.label for s in DEFAULT_SETTINGS]
+    device = stamp["device_name"]
     parts = ["# Block density: FlashPrefill vs FlexPrefill vs XAttention (same inputs, same sparse attention)", ""]
-
-    def paper_cell(label):
-        sel = label.split()[0]
-        return f"{100 * PAPER_DENSITY_256K[sel]:.1f}% (paper)" if "0.1 (V2" not in label else "-"
 
     if syn:
         Ls = sorted({r["L"] for r in syn})
         d = {(r["setting"], r["L"]): r for r in syn}
-        head = ["selector (setting)"] + [f"{L // 1024}K" for L in Ls] + ["**paper** @256K (Qwen3-30B-A3B, real)"]
-        table = [[lab] + [pct(d[lab, L]["density"]) if (lab, L) in d else "-" for L in Ls] + [paper_cell(lab)]
-                 for lab in labels]
+        length_head = [tokens(L) for L in Ls]
+
+        def table(cell, extra_head=(), extra=lambda s: []):
+            body = [[s.label, s.impl] + [cell(d[s.label, L]) if (s.label, L) in d else "-" for L in Ls] + extra(s)
+                    for s in settings]
+            return markdown_table(["selector (setting)", "implementation"] + length_head + list(extra_head), body)
+
         parts += [f"## Density vs length on **synthetic** inputs ({SYNTHETIC})", "",
-                  markdown_table(head, table), "",
+                  table(lambda r: pct(r["density"]), ["**paper** @256K (Qwen3-30B-A3B, real)"],
+                        lambda s: [paper_cell(s)]), "",
                   f"Synthetic planted-pattern Q/K (sinks, local decay, slashes, vertical stripes; no model), B=1, "
                   f"Hq={shape['q_heads']}, Hkv={shape['kv_heads']}, D={shape['head_dim']}, Bs={BLOCK}, "
-                  f"{syn[0]['dtype']}, on {stamp['device']}. Lengths {', '.join(f'{L // 1024}K' for L in Ls)}"
+                  f"{syn[0]['dtype']}, on {device}. Lengths {', '.join(length_head)}"
                   + ("" if max(Ls) >= 262144 else " (256K was not run here: it needs a GPU; "
                      "`python -m repro.sparsity --device cuda` runs it)") + ". The **paper** column quotes the "
                   "paper's 256K densities on a real model (DESIGN.md section 7); synthetic densities show how each "
                   "rule scales with L, not the paper's values.", ""]
-        tt = [[lab] + [f"{d[lab, L]['select_ms']:.0f}" if (lab, L) in d else "-" for L in Ls] for lab in labels]
-        parts += [f"### Selection time (ms, {stamp['device']}, median of {args.repeats}; synthetic inputs)", "",
-                  markdown_table(["selector (setting)"] + [f"{L // 1024}K" for L in Ls], tt), "",
-                  "Selection only (no attention), our readable PyTorch selectors (FlashPrefill: the reference "
-                  "stages 1-4, not the Triton kernels), so the times compare readable implementations, not the "
-                  "papers' fused kernels." + (" CPU, one thread." if stamp["device"] == "cpu" else ""), ""]
+        if 262144 in Ls:
+            ours = {}  # selector -> its first default setting measured at 256K (FlashPrefill: Triton when run)
+            for s in settings:
+                if paper_cell(s) != "-" and (s.label, 262144) in d:
+                    ours.setdefault(s.selector, d[s.label, 262144])
+            parts += ["At 256K: " + "; ".join(f"{sel} {pct(r['density'])} (ours, **synthetic**) vs "
+                                              f"{100 * PAPER_DENSITY_256K[sel]:.1f}% (**paper**, real model)"
+                                              for sel, r in ours.items()) + ".", ""]
+        pairs, bad = density_check(syn)
+        if pairs:
+            worst = max(abs(a - b) for _, a, b in pairs)
+            parts += [f"Triton vs reference stages (FlashPrefill alpha 0.12): densities "
+                      + ("**DIFFER** beyond " if bad else "agree within ") + f"{DENSITY_TOLERANCE:g} at "
+                      f"{', '.join(tokens(L) for L, _, _ in pairs)} (largest difference {worst:.2g}).", ""]
+        timed = "one timed call" if args.repeats == 1 else f"the median of {args.repeats} timed calls"
+        timer = (f"one untimed warm-up call, then {timed}, each between two CUDA events" if stamp["device"] == "cuda"
+                 else f"one untimed warm-up call, then {timed} (wall clock, one thread)")
+        parts += [f"### Selection time (ms, {device}; synthetic inputs)", "",
+                  table(lambda r: f"{r['select_ms']:.3g}" if r["select_ms"] < 100 else f"{r['select_ms']:.0f}"), "",
+                  f"Selection only (no attention): {timer}. Implementations: **{TRITON}** = "
+                  "triton_impl.mean_pool_keys + block_scores + select_and_compact (the selection "
+                  f"triton_impl.flash_prefill runs); **{REFERENCE}** = the readable stages of `reference`; the peers "
+                  f"are **{PYTORCH}**: our readable PyTorch from their papers (the official FlexPrefill and XAttention "
+                  "use fused Triton kernels), so their times are not the papers' speeds. Compare the peers with "
+                  "FlashPrefill's reference-stages row (all three readable PyTorch)."
+                  + (" FlashPrefill's Triton kernels did not run here (they need CUDA, or TRITON_INTERPRET=1)."
+                     if not any(s.impl == TRITON for s in settings) else "" if stamp["device"] == "cuda" else
+                     " The Triton kernels ran under the CPU interpreter (a dry run): their times say nothing about "
+                     "speed."), ""]
+        if any(r["peak_mib"] != "" for r in syn):
+            parts += [f"### Peak GPU memory of one selection call (MiB beyond its inputs, {device})", "",
+                      table(lambda r: f"{r['peak_mib']:.0f}"), "",
+                      "torch.cuda.max_memory_allocated during the warm-up call minus what was allocated before it "
+                      "(q and k). The peers' estimates run in chunks (reference/peers.py) to stay a few GiB at 256K.",
+                      ""]
     if real:
         Ls = sorted({r["L"] for r in real})
         d = {(r["setting"], r["L"]): r for r in real}
-        head = ["selector (setting)"] + [f"{L // 1024}K density / error" for L in Ls]
-        table = [[lab] + [f"{pct(d[lab, L]['density'])} / {d[lab, L]['rel_error']:.3f}" if (lab, L) in d else "-"
-                          for L in Ls] for lab in labels]
+        head = ["selector (setting)"] + [f"{tokens(L)} density / error" for L in Ls]
+        table = [[s.label] + [f"{pct(d[s.label, L]['density'])} / {d[s.label, L]['rel_error']:.3f}"
+                              if (s.label, L) in d else "-" for L in Ls] for s in DEFAULT_SETTINGS]
         parts += ["## Real SmolLM2-135M activations: density and attention-output error vs dense", "",
                   markdown_table(head, table), "",
                   "q/k/v of SmolLM2-135M-Instruct (Hq=9, Hkv=3, D=64) on a NIAH prompt, layers "
-                  f"{', '.join(map(str, args.layers_used))}, truncated to each length. Density averaged over the "
+                  f"{', '.join(map(str, args.layers_used))}, truncated to each length, on {device}. FlashPrefill: "
+                  "the reference stages. Density averaged over the "
                   "layers; error = ||O_sparse - O_dense||_F / ||O_dense||_F over all layers together "
                   "(reference.block_sparse_attention with each selector's lists vs reference.dense_attention, "
                   "float32). FlexPrefill is dense (density 100%, error 0) whenever L <= its minimum budget of 1024 "
@@ -255,7 +389,7 @@ def write_markdown(path: Path, rows, stamp, args, shape, real_note) -> str:
         L = matched[0]["L"]
         table = [[r["selector"], f"{r['param']} = {r['value']:g}", pct(r["density"]), f"{r['rel_error']:.4f}",
                   "yes" if r["matched"] else "no (lowest error in the grid)"] for r in matched]
-        parts += [f"## Error-matched settings (real SmolLM2 activations, {L // 1024}K)", "",
+        parts += [f"## Error-matched settings (real SmolLM2 activations, {tokens(L)})", "",
                   markdown_table(["selector", "setting", "density", "rel. error", "error <= target"], table), "",
                   f"Target: FlashPrefill's error at alpha = 0.12, {matched[0]['target_rel_error']:.4f}. For each "
                   "selector, the sparsest setting of its grid "
@@ -268,18 +402,18 @@ def write_markdown(path: Path, rows, stamp, args, shape, real_note) -> str:
     return text
 
 
-def plot_density(path: Path, rows, stamp, shape) -> None:
+def plot_density(path: Path, rows, stamp, settings, shape) -> None:
     syn = [r for r in rows if r["input"] == SYNTHETIC]
     real = [r for r in rows if r["input"] != SYNTHETIC and r["what"] == "selection" and r["layer"] == "all"]
     fig = Figure(figsize=(15, 4.8), layout="constrained")
     axes = fig.subplots(1, 3)
-    styles = {s.label: ("-" if "V2" not in s.label else "--") for s in DEFAULT_SETTINGS}
-    for ax, data, title in ((axes[0], syn, f"synthetic planted_qkv (Hq={shape['q_heads']}, D={shape['head_dim']})"),
-                            (axes[1], real, "real SmolLM2-135M activations (5 layers)")):
-        for s in DEFAULT_SETTINGS:
+    for ax, data, shown, title in (
+            (axes[0], syn, settings, f"synthetic planted_qkv (Hq={shape['q_heads']}, D={shape['head_dim']})"),
+            (axes[1], real, DEFAULT_SETTINGS, "real SmolLM2-135M activations (5 layers)")):
+        for s in shown:
             pts = sorted((r["L"], r["density"]) for r in data if r["setting"] == s.label)
             if pts:
-                ax.plot(*zip(*pts), "o" + styles[s.label], color=COLORS[s.selector], label=s.label)
+                ax.plot(*zip(*pts), line_style(s.label), color=COLORS[s.selector], label=s.label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length L (tokens)")
         ax.set_ylabel("density (kept / causal blocks)")
@@ -292,17 +426,17 @@ def plot_density(path: Path, rows, stamp, shape) -> None:
         axes[0].plot(262144, dens, "*", color=COLORS[sel], markersize=14, markeredgecolor="black",
                      label=f"paper @256K {sel} {100 * dens:.1f}% (real model)")
     axes[0].legend(fontsize=7)
-    for s in DEFAULT_SETTINGS:
+    for s in settings:
         pts = sorted((r["L"], r["select_ms"]) for r in syn if r["setting"] == s.label)
         if pts:
-            axes[2].plot(*zip(*pts), "o" + styles[s.label], color=COLORS[s.selector], label=s.label)
+            axes[2].plot(*zip(*pts), line_style(s.label), color=COLORS[s.selector], label=f"{s.label} [{s.impl}]")
     axes[2].set_xscale("log", base=2)
     axes[2].set_yscale("log")
     axes[2].set_xlabel("sequence length L (tokens)")
     axes[2].set_ylabel(f"selection time (ms, {stamp['device']})")
     axes[2].set_title(f"selection time, synthetic inputs, {stamp['device']}", fontsize=10)
     axes[2].grid(alpha=0.3, which="both")
-    axes[2].legend(fontsize=7)
+    axes[2].legend(fontsize=6)
     fig.suptitle(f"Block density per selector (Bs={BLOCK}) — {stamp['device_name']}, torch {stamp['torch']}, "
                  f"commit {stamp['commit']}", fontsize=10)
     fig.savefig(path, dpi=110)
@@ -316,10 +450,12 @@ def plot_error(path: Path, rows, stamp) -> bool:
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
     for sel in MATCH_GRID:
-        pts = sorted({(r["density"], r["rel_error"], r["value"]) for r in real if r["selector"] == sel and r["L"] == L})
+        pts = sorted({(r["density"], r["rel_error"], r["value"]) for r in real
+                      if r["selector"] == sel and r["L"] == L})
         if not pts:
             continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=COLORS[sel], label=f"{sel} ({MATCH_GRID[sel][0]} sweep)")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=COLORS[sel],
+                label=f"{sel} ({MATCH_GRID[sel][0]} sweep)")
         for dens, err, val in pts:
             ax.annotate(f"{val:g}", (dens, err), fontsize=6, xytext=(3, 3), textcoords="offset points")
     for s in DEFAULT_SETTINGS:
@@ -345,10 +481,14 @@ def main(argv=None) -> None:
                         help=f"synthetic lengths (default: CPU {CPU_LENGTHS}, GPU {GPU_LENGTHS})")
     parser.add_argument("--real-lengths", type=int, nargs="+", default=REAL_LENGTHS, help="(default: %(default)s)")
     parser.add_argument("--activations", type=Path, default=None, help="dump folder (default: repro/activations/)")
+    parser.add_argument("--synthetic-only", action="store_true", help="skip the real-activation part")
     parser.add_argument("--no-match", action="store_true", help="skip the error-matching sweep")
-    parser.add_argument("--repeats", type=int, default=None, help="selection timing repeats (default: CPU 1, GPU 5)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per selection after the warm-up (default: CPU 1, GPU 10)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="(default: %(default)s)")
+    parser.add_argument("--tag", default=None,
+                        help="file name stem (default: sparsity on a CPU, sparsity_<gpu> on CUDA, e.g. sparsity_h200)")
     args = parser.parse_args(argv)
     matplotlib.use("Agg")
     torch.set_grad_enabled(False)
@@ -357,19 +497,28 @@ def main(argv=None) -> None:
         torch.set_num_threads(1)  # small tensors on a 2-core VM: one thread is 5-50x faster
     lengths = args.lengths or (GPU_LENGTHS if on_gpu else CPU_LENGTHS)
     shape = GPU_SHAPE if on_gpu else CPU_SHAPE
-    args.repeats = args.repeats or (5 if on_gpu else 1)
+    settings = TRITON_SETTINGS if on_gpu or interpreting() else DEFAULT_SETTINGS
+    args.repeats = args.repeats or (10 if on_gpu else 1)
     start = time.perf_counter()
     stamp = environment_stamp(args.device)
+    args.tag = args.tag or output_tag(stamp)
+    print(f"FlashPrefill selectors: {', '.join(sorted({s.impl for s in settings if s.selector == 'FlashPrefill'}))}"
+          f"; writing {args.out_dir / args.tag}.*")
 
-    rows = measure_synthetic(lengths, shape, args.device, args.repeats, args.seed)
+    rows = measure_synthetic(lengths, settings, shape, args.device, args.repeats, args.seed)
 
-    from .dump_activations import load_activations
-    acts = load_activations(args.activations, max_length=max(args.real_lengths))
     real_note = ""
+    acts = {}
+    if args.synthetic_only:
+        real_note = "Skipped (--synthetic-only)."
+    else:
+        from .dump_activations import load_activations
+        acts = load_activations(args.activations, max_length=max(args.real_lengths))
+        if not acts:
+            real_note = ("Skipped: no SmolLM2 activation dumps in repro/activations/ (make them with "
+                         "`python -m repro.dump_activations`).")
     args.layers_used = list(acts)
-    if not acts:
-        real_note = ("Skipped: no SmolLM2 activation dumps in repro/activations/ (make them with "
-                     "`python -m repro.dump_activations`).")
+    if real_note:
         print(real_note)
     else:
         avail = next(iter(acts.values()))[0].shape[1]
@@ -378,19 +527,26 @@ def main(argv=None) -> None:
         rows += measure_real(acts, real_lengths, DEFAULT_SETTINGS, args.device, 1, "real")
         if not args.no_match:
             L = max(real_lengths)
-            sweep = [Setting(sel, p, v, f"{sel} {p}={v:g} (sweep)") for sel, (p, vals) in MATCH_GRID.items()
-                     for v in vals]
+            sweep = [Setting(sel, p, v, f"{sel} {p}={v:g} (sweep)", REFERENCE if sel == "FlashPrefill" else PYTORCH)
+                     for sel, (p, vals) in MATCH_GRID.items() for v in vals]
             sweep_rows = measure_real(acts, [L], sweep, args.device, 1, f"error sweep @{L}")
             rows += sweep_rows
             rows += match_errors(sweep_rows, L)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = write_long_csv(args.out_dir / "sparsity.csv", rows, stamp)
-    md_path = args.out_dir / "sparsity.md"
-    text = write_markdown(md_path, rows, stamp, args, shape, real_note)
-    png1 = args.out_dir / "sparsity_density.png"
-    plot_density(png1, rows, stamp, shape)
-    png2 = args.out_dir / "sparsity_error.png"
+    csv_path = write_long_csv(args.out_dir / f"{args.tag}.csv", rows, stamp)
+    pairs, bad = density_check(rows)
+    if bad:  # the CSV is written, for diagnosis; nothing else
+        raise SystemExit(f"FAIL: Triton and reference FlashPrefill densities differ by more than {DENSITY_TOLERANCE:g}"
+                         f" at L = {bad}: " + ", ".join(f"{L}: {a:.5f} vs {b:.5f}" for L, a, b in pairs if L in bad)
+                         + f" (rows in {csv_path})")
+    if on_gpu and not pairs:
+        raise SystemExit("FAIL: no length ran both the Triton and the reference FlashPrefill selection")
+    md_path = args.out_dir / f"{args.tag}.md"
+    text = write_markdown(md_path, rows, stamp, args, settings, shape, real_note)
+    png1 = args.out_dir / f"{args.tag}_density.png"
+    plot_density(png1, rows, stamp, settings, shape)
+    png2 = args.out_dir / f"{args.tag}_error.png"
     wrote_err = plot_error(png2, rows, stamp)
     print(text)
     print(f"wrote {csv_path}, {md_path}, {png1}" + (f", {png2}" if wrote_err else "")
