@@ -201,8 +201,9 @@ def relative_error(out, ref) -> tuple[float, float]:
 def measure_synthetic(lengths, settings, shape, device, repeats, seed) -> list[dict]:
     rows = []
     cuda = torch.device(device).type == "cuda"
-    # bfloat16 on a GPU (the paper's dtype); float32 on a CPU (the interpreter computes bfloat16 dots wrongly).
+    # bfloat16 on a GPU (the standard shape's dtype); float32 on a CPU (the interpreter computes bfloat16 dots wrongly).
     dtype = torch.bfloat16 if cuda else torch.float32
+    start = time.perf_counter()
     bar = tqdm(total=len(lengths) * len(settings), desc="synthetic", unit="sel", disable=None)
     for L in lengths:
         q, k, v = planted_qkv(1, L, shape["q_heads"], shape["kv_heads"], shape["head_dim"], seed=seed, dtype=dtype,
@@ -218,6 +219,10 @@ def measure_synthetic(lengths, settings, shape, device, repeats, seed) -> list[d
                              Hkv=shape["kv_heads"], D=shape["head_dim"], dtype=str(dtype).replace("torch.", ""),
                              block_size=BLOCK))
             bar.update()
+        # One line per length (tqdm is silent in a log): what a run cut short still tells.
+        print(f"L={L} ({time.perf_counter() - start:.0f} s): " + "; ".join(
+            f"{r['setting']} [{r['impl'].split()[0]}] {pct(r['density'])} {r['select_ms']:.3g} ms"
+            for r in rows if r["L"] == L), flush=True)
         del q, k
         if cuda:
             torch.cuda.empty_cache()  # the next length's inputs are 2x larger
