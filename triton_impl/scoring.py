@@ -146,7 +146,7 @@ def _block_scores_kernel(
 
 
 # Launch configuration: BLOCK_M query rows x BLOCK_N pooled keys per tile, warps. Tuned on an H200 (repro/NOTES.md).
-SCORE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2)
+SCORE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=1)
 
 
 def score_tile_sizes(block_size: int, config=None) -> tuple[int, int]:
