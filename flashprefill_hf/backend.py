@@ -44,7 +44,8 @@ class DensityRecorder:
 
     Each record is a dict: layer (module.layer_idx), length (Lq), batch, path ("flashprefill", "dense_layer" or
     "dense_fallback"), reason (why a call fell back), density (kept causal blocks / all causal blocks for a
-    FlashPrefill call; 1.0 for a dense-layer prefill; None for a fallback that is not a prefill).
+    FlashPrefill call; 1.0 for a dense-layer prefill; None for a fallback that is not a prefill), and for
+    FlashPrefill calls impl ("triton" or "reference": which implementation ran).
     Densities are kept as tensors until read, so recording adds no host synchronisation on the GPU.
     """
 
@@ -90,6 +91,14 @@ class DensityRecorder:
         for r in self.prefill_records():
             acc.setdefault(r["layer"], []).append(r["density"])
         return {layer: sum(v) / len(v) for layer, v in sorted(acc.items())}
+
+    def impls(self) -> dict[str, int]:
+        """How many FlashPrefill calls each implementation ("triton", "reference") ran."""
+        counts: dict[str, int] = {}
+        for r in self._records:
+            if r["path"] == "flashprefill":
+                counts[r["impl"]] = counts.get(r["impl"], 0) + 1
+        return counts
 
     def paths(self) -> dict[str, int]:
         """How many calls took each path."""
@@ -216,6 +225,7 @@ def prefill_blocker(module, query, key, value, attention_mask, dropout, kwargs) 
 
 
 def _kernel(config: FlashPrefillConfig, device: torch.device, head_dim: int, dtype: torch.dtype):
+    """(flash_prefill function, "triton" or "reference") for this call."""
     impl = config.impl
     if impl == "auto":
         impl = "triton" if device.type == "cuda" else "reference"
@@ -228,11 +238,12 @@ def _kernel(config: FlashPrefillConfig, device: torch.device, head_dim: int, dty
                           f"got {head_dim}, {dtype}: using the (slow) PyTorch reference", stacklevel=3)
             import reference
 
-            return reference.flash_prefill
-        return triton_impl.flash_prefill
+            return reference.flash_prefill, "reference"
+        # Looked up at call time (not bound at import), so tests can wrap or forbid it.
+        return triton_impl.flash_prefill, "triton"
     import reference
 
-    return reference.flash_prefill
+    return reference.flash_prefill, "reference"
 
 
 @contextlib.contextmanager
@@ -265,7 +276,7 @@ def flashprefill_attention_forward(module, query, key, value, attention_mask, sc
                          density=1.0 if reason == "dense_layer" else None)
         return _dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
-    flash_prefill = _kernel(config, query.device, D, query.dtype)
+    flash_prefill, impl = _kernel(config, query.device, D, query.dtype)
     # (B, H, L, D) -> (B, L, H, D), the layout of the FlashPrefill API; the output is already (B, L, Hq, D).
     q = query.transpose(1, 2).contiguous()
     k = key.transpose(1, 2).contiguous()
@@ -273,7 +284,8 @@ def flashprefill_attention_forward(module, query, key, value, attention_mask, sc
     with _cpu_threads(config.cpu_threads if q.device.type == "cpu" else None):
         out, stats = flash_prefill(q, k, v, softmax_scale=scaling, return_stats=True, **config.kernel_kwargs())
     if recorder is not None:
-        recorder.add(layer=layer, length=Lq, batch=B, path="flashprefill", reason=None, density=stats.density)
+        recorder.add(layer=layer, length=Lq, batch=B, path="flashprefill", reason=None, density=stats.density,
+                     impl=impl)
     return out, None
 
 

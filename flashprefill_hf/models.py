@@ -89,6 +89,10 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
         if not path.exists():
             raise ModelNotAvailable(f"--model {path}: no such local checkpoint")
         if path.suffix == ".gguf":  # a GGUF file anywhere (e.g. the SmolLM2 file copied to another machine)
+            if importlib.util.find_spec("gguf") is None:
+                raise ModelNotAvailable(f"reading {path} needs the 'gguf' package: `pip install gguf`")
+            # Weights and tokenizer (with its chat template) both come from the GGUF file. The name is the file
+            # name up to the first dot ("SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct").
             folder, name, kwargs = str(path.parent), path.name.split(".")[0], dict(gguf_file=path.name)
         else:
             folder, name, kwargs = str(path), path.name, {}

@@ -7,7 +7,12 @@ No weights are needed: every model is built from a small config with a fixed see
 * generation after a FlashPrefill prefill works and every decoding step takes the dense path;
 * padded batches, cached prefixes, the first `dense_layers` layers fall back to dense attention;
 * sequences of 1 token and shorter than a block work;
-* on the CPU the reference runs, never the Triton path (tests run with TRITON_INTERPRET=1).
+* on the CPU the reference runs, never the Triton path (tests run with TRITON_INTERPRET=1), unless a test asks
+  for the Triton branch (impl="triton", `allow_triton_on_cpu`): then it runs under the interpreter in float32 and
+  must give the reference's logits and densities;
+* on a GPU (tests marked `gpu`): the Triton branch in bfloat16 on models with SmolLM2's attention shape (head dim
+  64, 3 query heads per kv head): alpha 0 matches eager attention within bf16 rounding, alpha > 0 drops blocks,
+  generation decodes densely, and a head dim the kernels do not support falls back to the reference.
 
 A small block size (16) keeps lengths short enough for the CPU.
 """
@@ -24,13 +29,18 @@ from flashprefill_hf import FlashPrefillConfig  # noqa: E402
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 BLOCK = 16
+HAS_CUDA = torch.cuda.is_available()
+# SmolLM2-135M's attention shape (9 query heads, 3 kv heads, head dim 64), scaled down: head dim 64 (a kernel head
+# dim), 3 query heads per kv head.
+KERNEL_SHAPE = dict(heads=6, kv_heads=2, head_dim=64, hidden=96)
 
 
-def tiny_model(arch: str, attn: str = "eager", seed: int = 0, layers: int = 2):
-    """A 2-layer model with GQA (4 query heads, 2 kv heads, head dim 16), float32, random weights."""
-    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                  tie_word_embeddings=False)
+def tiny_model(arch: str, attn: str = "eager", seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+               head_dim: int = 16, hidden: int = 64):
+    """A 2-layer model with GQA (default 4 query heads, 2 kv heads, head dim 16), float32, random weights."""
+    common = dict(vocab_size=97, hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                  max_position_embeddings=8192, tie_word_embeddings=False)
     if arch == "llama":
         config = transformers.LlamaConfig(**common)
     elif arch == "qwen2":
@@ -67,9 +77,10 @@ def fp_config(alpha: float, **kwargs) -> FlashPrefillConfig:
 
 
 @pytest.fixture(autouse=True)
-def no_triton_on_cpu(monkeypatch):
-    """On the CPU the backend must call the reference; any Triton flash_prefill call fails the test."""
-    if torch.cuda.is_available():
+def no_triton_on_cpu(request, monkeypatch):
+    """On the CPU the backend must call the reference; any Triton flash_prefill call fails the test, unless the
+    test requests `allow_triton_on_cpu`."""
+    if torch.cuda.is_available() or "allow_triton_on_cpu" in request.fixturenames:
         return
     import triton_impl
 
@@ -77,6 +88,15 @@ def no_triton_on_cpu(monkeypatch):
         raise AssertionError("the Triton path was called on the CPU")
 
     monkeypatch.setattr(triton_impl, "flash_prefill", forbidden)
+
+
+@pytest.fixture
+def allow_triton_on_cpu():
+    """Lets a test run the backend's Triton branch (under TRITON_INTERPRET=1 on the CPU, set by conftest.py)."""
+    from triton_impl.common import interpreting
+
+    if not torch.cuda.is_available() and not interpreting():
+        pytest.skip("the Triton branch on the CPU needs TRITON_INTERPRET=1 before triton is imported")
 
 
 @pytest.mark.parametrize("L", [1, 7, 16, 100])
@@ -206,6 +226,8 @@ def test_recorder_off_and_config_validation():
 
 
 def test_paper_alpha_by_name():
+    # The GGUF file as the GPU run passes it: SmolLM2 is not in the paper, so the V1 default.
+    assert flashprefill_hf.paper_alpha(".gguf/SmolLM2-135M-Instruct.Q4_1.gguf") == 0.12
     assert flashprefill_hf.paper_alpha("meta-llama/Llama-3.1-8B-Instruct") == 0.18
     assert flashprefill_hf.paper_alpha("/ckpt/Qwen2.5-7B-Instruct") == 0.08
     assert flashprefill_hf.paper_alpha("Qwen/Qwen3-30B-A3B") == 0.12
@@ -224,6 +246,162 @@ def test_missing_model_package_message(monkeypatch):
         models.smollm2_gguf_path()
     with pytest.raises(flashprefill_hf.ModelNotAvailable, match="no such local checkpoint"):
         models.load_model("/nonexistent/checkpoint")
+
+
+def test_load_model_from_a_gguf_path(tmp_path, monkeypatch):
+    """A .gguf path: weights and tokenizer both read from the file (gguf_file=...), the name is the file name up to
+    the first dot, bf16 on CUDA by default; no real file or model needed (the loaders are stubbed)."""
+    import importlib.util
+
+    from flashprefill_hf import models
+
+    gguf = tmp_path / ".gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    calls = []
+
+    class Loaded:
+        def to(self, device):
+            calls.append(("to", str(device)))
+            return self
+
+        def eval(self):
+            return self
+
+    def fake(kind):
+        def from_pretrained(folder, **kwargs):
+            calls.append((kind, folder, kwargs))
+            return Loaded()
+        return from_pretrained
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake("tokenizer"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake("model"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "gguf" else real(name, *a))
+    _, _, name = models.load_model(gguf, device="cpu")
+    assert name == "SmolLM2-135M-Instruct" and flashprefill_hf.paper_alpha(name) == 0.12
+    tok, model, to = calls
+    assert tok == ("tokenizer", str(gguf.parent), {"gguf_file": gguf.name})
+    assert model[:2] == ("model", str(gguf.parent)) and model[2]["gguf_file"] == gguf.name
+    assert model[2]["dtype"] == torch.float32 and to == ("to", "cpu")
+    calls.clear()
+    models.load_model(gguf, device="meta" if not HAS_CUDA else "cuda", dtype=None)
+    assert calls[1][2]["dtype"] == (torch.bfloat16 if HAS_CUDA else torch.float32)
+    # Without the gguf package: a clear message, not a transformers traceback.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(flashprefill_hf.ModelNotAvailable, match="gguf"):
+        models.load_model(gguf)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Triton branch: under the interpreter on the CPU (float32), natively on a GPU (float32 here, bf16 below)
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_triton_branch_matches_reference(arch, allow_triton_on_cpu):
+    """impl="triton" and impl="reference" give the same logits and per-layer densities (float32, sparse alpha),
+    and alpha 0 through Triton gives eager attention's logits. On the CPU this runs the Triton kernels in the
+    interpreter: kept tiny (L = 128, 8 blocks of 16)."""
+    device = "cuda" if HAS_CUDA else "cpu"
+    model = tiny_model(arch, **KERNEL_SHAPE).to(device)
+    ids = tokens(128).to(device)
+    eager = logits(model, ids)
+    runs = {}
+    for impl in ("reference", "triton"):
+        cfg = flashprefill_hf.configure(model, fp_config(0.9, impl=impl))
+        runs[impl] = (logits(model, ids), cfg.recorder.per_layer(), cfg.recorder.impls())
+    (ref, ref_density, ref_impls), (tri, tri_density, tri_impls) = runs["reference"], runs["triton"]
+    assert ref_impls == {"reference": 2} and tri_impls == {"triton": 2}
+    assert all(d < 1 for d in ref_density.values()), ref_density  # the sparse path, not dense in disguise
+    assert tri_density == pytest.approx(ref_density, abs=1e-6)
+    torch.testing.assert_close(tri, ref, atol=2e-4, rtol=2e-4)
+    cfg = flashprefill_hf.configure(model, fp_config(0.0, impl="triton"))
+    torch.testing.assert_close(logits(model, ids), eager, atol=2e-4, rtol=2e-4)
+    assert cfg.recorder.impls() == {"triton": 2}
+
+
+def _bf16_rule(got, baseline, truth, what):
+    """got (bf16 FlashPrefill) is as close to the float32 truth as bf16 eager attention is (2x + a small floor)."""
+    err = (got.float() - truth).abs().max().item()
+    base = (baseline.float() - truth).abs().max().item()
+    assert err <= 2 * base + 2e-2 * truth.abs().max().item(), f"{what}: max error {err:.3g} vs bf16 eager {base:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size,L", [(16, 300), (128, 1000), (128, 4097)])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gpu_bf16_triton_alpha0_matches_eager(arch, block_size, L):
+    """bf16 on CUDA, default impl ("auto" -> Triton): alpha 0 gives eager attention's logits within bf16 rounding."""
+    model = tiny_model(arch, **KERNEL_SHAPE).cuda()
+    ids = tokens(L).cuda()
+    truth = logits(model, ids)  # float32 eager
+    model.to(torch.bfloat16)
+    eager = logits(model, ids)
+    cfg = flashprefill_hf.configure(model, fp_config(0.0, block_size=block_size))
+    got = logits(model, ids)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert cfg.recorder.impls() == {"triton": 2}
+    assert all(r["density"] == pytest.approx(1.0) for r in cfg.recorder.prefill_records())
+    _bf16_rule(got, eager, truth, f"{arch} L={L} bs={block_size}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gpu_bf16_triton_alpha_positive(arch):
+    """bf16 on CUDA with SmolLM2's block settings (block 128, sink 2, window 4, last 2) at 32 blocks: density < 1
+    in every layer, finite logits, the kernels' densities equal to the float32 reference's within a few blocks."""
+    model = tiny_model(arch, **KERNEL_SHAPE).cuda().to(torch.bfloat16)
+    ids = tokens(4096).cuda()
+    cfg = flashprefill_hf.configure(model, FlashPrefillConfig(alpha=0.9))
+    sparse = logits(model, ids)
+    per_layer = cfg.recorder.per_layer()
+    assert cfg.recorder.impls() == {"triton": 2}
+    assert set(per_layer) == {0, 1} and all(0 < d < 1 for d in per_layer.values()), per_layer
+    assert torch.isfinite(sparse).all()
+    # The same model with the reference in float32 (its own bf16 -> fp32 copy): selection agrees closely.
+    # (Inputs differ by bf16 rounding, so blocks near the threshold may flip: a loose bound, which a wrong layout or
+    # head mapping would still miss by far.)
+    ref_cfg = flashprefill_hf.configure(model.float(), FlashPrefillConfig(alpha=0.9, impl="reference"))
+    logits(model, ids)
+    ref_layer = ref_cfg.recorder.per_layer()
+    for layer in per_layer:
+        assert per_layer[layer] == pytest.approx(ref_layer[layer], abs=0.05), (per_layer, ref_layer)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gpu_bf16_generate(arch):
+    """Greedy generation on CUDA in bf16: Triton prefill, dense decoding; at alpha 0 the first token equals sdpa's
+    unless sdpa's own top-2 margin is within bf16 rounding."""
+    model = tiny_model(arch, attn="sdpa", **KERNEL_SHAPE).cuda().to(torch.bfloat16)
+    ids = tokens(700).cuda()
+    kwargs = dict(max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids), output_scores=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = model.generate(ids, **kwargs)
+    cfg = flashprefill_hf.configure(model, FlashPrefillConfig(alpha=0.0))
+    with torch.no_grad():
+        got = model.generate(ids, **kwargs)
+    assert got.sequences.shape == expected.sequences.shape
+    recs = cfg.recorder.records
+    assert [r["path"] for r in recs if r["length"] == 700] == ["flashprefill"] * 2
+    assert cfg.recorder.impls() == {"triton": 2}
+    decode = [r for r in recs if r["length"] == 1]
+    steps = got.sequences.shape[1] - ids.shape[1] - 1  # decoding forwards after the prefill (EOS may stop early)
+    assert len(decode) == 2 * steps and all(r["reason"] == "decode_or_cached_prefix" for r in decode)
+    top2 = expected.scores[0].float().topk(2, dim=-1).values
+    if (top2[:, 0] - top2[:, 1]).min() > 0.1:
+        assert torch.equal(got.sequences[:, ids.shape[1]], expected.sequences[:, ids.shape[1]])
+    flashprefill_hf.use_dense(model, "sdpa")
+
+
+@pytest.mark.gpu
+def test_gpu_unsupported_head_dim_falls_back_to_reference():
+    """impl="auto" on CUDA with a head dim the kernels do not support (16): a warning, then the reference."""
+    model = tiny_model("llama").cuda()
+    cfg = flashprefill_hf.configure(model, fp_config(0.0))
+    with pytest.warns(UserWarning, match="head dims"):
+        logits(model, tokens(64).cuda())
+    assert cfg.recorder.impls() == {"reference": 2}
 
 
 def test_real_activations_when_present():
