@@ -2,6 +2,10 @@
 
 No model and no tokenizer: lengths are measured in words (`count_words`), which is how the generators are meant
 to be tested; the runner passes the model's tokenizer instead.
+
+The runner's own logic (repro/accuracy/run.py) is tested without a model too: prompt order, the GPU command's
+flags (taken from repro/accuracy/device_run.sh), the report written from synthetic rows, and notebook 04 choosing
+the GPU results when they are present.
 """
 
 from __future__ import annotations
@@ -115,3 +119,145 @@ def test_scoring_errors_and_postprocess():
         scoring.sample_score("x", ["x"], "mean")
     with pytest.raises(ValueError):
         scoring.string_match_all(["a"], [["a"], ["b"]])
+
+
+# ---- the runner (no model) --------------------------------------------------------------------------------------
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def device_run_args() -> list[str]:
+    """The repro.accuracy.run arguments of repro/accuracy/device_run.sh, with its shell variables filled in."""
+    import re
+    import shlex
+
+    script = (ROOT / "repro" / "accuracy" / "device_run.sh").read_text()
+    command = re.search(r"-m repro\.accuracy\.run \\\n(.*?)2>&1", script, re.S).group(1)
+    command = command.replace("\\\n", " ").replace('"$MODEL"', "model.gguf").replace('"$OUT"', "/tmp/out")
+    command = command.replace('"$BUDGET"', "360").replace("${EXTRA:-}", "")
+    return shlex.split(command)
+
+
+def test_device_command_parses_to_the_planned_grid():
+    from repro.accuracy.run import parse_args
+
+    args = parse_args(device_run_args())
+    assert args.model == "model.gguf" and args.device == "cuda" and args.prefix == "accuracy_gpu_"
+    assert args.lengths == [1024, 2048, 4096, 8192] and args.depths == 10 and args.seeds == [0, 1, 2]
+    assert args.niah_tasks == ["passkey", "niah_single"] and args.ruler_lengths == [4096, 8192]
+    assert args.ruler_tasks == RULER_TASKS
+    assert args.alphas == [0.05, 0.08, 0.18, 0.3] and args.sweep_lengths == [2048, 4096, 8192]
+    assert args.error_lengths == [4096, 8192] and args.error_layers is None and 0.0 in args.error_alphas
+    assert args.time_budget == 360
+
+
+def test_prompts_run_seed_by_seed():
+    """A time budget must cut whole seeds: every seed's prompts (all tasks and lengths) come before the next seed's."""
+    from repro.accuracy.run import niah_samples, ruler_samples, seed_major
+
+    niah = niah_samples([1024, 2048], [0.0, 1.0], ["passkey", "niah_single"], [0, 1], count_words)
+    ruler = ruler_samples([2048], ["qa", "vt"], [0, 1], count_words)
+    ordered = seed_major(niah + ruler)
+    seeds = [s.seed for _, s in ordered]
+    assert seeds == sorted(seeds)
+    first = [s for _, s in ordered[: len(ordered) // 2]]
+    assert {(s.task, s.length) for s in first} == {("passkey", 1024), ("passkey", 2048), ("niah_single", 1024),
+                                                   ("niah_single", 2048), ("qa", 2048), ("vt", 2048)}
+
+
+def _synthetic_rows(seeds, alphas=(0.12, 0.3)):
+    rows = []
+    for seed in seeds:
+        for task, L, depth in [("passkey", 2048, 0.0), ("niah_single", 4096, 1.0)]:
+            base = dict(experiment="niah", task=task, length=L, tokens=L - 50, depth=depth, seed=seed,
+                        answer="42", seconds=0.1, model_dtype="bfloat16")
+            rows.append(dict(base, method="full", alpha="", score=100.0, density=1.0, impl="sdpa", prediction="42"))
+            for a in alphas:
+                rows.append(dict(base, method="flashprefill", alpha=a, score=100.0, density=0.5 - a, impl="triton",
+                                 prediction="42"))
+    return rows
+
+
+def test_report_states_device_path_coverage_and_paper(tmp_path):
+    from repro.accuracy import run
+
+    args = run.parse_args(["--lengths", "2048", "4096", "--depths", "2", "--seeds", "0", "1", "--niah-tasks",
+                           "passkey", "niah_single", "--ruler-lengths", "--alphas", "0.3", "--error-lengths", "4096",
+                           "--prefix", "accuracy_gpu_"])
+    rows = _synthetic_rows([0])  # seed 1 never ran: the report must say the run is incomplete
+    err = [dict(experiment="layer_error", layer=layer, length=4096, tokens=4000, alpha=a, density=0.6,
+                rel_error=0.002 if a == 0 else 0.05, impl="triton", dtype="bfloat16",
+                **({"ref_density": 0.6, "ref_rel_error": 0.049} if a == 0.12 else {}))
+           for layer in (0, 1) for a in (0.0, 0.12)]
+    stamp = dict(device="cuda", device_name="NVIDIA H200", torch="2.11", triton="3.6.0", python="3.12.3",
+                 date="2026-11-29", commit="abc1234")
+    path = tmp_path / "summary.md"
+    run.write_report(path, rows, err, args, "SmolLM2-135M-Instruct", 0.12, stamp, 400.0, {}, "accuracy_gpu_")
+    text = path.read_text()
+    assert "NVIDIA H200 (cuda)" in text and "wall time 6.7 min" in text
+    assert "in bfloat16" in text and "Triton kernels (triton_impl.flash_prefill)" in text
+    assert "sdpa attention on the GPU" in text
+    assert "**Incomplete:**" in text and "| Full | 2 | 16 | 0 |" in text
+    assert "Paper: NIAH" in text and "93.28" not in text  # no RULER rows, so no RULER paper line
+    assert "bf16 floor" not in text and "rounding error in bfloat16" in text
+    assert "Cross-check on the same activations, alpha 0.12" in text and "2/2 checked layers" in text
+
+
+def test_notebook_shows_gpu_results_when_present(tmp_path, monkeypatch):
+    """Notebook 04 prefers accuracy_gpu_* over the CPU files and compares the prompts both runs answered."""
+    import shutil
+
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    results = ROOT / "repro" / "results"
+    if not (results / "accuracy_samples.csv").exists():
+        pytest.skip("no committed CPU accuracy results")
+    for name in ("samples.csv", "layer_error.csv", "summary.md"):
+        shutil.copy(results / f"accuracy_{name}", tmp_path / f"accuracy_{name}")
+        shutil.copy(results / f"accuracy_{name}", tmp_path / f"accuracy_gpu_{name}")  # stand-in for a GPU run
+    monkeypatch.setenv("FLASHPREFILL_RESULTS", str(tmp_path))
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    path = ROOT / "notebooks" / "04_accuracy.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    texts = [o.get("text", "") + str(o.get("data", {}).get("text/markdown", ""))
+             for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    joined = "\n".join(texts)
+    assert "showing: GPU run" in joined
+    assert "| full  |" in joined and "identical answers" in joined  # the GPU-vs-CPU table, from shared prompts
+
+
+def test_layer_errors_triton_cross_check_on_a_tiny_model():
+    """The error study's Triton path (what runs on the GPU) with its reference cross-check, here under the Triton
+    interpreter in float32 on a tiny random Llama (head dim 64) with a stand-in tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from repro.accuracy import run
+    from triton_impl.common import interpreting
+
+    if not torch.cuda.is_available() and not interpreting():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+
+    class WordTokenizer:  # one id per word: enough for build_prompt and the length budget
+        chat_template = None
+
+        def __call__(self, text, return_tensors=None, add_special_tokens=False):
+            ids = [sum(map(ord, w)) % 97 for w in text.split()]
+            return type("Enc", (), {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids})()
+
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=96, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=6, num_key_value_heads=2, head_dim=64,
+                                      max_position_embeddings=2048)
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device).eval()
+    tok = WordTokenizer()
+    rows = run.layer_errors(model, tok, [400], [0.0, 0.12], None, run.token_counter(tok), None,
+                            cross_check_alpha=0.12, use_triton=True)
+    assert [(r["layer"], r["alpha"]) for r in rows] == [(0, 0.0), (0, 0.12), (1, 0.0), (1, 0.12)]
+    assert all(r["impl"] == "triton" and r["dtype"] == "float32" for r in rows)
+    assert all(r["rel_error"] < 1e-4 for r in rows if r["alpha"] == 0.0)  # float32: rounding only
+    checked = [r for r in rows if "ref_rel_error" in r]
+    assert [r["alpha"] for r in checked] == [0.12, 0.12]  # layers 0 (every fourth) and 1 (the last)
+    assert all(r["ref_density"] == pytest.approx(r["density"]) for r in checked)

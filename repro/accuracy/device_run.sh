@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The accuracy study on one GPU (bf16 model, FlashPrefill through the Triton kernels), then the backend's tests
+# there, in one call of about 8 minutes. Run from the repository root, once the model file and the `gguf` package
+# are in place:
+#
+#   OUT=/path/to/out FLASHPREFILL_COMMIT=<short commit> bash repro/accuracy/device_run.sh
+#
+# Environment (all optional except OUT):
+#   MODEL   the GGUF file or checkpoint (default .gguf/SmolLM2-135M-Instruct.Q4_1.gguf)
+#   BUDGET  seconds from the model load after which no new prompt starts (default 360: the run ends within ~6.5 min)
+#   TESTS   1 (default) runs `pytest tests/test_hf_backend.py` after the study (GPU-marked tests included), 0 skips it
+#   PYTHON  the interpreter (default python3)
+#   EXTRA   more arguments for repro.accuracy.run, appended (later ones win), e.g. for a tiny CPU dry run:
+#           EXTRA="--device cpu --lengths 1024 --depths 1 --seeds 0 --ruler-lengths 1024 --ruler-tasks qa
+#                  --sweep-lengths 1024 --error-lengths 1024 --error-layers 0 29" TESTS=0
+#   FLASHPREFILL_COMMIT  the commit the tree was copied from (a copy without .git cannot tell); goes in the stamps
+#
+# Writes at most 8 files into $OUT: accuracy_gpu_{samples.csv, layer_error.csv, summary.md} (essential: the
+# figures can be redrawn from them with `python -m repro.accuracy.run --report-only --out-dir DIR --prefix
+# accuracy_gpu_`), accuracy_gpu_{niah_heatmap, alpha_sweep, layer_error}.png, accuracy_gpu_log.txt (the run's
+# console) and accuracy_gpu_tests.log (pytest -v).
+#
+# What runs (repro/accuracy/run.py; the order puts the cheapest, most needed parts first):
+#   1. per-layer error of the Triton kernels vs exact float32 attention on real activations, all 30 layers, 4K and
+#      8K, alphas 0 (the bf16 floor), 0.05, 0.08, 0.12, 0.18, 0.3, plus the float32 reference at 0.12 (cross-check)
+#   2. Full (sdpa) and FlashPrefill at the paper's alpha for SmolLM2 (0.12) on: passkey and single-needle NIAH at
+#      1K/2K/4K/8K x 10 depths, and the RULER-style suite (9 tasks) at 4K and 8K; seeds 0, 1, 2 (588 answers)
+#   3. the alpha sweep 0.05 0.08 0.18 0.3 on the same prompts at 2K-8K (at 1K the safety net keeps every block, so
+#      all alphas are the same attention) (936 answers)
+# Phases 2 and 3 run seed by seed: if BUDGET runs out, the last seeds of the sweep are dropped and the summary's
+# coverage table says how many prompts ran.
+set -uo pipefail
+: "${OUT:?set OUT to the output folder}"
+MODEL=${MODEL:-.gguf/SmolLM2-135M-Instruct.Q4_1.gguf}
+BUDGET=${BUDGET:-360}
+TESTS=${TESTS:-1}
+PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TQDM_MININTERVAL=${TQDM_MININTERVAL:-20}  # progress bars in the log every 20 s, not every prompt
+mkdir -p "$OUT"
+
+nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv,noheader || true
+"$PYTHON" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+echo "commit ${FLASHPREFILL_COMMIT:-unknown}; model $MODEL; budget ${BUDGET}s"
+[ -f "$MODEL" ] || [ -d "$MODEL" ] || { echo "no model at $MODEL"; exit 2; }
+
+# Hard stop well inside a 10-minute call even if something hangs; the budget normally ends it much earlier.
+timeout $((BUDGET + 120)) "$PYTHON" -m repro.accuracy.run \
+    --model "$MODEL" --device cuda --out-dir "$OUT" --prefix accuracy_gpu_ \
+    --lengths 1024 2048 4096 8192 --depths 10 --seeds 0 1 2 --niah-tasks passkey niah_single \
+    --ruler-lengths 4096 8192 \
+    --alphas 0.05 0.08 0.18 0.3 --sweep-lengths 2048 4096 8192 \
+    --error-lengths 4096 8192 --error-alphas 0 0.05 0.08 0.12 0.18 0.3 \
+    --time-budget "$BUDGET" ${EXTRA:-} 2>&1 | tee "$OUT/accuracy_gpu_log.txt"
+status=${PIPESTATUS[0]}
+echo "accuracy run exit status $status"
+
+if [ "$TESTS" = 1 ]; then
+    timeout 150 "$PYTHON" -m pytest tests/test_hf_backend.py -v -p no:cacheprovider 2>&1 \
+        | tee "$OUT/accuracy_gpu_tests.log" | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" | tail -n 60
+    echo "tests exit status ${PIPESTATUS[0]}"
+fi
+ls -la "$OUT"
+exit "$status"
