@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -316,7 +317,7 @@ def write_report(path: Path, rows, err_rows, args, name, default_alpha, stamp, w
     summary = summarize(rows, default_alpha)
     lines = [f"# Accuracy: FlashPrefill vs Full on {name}" + (" (quick mode)" if args.quick else ""), "",
              stamp_line(stamp), "",
-             f"Command: `python -m repro.accuracy.run {' '.join(args.argv)}` — wall time {wall / 60:.1f} min. "
+             f"Command: `python -m repro.accuracy.run {shlex.join(args.argv)}` — wall time {wall / 60:.1f} min. "
              f"Model: {name}{_dtype_words(rows)}; FlashPrefill default alpha {default_alpha} (block 128, sink 2, "
              f"window 4, last 2 dense blocks, every layer sparse unless --dense-layers); {_path_words(rows, stamp)}; "
              f"greedy decoding (dense attention while decoding, for both methods); RULER string-match scores in "
@@ -657,7 +658,7 @@ def report_only(args) -> None:
     old = (out / f"{prefix}summary.md").read_text() if (out / f"{prefix}summary.md").exists() else ""
     cmd = re.search(r"Command: `python -m repro.accuracy.run ?(.*?)`", old)
     wall = re.search(r"wall time ([0-9.]+) min", old)
-    run_args = parse_args(cmd.group(1).split() if cmd else [])
+    run_args = parse_args(shlex.split(cmd.group(1)) if cmd else [])
     run_args.seeds = sorted(set(run_args.seeds) | {r["seed"] for r in rows})
     run_args.note = args.note
     stamp = {k: rows[0][k] for k in ("device", "device_name", "torch", "triton", "python", "date", "commit")}
