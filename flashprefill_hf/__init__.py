@@ -6,6 +6,9 @@ Three lines::
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=flashprefill_hf.register())
     cfg = flashprefill_hf.configure(model, alpha=0.12)   # optional: per-model parameters; cfg.recorder has densities
 
+A peer's block selection instead of FlashPrefill's, for comparisons: `configure(model, selector="xattention",
+selector_params={"threshold": 0.95})` (or "flexprefill" with {"gamma": ...}); see `FlashPrefillConfig`.
+
 Prefill (query length == key length, causal, no padding, no cached prefix) runs FlashPrefill (Triton on CUDA,
 the pure-PyTorch reference elsewhere); decoding, cached prefixes and padded batches run exact dense attention.
 """
@@ -14,6 +17,8 @@ from .backend import (
     ATTN_NAME,
     DensityRecorder,
     FlashPrefillConfig,
+    PEER_SELECTORS,
+    SELECTORS,
     attention_modules,
     configure,
     default_config,
@@ -30,6 +35,8 @@ __all__ = [
     "ATTN_NAME",
     "DensityRecorder",
     "FlashPrefillConfig",
+    "PEER_SELECTORS",
+    "SELECTORS",
     "attention_modules",
     "configure",
     "default_config",

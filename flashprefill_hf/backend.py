@@ -11,7 +11,10 @@ The function below then decides, per call:
 
     prefill  (Lq == Lk, causal module, no padding: the mask is None or exactly causal, no dropout, no softcap,
               no sliding window shorter than the prompt, not one of the first `dense_layers` layers)
-             -> FlashPrefill: `triton_impl.flash_prefill` on CUDA, `reference.flash_prefill` on the CPU
+             -> block-sparse prefill with the configured block selector (`FlashPrefillConfig.selector`):
+                "flashprefill" (default): `triton_impl.flash_prefill` on CUDA, `reference.flash_prefill` on the CPU;
+                "flexprefill" / "xattention" (the peers, `reference.peers`): the peer's block lists, then
+                `triton_impl.block_sparse_attention` on CUDA, `reference.block_sparse_attention` on the CPU
     anything else (decoding, a cached prefix, padded batches, ...)
              -> exact dense attention: transformers' own sdpa function
 
@@ -26,7 +29,7 @@ import dataclasses
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -44,8 +47,9 @@ class DensityRecorder:
 
     Each record is a dict: layer (module.layer_idx), length (Lq), batch, path ("flashprefill", "dense_layer" or
     "dense_fallback"), reason (why a call fell back), density (kept causal blocks / all causal blocks for a
-    FlashPrefill call; 1.0 for a dense-layer prefill; None for a fallback that is not a prefill), and for
-    FlashPrefill calls impl ("triton" or "reference": which implementation ran).
+    block-sparse prefill call; 1.0 for a dense-layer prefill; None for a fallback that is not a prefill), and for
+    block-sparse prefill calls (path "flashprefill", whichever selector ran) impl ("triton" or "reference": which
+    implementation ran) and selector (the config's selector: "flashprefill", "flexprefill" or "xattention").
     Densities are kept as tensors until read, so recording adds no host synchronisation on the GPU.
     """
 
@@ -109,6 +113,34 @@ class DensityRecorder:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Block selectors
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PeerSelector:
+    """A peer's block selector: select(q, k, block_size=, softmax_scale=, **params) -> (counts, indices), the
+    parameters `selector_params` may set, and check(block_size=, **params), which validates them without tensors."""
+
+    select: Callable
+    params: tuple[str, ...]
+    check: Callable
+
+
+def _peer_selectors() -> dict[str, PeerSelector]:
+    from reference import peers
+
+    return {
+        "flexprefill": PeerSelector(peers.flexprefill_select, ("gamma", "tau", "min_budget", "max_budget"),
+                                    peers.check_flexprefill_params),
+        "xattention": PeerSelector(peers.xattention_select, ("threshold", "stride", "keep_sink", "keep_diagonal"),
+                                   peers.check_xattention_params),
+    }
+
+
+PEER_SELECTORS = _peer_selectors()
+SELECTORS = ("flashprefill", *PEER_SELECTORS)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -123,6 +155,11 @@ class FlashPrefillConfig:
     small (Bs x Bs) tiles; on a 2-core VM a multi-threaded torch op on such tiles pays a multi-millisecond thread
     wake-up, and one thread ran the reference several times faster (see repro/results/accuracy_cpu_threads.md),
     while the model's large matmuls still gain from all cores. Threads are restored after each call.
+    selector: which block selection the prefill uses: "flashprefill" (default; alpha and the safety net apply) or
+    a peer, "flexprefill" / "xattention" (reference/peers.py; alpha and the safety-net fields are then unused: the
+    peers force their own sink / diagonal blocks). selector_params: the peer's parameters, e.g. {"gamma": 0.95}
+    or {"threshold": 0.95}; unset ones take the peer's paper defaults (reference.peers.*_DEFAULTS). block_size is
+    shared by every selector. "flashprefill" takes no selector_params (set alpha etc. directly).
     """
 
     alpha: float = 0.12
@@ -134,6 +171,8 @@ class FlashPrefillConfig:
     impl: str = "auto"
     recorder: DensityRecorder | None = field(default_factory=DensityRecorder)
     cpu_threads: int | None = 1
+    selector: str = "flashprefill"
+    selector_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from reference.validation import check_alpha, check_block_size, check_count
@@ -146,10 +185,40 @@ class FlashPrefillConfig:
         check_count("dense_layers", self.dense_layers, minimum=0)
         if self.impl not in ("auto", "reference", "triton"):
             raise ValueError(f"impl must be 'auto', 'reference' or 'triton', got {self.impl!r}")
+        self._check_selector()
+
+    def _check_selector(self) -> None:
+        if self.selector not in SELECTORS:
+            raise ValueError(f"selector must be one of {', '.join(map(repr, SELECTORS))}, got {self.selector!r}")
+        if not isinstance(self.selector_params, dict):
+            raise TypeError(f"selector_params must be a dict, got {type(self.selector_params).__name__}")
+        if self.selector == "flashprefill":
+            if self.selector_params:
+                raise ValueError(f"selector 'flashprefill' takes no selector_params (set alpha, sink_blocks, ... "
+                                 f"on the config), got {sorted(self.selector_params)}")
+            return
+        peer = PEER_SELECTORS[self.selector]
+        unknown = sorted(set(self.selector_params) - set(peer.params))
+        if unknown:
+            raise ValueError(f"selector {self.selector!r} has no parameter(s) {unknown}; "
+                             f"it takes {', '.join(peer.params)}")
+        peer.check(block_size=self.block_size, **self.selector_params)  # raises with the parameter's name
 
     def kernel_kwargs(self) -> dict[str, Any]:
         return dict(alpha=self.alpha, block_size=self.block_size, sink_blocks=self.sink_blocks,
                     window_blocks=self.window_blocks, last_dense_blocks=self.last_dense_blocks)
+
+    def select_peer(self, q: torch.Tensor, k: torch.Tensor, softmax_scale: float | None):
+        """(counts, indices) of the configured peer selector for q (B, L, Hq, D), k (B, L, Hkv, D)."""
+        return PEER_SELECTORS[self.selector].select(q, k, block_size=self.block_size, softmax_scale=softmax_scale,
+                                                    **self.selector_params)
+
+    def describe(self) -> str:
+        """The selection in words, e.g. "flashprefill alpha=0.12" or "xattention threshold=0.95"."""
+        if self.selector == "flashprefill":
+            return f"flashprefill alpha={self.alpha:g}"
+        return " ".join([self.selector] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in self.selector_params.items()])
 
     def replace(self, **changes) -> "FlashPrefillConfig":
         """A copy with some fields changed (the recorder is shared unless replaced)."""
@@ -224,8 +293,8 @@ def prefill_blocker(module, query, key, value, attention_mask, dropout, kwargs) 
     return None
 
 
-def _kernel(config: FlashPrefillConfig, device: torch.device, head_dim: int, dtype: torch.dtype):
-    """(flash_prefill function, "triton" or "reference") for this call."""
+def _implementation(config: FlashPrefillConfig, device: torch.device, head_dim: int, dtype: torch.dtype):
+    """The module that runs this call, triton_impl or reference, and its name ("triton" or "reference")."""
     impl = config.impl
     if impl == "auto":
         impl = "triton" if device.type == "cuda" else "reference"
@@ -235,15 +304,27 @@ def _kernel(config: FlashPrefillConfig, device: torch.device, head_dim: int, dty
 
         if config.impl == "auto" and (head_dim not in HEAD_DIMS or dtype not in KERNEL_DTYPES):
             warnings.warn(f"FlashPrefill Triton kernels support head dims {HEAD_DIMS} and dtypes {KERNEL_DTYPES}; "
-                          f"got {head_dim}, {dtype}: using the (slow) PyTorch reference", stacklevel=3)
-            import reference
-
-            return reference.flash_prefill, "reference"
-        # Looked up at call time (not bound at import), so tests can wrap or forbid it.
-        return triton_impl.flash_prefill, "triton"
+                          f"got {head_dim}, {dtype}: using the (slow) PyTorch reference", stacklevel=4)
+        else:
+            return triton_impl, "triton"
     import reference
 
-    return reference.flash_prefill, "reference"
+    return reference, "reference"
+
+
+def _sparse_prefill(config: FlashPrefillConfig, q, k, v, scaling):
+    """Block-sparse causal attention of q (B, L, Hq, D), k, v (B, L, Hkv, D) with the configured selector.
+    Returns (out (B, L, Hq, D), density (0-d tensor), implementation name)."""
+    impl, name = _implementation(config, q.device, q.shape[-1], q.dtype)
+    # Functions are looked up on the module at call time (not bound at import), so tests can wrap or forbid them.
+    if config.selector == "flashprefill":
+        out, stats = impl.flash_prefill(q, k, v, softmax_scale=scaling, return_stats=True, **config.kernel_kwargs())
+        return out, stats.density, name
+    import reference
+
+    counts, indices = config.select_peer(q, k, scaling)
+    out = impl.block_sparse_attention(q, k, v, counts, indices, config.block_size, scaling)
+    return out, reference.causal_block_density(counts), name
 
 
 @contextlib.contextmanager
@@ -276,16 +357,15 @@ def flashprefill_attention_forward(module, query, key, value, attention_mask, sc
                          density=1.0 if reason == "dense_layer" else None)
         return _dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
-    flash_prefill, impl = _kernel(config, query.device, D, query.dtype)
     # (B, H, L, D) -> (B, L, H, D), the layout of the FlashPrefill API; the output is already (B, L, Hq, D).
     q = query.transpose(1, 2).contiguous()
     k = key.transpose(1, 2).contiguous()
     v = value.transpose(1, 2).contiguous()
     with _cpu_threads(config.cpu_threads if q.device.type == "cpu" else None):
-        out, stats = flash_prefill(q, k, v, softmax_scale=scaling, return_stats=True, **config.kernel_kwargs())
+        out, density, impl = _sparse_prefill(config, q, k, v, scaling)
     if recorder is not None:
-        recorder.add(layer=layer, length=Lq, batch=B, path="flashprefill", reason=None, density=stats.density,
-                     impl=impl)
+        recorder.add(layer=layer, length=Lq, batch=B, path="flashprefill", reason=None, density=density,
+                     impl=impl, selector=config.selector)
     return out, None
 
 

@@ -36,7 +36,8 @@ from .validation import check_block_size, check_count, check_qkv, num_blocks, re
 FLEXPREFILL_DEFAULTS = dict(gamma=0.9, tau=0.1, min_budget=1024, block_size=128)
 XATTENTION_DEFAULTS = dict(threshold=0.9, stride=8, block_size=128)
 
-__all__ = ["flexprefill_select", "xattention_select", "FLEXPREFILL_DEFAULTS", "XATTENTION_DEFAULTS"]
+__all__ = ["flexprefill_select", "xattention_select", "FLEXPREFILL_DEFAULTS", "XATTENTION_DEFAULTS",
+           "check_flexprefill_params", "check_xattention_params"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -52,6 +53,36 @@ def _check_real(name: str, value, *, low: float, high: float, low_open: bool = F
         bracket = "(" if low_open else "["
         raise ValueError(f"{name} must lie in {bracket}{low:g}, {high:g}], got {value}")
     return value
+
+
+def check_flexprefill_params(*, gamma=0.9, tau=0.1, min_budget=1024, max_budget=None,
+                             block_size=128) -> tuple[float, float]:
+    """Validate FlexPrefill's parameters (without tensors); return (gamma, tau) as floats."""
+    gamma = _check_real("gamma", gamma, low=0.0, high=1.0, low_open=True)
+    tau = _check_real("tau", tau, low=0.0, high=1.0)
+    check_count("min_budget", min_budget, minimum=0)
+    if max_budget is not None:
+        check_count("max_budget", max_budget, minimum=1)
+    check_block_size(block_size)
+    return gamma, tau
+
+
+def _check_stride(stride, block_size) -> None:
+    check_block_size(block_size)
+    check_count("stride", stride, minimum=1)
+    if block_size % stride or stride & (stride - 1):
+        raise ValueError(f"stride must be a power of two dividing block_size={block_size}, got {stride}")
+
+
+def check_xattention_params(*, threshold=0.9, stride=8, block_size=128, keep_sink=True,
+                            keep_diagonal=True) -> float:
+    """Validate XAttention's parameters (without tensors); return the threshold as a float."""
+    threshold = _check_real("threshold", threshold, low=0.0, high=1.0, low_open=True)
+    for name, flag in (("keep_sink", keep_sink), ("keep_diagonal", keep_diagonal)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    _check_stride(stride, block_size)
+    return threshold
 
 
 def _causal(M: int, device) -> torch.Tensor:
@@ -175,12 +206,8 @@ def flexprefill_select(
         counts (B, Hq, M) int32, indices (B, Hq, M, N) int32 [, query_aware].
     """
     B, L, Hq, Hkv, D = check_qkv(q, k, k)
-    gamma = _check_real("gamma", gamma, low=0.0, high=1.0, low_open=True)
-    tau = _check_real("tau", tau, low=0.0, high=1.0)
-    check_count("min_budget", min_budget, minimum=0)
-    if max_budget is not None:
-        check_count("max_budget", max_budget, minimum=1)
-    check_block_size(block_size)
+    gamma, tau = check_flexprefill_params(gamma=gamma, tau=tau, min_budget=min_budget, max_budget=max_budget,
+                                          block_size=block_size)
     scale = resolve_scale(softmax_scale, D)
     Bs, device = block_size, q.device
     M = num_blocks(L, Bs)
@@ -257,10 +284,7 @@ def xattention_block_scores(q, k, *, stride: int = 8, block_size: int = 128, sof
     query block I and strided columns c in key block J of softmax_c(scale / S * sum_s q[rS + S-1-s] . k[cS + s]).
     Each strided row that holds a real query sums to 1 over J <= I; see `xattention_select`."""
     B, L, Hq, Hkv, D = check_qkv(q, k, k)
-    check_block_size(block_size)
-    check_count("stride", stride, minimum=1)
-    if block_size % stride or stride & (stride - 1):
-        raise ValueError(f"stride must be a power of two dividing block_size={block_size}, got {stride}")
+    _check_stride(stride, block_size)
     scale = resolve_scale(softmax_scale, D)
     S, Bs, device = stride, block_size, q.device
     M = num_blocks(L, Bs)
@@ -330,10 +354,8 @@ def xattention_select(
     Returns:
         counts (B, Hq, M) int32, indices (B, Hq, M, N) int32.
     """
-    threshold = _check_real("threshold", threshold, low=0.0, high=1.0, low_open=True)
-    for name, flag in (("keep_sink", keep_sink), ("keep_diagonal", keep_diagonal)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    threshold = check_xattention_params(threshold=threshold, stride=stride, block_size=block_size,
+                                        keep_sink=keep_sink, keep_diagonal=keep_diagonal)
     scores = xattention_block_scores(q, k, stride=stride, block_size=block_size, softmax_scale=softmax_scale)
     B, Hq, M, _ = scores.shape
     causal = _causal(M, q.device)

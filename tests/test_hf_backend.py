@@ -7,6 +7,9 @@ No weights are needed: every model is built from a small config with a fixed see
 * generation after a FlashPrefill prefill works and every decoding step takes the dense path;
 * padded batches, cached prefixes, the first `dense_layers` layers fall back to dense attention;
 * sequences of 1 token and shorter than a block work;
+* the peers' block selectors (selector="flexprefill" / "xattention", reference/peers.py) run through the same
+  backend: a pruning setting gives density < 1, a setting that keeps every block gives eager attention's logits,
+  and unknown selectors or parameters fail at configuration time;
 * on the CPU the reference runs, never the Triton path (tests run with TRITON_INTERPRET=1), unless a test asks
   for the Triton branch (impl="triton", `allow_triton_on_cpu`): then it runs under the interpreter in float32 and
   must give the reference's logits and densities;
@@ -78,8 +81,8 @@ def fp_config(alpha: float, **kwargs) -> FlashPrefillConfig:
 
 @pytest.fixture(autouse=True)
 def no_triton_on_cpu(request, monkeypatch):
-    """On the CPU the backend must call the reference; any Triton flash_prefill call fails the test, unless the
-    test requests `allow_triton_on_cpu`."""
+    """On the CPU the backend must call the reference; any Triton flash_prefill / block_sparse_attention call
+    fails the test, unless the test requests `allow_triton_on_cpu`."""
     if torch.cuda.is_available() or "allow_triton_on_cpu" in request.fixturenames:
         return
     import triton_impl
@@ -88,6 +91,7 @@ def no_triton_on_cpu(request, monkeypatch):
         raise AssertionError("the Triton path was called on the CPU")
 
     monkeypatch.setattr(triton_impl, "flash_prefill", forbidden)
+    monkeypatch.setattr(triton_impl, "block_sparse_attention", forbidden)
 
 
 @pytest.fixture
@@ -225,6 +229,92 @@ def test_recorder_off_and_config_validation():
         FlashPrefillConfig(impl="cuda")
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The peers' block selectors through the backend
+# --------------------------------------------------------------------------------------------------------------
+# Small-block versions of the peers' settings: min_budget 2 blocks (the default 1024 tokens is 64 blocks of 16, so
+# FlexPrefill would call every prompt here "short" and stay dense), XAttention stride 8 (divides the block).
+PEER_PRUNE = {"flexprefill": {"gamma": 0.5, "min_budget": 2 * BLOCK}, "xattention": {"threshold": 0.5}}
+# Settings that keep every causal block. FlexPrefill: tau = 1 makes every head query-aware (sqrt JSD <= sqrt(ln 2)
+# < 1) and gamma = 1 keeps every block of non-zero pooled mass. XAttention: threshold 1 keeps every block of
+# non-zero score; on the tiny Qwen3 (sharp q/k norms) some strided softmax entries underflow to exactly 0, so there
+# it does drop blocks (the selector's documented rule), hence Llama and Qwen2 only.
+PEER_KEEP_ALL = {"flexprefill": {"gamma": 1.0, "tau": 1.0, "min_budget": 2 * BLOCK}, "xattention": {"threshold": 1.0}}
+
+
+def peer_config(selector: str, params: dict, **kwargs) -> FlashPrefillConfig:
+    return FlashPrefillConfig(selector=selector, selector_params=dict(params), block_size=BLOCK, **kwargs)
+
+
+@pytest.mark.parametrize("selector", ["flexprefill", "xattention"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_peer_selector_prunes(arch, selector):
+    model = tiny_model(arch)
+    ids = tokens(512)  # 32 blocks of 16
+    dense = logits(model, ids)
+    cfg = flashprefill_hf.configure(model, peer_config(selector, PEER_PRUNE[selector]))
+    sparse = logits(model, ids)
+    recs = cfg.recorder.records
+    assert [(r["path"], r["selector"], r["impl"]) for r in recs] == [("flashprefill", selector, "reference")] * 2
+    per_layer = cfg.recorder.per_layer()
+    assert all(0 < d < 1 for d in per_layer.values()), per_layer
+    assert torch.isfinite(sparse).all()
+    # Both peers force the diagonal block (and the first key block), so the first query block is exact.
+    torch.testing.assert_close(sparse[:, :BLOCK], dense[:, :BLOCK], atol=2e-4, rtol=2e-4)
+    assert (sparse - dense).abs().max() > 1e-3  # pruning changed the logits: the sparse path really ran
+
+
+@pytest.mark.parametrize("selector,arch", [("flexprefill", a) for a in ARCHS]
+                         + [("xattention", a) for a in ("llama", "qwen2")])
+def test_peer_selector_keeping_every_block_matches_eager(arch, selector):
+    model = tiny_model(arch)
+    ids = tokens(512, batch=2)
+    expected = logits(model, ids)
+    cfg = flashprefill_hf.configure(model, peer_config(selector, PEER_KEEP_ALL[selector]))
+    got = logits(model, ids)
+    assert cfg.recorder.per_layer() == {0: pytest.approx(1.0), 1: pytest.approx(1.0)}
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4)
+
+
+def test_peer_selector_generates_with_dense_decoding():
+    model = tiny_model("llama")
+    ids = tokens(300)
+    cfg = flashprefill_hf.configure(model, peer_config("xattention", PEER_PRUNE["xattention"]))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert out.shape == (1, 303)
+    assert cfg.recorder.paths() == {"flashprefill": 2, "dense_fallback": 4}
+    assert 0 < cfg.recorder.mean_density() < 1
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(selector="minference"), ValueError, "selector must be one of 'flashprefill', 'flexprefill'"),
+    (dict(selector="FlexPrefill"), ValueError, "selector must be one of"),
+    (dict(selector="xattention", selector_params={"gamma": 0.9}), ValueError,
+     r"'xattention' has no parameter\(s\) \['gamma'\]; it takes threshold"),
+    (dict(selector="flexprefill", selector_params={"block_size": 64}), ValueError, "no parameter"),
+    (dict(selector="flexprefill", selector_params={"gamma": 0.0}), ValueError, "gamma must lie in"),
+    (dict(selector="flexprefill", selector_params={"tau": "0.1"}), TypeError, "tau must be a real number"),
+    (dict(selector="xattention", selector_params={"threshold": 1.5}), ValueError, "threshold must lie in"),
+    (dict(selector="xattention", selector_params={"stride": 256}), ValueError, "stride"),
+    (dict(selector="xattention", selector_params=[("threshold", 0.9)]), TypeError, "selector_params must be a dict"),
+    (dict(selector_params={"alpha": 0.1}), ValueError, "'flashprefill' takes no selector_params"),
+], ids=lambda x: str(x) if not isinstance(x, type) else x.__name__)
+def test_peer_selector_validation(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FlashPrefillConfig(**kwargs)
+    with pytest.raises(error, match=match):  # configure() builds the same config from keywords
+        flashprefill_hf.configure(tiny_model("llama"), **kwargs)
+
+
+def test_peer_selector_describe_and_defaults():
+    assert FlashPrefillConfig().describe() == "flashprefill alpha=0.12"
+    assert FlashPrefillConfig(selector="xattention", selector_params={"threshold": 0.95}).describe() == \
+        "xattention threshold=0.95"
+    assert FlashPrefillConfig(selector="flexprefill").selector_params == {}  # the peer's paper defaults apply
+    assert set(flashprefill_hf.SELECTORS) == {"flashprefill", "flexprefill", "xattention"}
+
+
 def test_paper_alpha_by_name():
     # The GGUF file as the GPU run passes it: SmolLM2 is not in the paper, so the V1 default.
     assert flashprefill_hf.paper_alpha(".gguf/SmolLM2-135M-Instruct.Q4_1.gguf") == 0.12
@@ -317,6 +407,25 @@ def test_triton_branch_matches_reference(arch, allow_triton_on_cpu):
     cfg = flashprefill_hf.configure(model, fp_config(0.0, impl="triton"))
     torch.testing.assert_close(logits(model, ids), eager, atol=2e-4, rtol=2e-4)
     assert cfg.recorder.impls() == {"triton": 2}
+
+
+@pytest.mark.parametrize("selector", ["flexprefill", "xattention"])
+def test_triton_branch_runs_peer_lists(selector, allow_triton_on_cpu):
+    """A peer's lists through impl="triton" (triton_impl.block_sparse_attention) give the reference's logits and
+    densities (float32; under the interpreter on the CPU: L = 128, 8 blocks of 16)."""
+    device = "cuda" if HAS_CUDA else "cpu"
+    model = tiny_model("llama", **KERNEL_SHAPE).to(device)
+    ids = tokens(128).to(device)
+    params = dict(PEER_PRUNE[selector], **({"min_budget": BLOCK} if selector == "flexprefill" else {}))
+    runs = {}
+    for impl in ("reference", "triton"):
+        cfg = flashprefill_hf.configure(model, peer_config(selector, params, impl=impl))
+        runs[impl] = (logits(model, ids), cfg.recorder.per_layer(), cfg.recorder.impls())
+    (ref, ref_density, ref_impls), (tri, tri_density, tri_impls) = runs["reference"], runs["triton"]
+    assert ref_impls == {"reference": 2} and tri_impls == {"triton": 2}
+    assert all(d < 1 for d in ref_density.values()), ref_density
+    assert tri_density == pytest.approx(ref_density, abs=1e-6)
+    torch.testing.assert_close(tri, ref, atol=2e-4, rtol=2e-4)
 
 
 def _bf16_rule(got, baseline, truth, what):
