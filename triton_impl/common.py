@@ -44,9 +44,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def needs_wide_offsets(*tensors: torch.Tensor) -> bool:
     """True when an element offset into one of these tensors can reach 2^31 (e.g. L x Hq x D at 1M tokens): the
-    kernels then compute offsets in int64. Otherwise int32, which is cheaper (on an H200, int64 everywhere cost
-    +6% on dense attention and +16% on the score kernel at 256K, repro/NOTES.md). The margin covers the masked
-    lanes of a tile that runs past the end (their addresses are computed, never read)."""
+    kernels then compute offsets in int64. Otherwise int32, which costs fewer instructions per address (the H200
+    timings of both are in repro/NOTES.md). The margin covers the masked lanes of a tile that runs past the end
+    (their addresses are computed, never read)."""
     margin = 2**24
     return any(sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + margin >= 2**31 for t in tensors)
 
