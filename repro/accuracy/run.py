@@ -78,7 +78,10 @@ def greedy_answer(model, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> s
 
 
 class Methods:
-    """Switches one loaded model between Full (sdpa) and FlashPrefill at a given alpha."""
+    """Switches one loaded model between Full (sdpa) and FlashPrefill at a given alpha.
+
+    A "setting" is what `use` takes (here an alpha, None for Full); `columns` names it in a result row. Subclasses
+    with other settings (repro/sparsity_accuracy.py: the peers' selectors) reuse `run_samples` unchanged."""
 
     def __init__(self, model, cpu_threads: int | None):
         import flashprefill_hf
@@ -96,6 +99,10 @@ class Methods:
         self.config.recorder.clear()
         return self.config.recorder
 
+    def columns(self, alpha: float | None) -> dict:
+        """The columns of a result row that name the setting (they follow `task`)."""
+        return dict(method=method_name(alpha), alpha="" if alpha is None else alpha)
+
 
 def method_name(alpha: float | None) -> str:
     return "full" if alpha is None else "flashprefill"
@@ -107,22 +114,24 @@ def method_name(alpha: float | None) -> str:
 SKIPPED: list[str] = []  # what a --time-budget cut off, for the report
 
 
-def run_samples(model, tokenizer, methods: Methods, samples: list[tuple[str, Sample]], alphas: list[float | None],
-                desc: str, deadline: float | None = None) -> list[dict]:
-    """Answer every sample with every alpha (None = Full); one row per (sample, alpha). Past `deadline`
-    (time.time()), the remaining samples are skipped and listed in SKIPPED."""
+def run_samples(model, tokenizer, methods: Methods, samples: list[tuple[str, Sample]], settings: list, desc: str,
+                deadline: float | None = None) -> list[dict]:
+    """Answer every sample with every setting (for `Methods`: an alpha, None = Full); one row per (sample,
+    setting), all settings of a sample before the next sample. Past `deadline` (time.time()), the remaining samples
+    are skipped and listed in SKIPPED."""
     from tqdm.auto import tqdm
 
     rows = []
     t_phase = time.time()
-    with tqdm(total=len(samples) * len(alphas), desc=desc, unit="prompt", dynamic_ncols=True) as bar:
+    with tqdm(total=len(samples) * len(settings), desc=desc, unit="prompt", dynamic_ncols=True) as bar:
         for n, (group, sample) in enumerate(samples):
             if deadline is not None and time.time() > deadline:
                 SKIPPED.append(f"{desc}: {len(samples) - n} of {len(samples)} prompts skipped (time budget)")
                 break
             ids = build_prompt(tokenizer, sample)
-            for alpha in alphas:
-                recorder = methods.use(alpha)
+            for setting in settings:
+                recorder = methods.use(setting)
+                named = methods.columns(setting)
                 t0 = time.perf_counter()
                 pred = greedy_answer(model, tokenizer, ids, sample.max_new_tokens)
                 seconds = time.perf_counter() - t0
@@ -130,15 +139,14 @@ def run_samples(model, tokenizer, methods: Methods, samples: list[tuple[str, Sam
                 density = recorder.mean_density() if recorder is not None else 1.0
                 # Which prefill attention ran: "sdpa" for Full, else the FlashPrefill implementation(s) recorded.
                 impl = "sdpa" if recorder is None else "+".join(sorted(recorder.impls())) or "none"
-                rows.append(dict(experiment=group, task=sample.task, method=method_name(alpha),
-                                 alpha="" if alpha is None else alpha, length=sample.length, tokens=ids.shape[1],
+                rows.append(dict(experiment=group, task=sample.task, **named, length=sample.length, tokens=ids.shape[1],
                                  depth="" if sample.depth is None else round(sample.depth, 4), seed=sample.seed,
                                  score=score, density=density, impl=impl, seconds=round(seconds, 3),
                                  answer=" | ".join(sample.answers), prediction=pred.strip().replace("\n", " ")[:200]))
-                bar.set_postfix(task=sample.task, L=sample.length, m=method_name(alpha), s=f"{score:.0f}",
+                bar.set_postfix(task=sample.task, L=sample.length, m=named["method"], s=f"{score:.0f}",
                                 refresh=False)  # refresh=True would print every prompt, whatever mininterval
                 bar.update()
-    print(f"{desc}: {len(rows)} of {len(samples) * len(alphas)} answers in {time.time() - t_phase:.0f} s",
+    print(f"{desc}: {len(rows)} of {len(samples) * len(settings)} answers in {time.time() - t_phase:.0f} s",
           flush=True)
     return rows
 
