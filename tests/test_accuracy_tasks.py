@@ -5,7 +5,8 @@ to be tested; the runner passes the model's tokenizer instead.
 
 The runner's own logic (repro/accuracy/run.py) is tested without a model too: prompt order, the GPU command's
 flags (taken from repro/accuracy/device_run.sh), the report written from synthetic rows, and notebook 04 choosing
-the GPU results when they are present.
+the GPU results when they are present. So is repro/sparsity_accuracy.py (the selectors inside the model, matched
+by task accuracy): its settings, the rows `run_samples` writes for them, the matching rule and the report.
 """
 
 from __future__ import annotations
@@ -126,15 +127,15 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
 def device_run_args() -> list[str]:
-    """The repro.accuracy.run arguments of repro/accuracy/device_run.sh, with its shell variables filled in."""
+    """The repro.accuracy.run arguments of repro/accuracy/device_run.sh, as run with MODEL=model.gguf BUDGET=360
+    (the script passes those two as --model / --time-budget through its `limits` array)."""
     import re
     import shlex
 
     script = (ROOT / "repro" / "accuracy" / "device_run.sh").read_text()
-    command = re.search(r"-m repro\.accuracy\.run \\\n(.*?)2>&1", script, re.S).group(1)
-    command = command.replace("\\\n", " ").replace('"$MODEL"', "model.gguf").replace('"$OUT"', "/tmp/out")
-    command = command.replace('"$BUDGET"', "360").replace("${EXTRA:-}", "")
-    return shlex.split(command)
+    command = re.search(r'-m repro\.accuracy\.run "\$\{limits\[@\]\}" \\\n(.*?)2>&1', script, re.S).group(1)
+    command = command.replace("\\\n", " ").replace('"$OUT"', "/tmp/out").replace("${EXTRA:-}", "")
+    return ["--model", "model.gguf", "--time-budget", "360"] + shlex.split(command)
 
 
 def test_device_command_parses_to_the_planned_grid():
@@ -261,3 +262,142 @@ def test_layer_errors_triton_cross_check_on_a_tiny_model():
     checked = [r for r in rows if "ref_rel_error" in r]
     assert [r["alpha"] for r in checked] == [0.12, 0.12]  # layers 0 (every fourth) and 1 (the last)
     assert all(r["ref_density"] == pytest.approx(r["density"]) for r in checked)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# run_samples with other settings, and repro/sparsity_accuracy.py (no model: the decoding is stubbed)
+# --------------------------------------------------------------------------------------------------------------
+RUN_SAMPLES_COLUMNS = ["experiment", "task", "method", "alpha", "length", "tokens", "depth", "seed", "score",
+                       "density", "impl", "seconds", "answer", "prediction"]
+
+
+class _StubRecorder:
+    def mean_density(self):
+        return 0.5
+
+    def impls(self):
+        return {"reference": 30}
+
+
+def _stub_decoding(monkeypatch, run):
+    import torch
+
+    monkeypatch.setattr(run, "build_prompt", lambda tokenizer, sample: torch.zeros(1, 7, dtype=torch.long))
+    monkeypatch.setattr(run, "greedy_answer", lambda model, tokenizer, ids, n: " " + tokenizer)  # the "answer"
+
+
+def test_run_samples_rows_for_alphas_and_for_selector_settings(monkeypatch):
+    """The accuracy runner's rows keep their columns (alpha settings); the selector settings of
+    repro/sparsity_accuracy.py name themselves with their own columns through the same run_samples."""
+    from repro import sparsity_accuracy as sa
+    from repro.accuracy import run
+
+    _stub_decoding(monkeypatch, run)
+    sample = generate("niah_single", 300, 10, count_words, depth=0.5)
+
+    class AlphaMethods(run.Methods):
+        def __init__(self):
+            pass
+
+        def use(self, alpha):
+            return None if alpha is None else _StubRecorder()
+
+    rows = run.run_samples(None, sample.answers[0], AlphaMethods(), [("niah", sample)], [None, 0.12], "test")
+    assert [list(r) for r in rows] == [RUN_SAMPLES_COLUMNS] * 2
+    assert [(r["method"], r["alpha"], r["density"], r["impl"], r["score"]) for r in rows] == [
+        ("full", "", 1.0, "sdpa", 100.0), ("flashprefill", 0.12, 0.5, "reference", 100.0)]
+
+    class SelectorStub(sa.SelectorMethods):
+        def __init__(self):
+            pass
+
+        def use(self, setting):
+            return None if setting.selector == "full" else _StubRecorder()
+
+    settings = [sa.Setting("full"), sa.Setting("flashprefill", 0.12), sa.Setting("xattention", 0.95)]
+    rows = run.run_samples(None, "wrong", SelectorStub(), [("needle", sample)], settings, "test")
+    assert [(r["method"], r["param"], r["value"], r["setting"], r["paper_default"]) for r in rows] == [
+        ("full", "", "", "Full", False), ("flashprefill", "alpha", 0.12, "FlashPrefill alpha=0.12", True),
+        ("xattention", "threshold", 0.95, "XAttention threshold=0.95", False)]
+    assert all(r["score"] == 0.0 for r in rows)
+
+
+def test_sparsity_accuracy_settings_build_valid_configs():
+    import flashprefill_hf
+    from repro import sparsity_accuracy as sa
+
+    args = sa.parse_args([])
+    settings = sa.settings_for(args)
+    assert args.lengths == [4096] and args.seeds == [10, 11, 12] and not set(args.seeds) & {0, 1, 2}
+    assert [s.label for s in settings][:2] == ["Full", "FlashPrefill alpha=0.12"]
+    defaults = [s.label for s in settings if s.paper_default]
+    assert defaults == ["FlashPrefill alpha=0.12", "FlexPrefill gamma=0.9", "XAttention threshold=0.9"]
+    assert any(s.value < 0.9 for s in settings if s.selector in sa.PEERS)  # a sparser value than each default
+    base = flashprefill_hf.FlashPrefillConfig()
+    for s in settings[1:]:
+        cfg = base.replace(**s.config_changes())  # validated by FlashPrefillConfig
+        assert cfg.describe() == s.label.lower()  # e.g. "xattention threshold=0.95"
+    quick = sa.parse_args(["--quick"])
+    assert quick.lengths == [2048] and len(quick.seeds) * len(quick.tasks) <= 2
+    assert quick.prefix == "sparsity_accuracy_quick" and args.prefix == "sparsity_accuracy"
+
+
+def _selector_rows(scores: dict[str, list[float]], densities: dict[str, float]) -> list[dict]:
+    """CSV-like rows (strings) of two prompts: scores[label] per prompt; predictions equal Full's iff score 100."""
+    from repro import sparsity_accuracy as sa
+
+    rows = []
+    for label, per_prompt in scores.items():
+        method, _, value = label.partition(" ")
+        setting = sa.Setting(method, float(value) if value else None)
+        for seed, score in zip((10, 11), per_prompt):
+            rows.append({k: str(v) for k, v in dict(
+                experiment="needle", task="niah_single", length=4096, tokens=3770, depth=0.5, seed=seed,
+                **sa.SelectorMethods.columns(None, setting), score=score,
+                density=densities[label], prediction="42" if score == 100 else f"no {label}",
+                model="SmolLM2-135M-Instruct").items()})
+    return rows
+
+
+def test_sparsity_accuracy_matching_and_report(tmp_path):
+    from repro import sparsity_accuracy as sa
+    from repro.common import write_long_csv
+
+    scores = {"full": [100, 100], "flashprefill 0.12": [100, 0], "flexprefill 0.8": [0, 0],
+              "flexprefill 0.9": [100, 0], "flexprefill 0.99": [100, 100], "xattention 0.8": [100, 0],
+              "xattention 0.9": [100, 100]}
+    dens = {"full": 1.0, "flashprefill 0.12": 0.55, "flexprefill 0.8": 0.4, "flexprefill 0.9": 0.5,
+            "flexprefill 0.99": 0.8, "xattention 0.8": 0.3, "xattention 0.9": 0.45}
+    rows = _selector_rows(scores, dens)
+    summary = sa.summarize(rows, 4096)
+    by = {s["setting"]: s for s in summary}
+    assert by["FlashPrefill alpha=0.12"]["score"] == 50 and by["FlashPrefill alpha=0.12"]["same"] == 0.5
+    match = sa.matched(summary, 0.12)
+    assert match["flexprefill"]["setting"] == "FlexPrefill gamma=0.9"  # 0.8 scores lower
+    assert match["xattention"]["setting"] == "XAttention threshold=0.8"  # the sparsest that reaches 50
+    only_08 = [s for s in summary if s["setting"] not in ("FlexPrefill gamma=0.9", "FlexPrefill gamma=0.99")]
+    assert sa.matched(only_08, 0.12)["flexprefill"] is None  # no grid setting reaches FlashPrefill's score
+    # A prompt that some setting did not answer is left out of every setting's mean.
+    partial = [r for r in rows if not (r["setting"] == "XAttention threshold=0.9" and r["seed"] == "11")]
+    assert {s["n"] for s in sa.summarize(partial, 4096)} == {1}
+
+    stamp = dict(device="cpu", device_name="AMD EPYC (1 threads)", torch="2.13", triton="3.6.0", python="3.11.7",
+                 date="2026-11-29", commit="abc1234")
+    args = sa.parse_args(["--seeds", "10", "11", "--tasks", "niah_single", "--out-dir", str(tmp_path)])
+    write_long_csv(tmp_path / "sparsity_accuracy.csv", rows, stamp)
+    sa.write_report(tmp_path / "sparsity_accuracy.md", rows, args, stamp, 600.0, [])
+    text = (tmp_path / "sparsity_accuracy.md").read_text()
+    assert "Command: `python -m repro.sparsity_accuracy --seeds 10 11 --tasks niah_single --out-dir" in text
+    assert "wall time 10.0 min" in text and "AMD EPYC (1 threads)" in text and "commit abc1234" in text
+    assert "| XAttention | threshold 0.8 | 50.0 | 1/2 | 30.0% | **matched** |" in text
+    assert "| FlexPrefill | gamma 0.9 | 50.0 | 1/2 | 50.0% | paper default, **matched** |" in text
+    assert "XAttention threshold 0.8 (the sparsest setting of its grid" in text
+    assert "**paper**" in text and "FlexPrefill 8.4%" in text and "seeds [10, 11]" in text
+    # --report-only rebuilds the same tables from the CSV and keeps the command and the wall time.
+    sa.main(["--report-only", "--out-dir", str(tmp_path)])
+    again = (tmp_path / "sparsity_accuracy.md").read_text()
+
+    def tables(t):
+        return t.split("## 4096")[1].split("For context")[0]
+    assert tables(again) == tables(text) and "wall time 10.0 min" in again
+    assert (tmp_path / "sparsity_accuracy.png").exists() and "![score" in again
