@@ -400,7 +400,8 @@ def write_markdown(path: Path, rows, stamp, args, settings, shape, real_note) ->
                   "selector, the sparsest setting of its grid "
                   + "; ".join(f"{k}: {p} in {v}" for k, (p, v) in MATCH_GRID.items())
                   + " whose all-layer error does not exceed the target. This is **error-matched** (attention-output "
-                  "error), not task-accuracy-matched: no downstream task was run with the peers.", ""]
+                  "error); the matching by task accuracy, with every selector inside SmolLM2 on the same prompts, "
+                  "is `python -m repro.sparsity_accuracy` (sparsity_accuracy.md).", ""]
     parts += [stamp_line(stamp), ""]
     text = "\n".join(parts)
     path.write_text(text)

@@ -164,6 +164,17 @@ def matched(summary: list[dict], alpha: float) -> dict[str, dict | None]:
 # --------------------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------------------
+def error_matched(results_dir: Path) -> dict[str, dict]:
+    """The error-matched settings of repro/sparsity.py's committed CPU run (sparsity.csv: attention-output error on
+    real SmolLM2 activations), per selector key: {value, density, L}; empty when the file or the rows are absent."""
+    path = results_dir / "sparsity.csv"
+    if not path.exists():
+        return {}
+    keys = {v: k for k, v in SELECTOR_NAMES.items()}
+    return {keys[r["selector"]]: dict(value=float(r["value"]), density=float(r["density"]), L=int(r["L"]))
+            for r in read_long_csv(path) if r.get("matched") == "True" and r.get("selector") in keys}
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -199,6 +210,13 @@ def write_report(path: Path, rows: list[dict], args, stamp: dict, wall: float, s
              f"FlashPrefill's at alpha {args.alpha} on these prompts.", ""]
     if args.note:
         lines += [args.note, ""]
+    err = error_matched(path.parent)
+    if err:
+        L_err = next(iter(err.values()))["L"]
+        lines += [f"*error-matched* marks the settings that repro/sparsity.py matched by attention-output error "
+                  f"instead (sparsity.md: real SmolLM2 activations, {L_err} tokens, 5 layers; density there "
+                  + ", ".join(f"{SELECTOR_NAMES[k]} {KNOB[k]} {v['value']:g} {_pct(v['density'])}"
+                              for k, v in err.items()) + ").", ""]
     for L in lengths:
         summary = summarize(rows, L)
         if not summary:
@@ -213,6 +231,8 @@ def write_report(path: Path, rows: list[dict], args, stamp: dict, wall: float, s
                 mark.append("paper default" if s["method"] != "flashprefill" else "V1 default")
             if s["method"] in PEERS and match.get(s["method"]) is s:
                 mark.append("**matched**")
+            if s["method"] in PEERS and s["method"] in err and err[s["method"]]["value"] == s["value"]:
+                mark.append("*error-matched*")
             body.append([SELECTOR_NAMES[s["method"]], "-" if s["value"] is None else f"{s['param']} {s['value']:g}",
                          f"{s['score']:.1f}", f"{round(s['same'] * n)}/{n}", _pct(s["density"]), ", ".join(mark)])
         lines += [markdown_table(["selector", "setting", "score", "same as Full", "density", "note"], body), ""]

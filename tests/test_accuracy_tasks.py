@@ -385,6 +385,13 @@ def test_sparsity_accuracy_matching_and_report(tmp_path):
                  date="2026-11-29", commit="abc1234")
     args = sa.parse_args(["--seeds", "10", "11", "--tasks", "niah_single", "--out-dir", str(tmp_path)])
     write_long_csv(tmp_path / "sparsity_accuracy.csv", rows, stamp)
+    # repro/sparsity.py's error-matched settings, when its CSV is in the same folder, are marked beside ours.
+    write_long_csv(tmp_path / "sparsity.csv", [
+        dict(what="selection", selector="XAttention", param="threshold", value=0.9, L=7554, density=0.49,
+             matched=True),
+        dict(what="selection", selector="FlexPrefill", param="gamma", value=0.95, L=7554, density=0.53,
+             matched=True),
+        dict(what="selection", selector="XAttention", param="threshold", value=0.8, L=7554, density=0.4)], stamp)
     sa.write_report(tmp_path / "sparsity_accuracy.md", rows, args, stamp, 600.0, [])
     text = (tmp_path / "sparsity_accuracy.md").read_text()
     assert "Command: `python -m repro.sparsity_accuracy --seeds 10 11 --tasks niah_single --out-dir" in text
@@ -392,6 +399,8 @@ def test_sparsity_accuracy_matching_and_report(tmp_path):
     assert "| XAttention | threshold 0.8 | 50.0 | 1/2 | 30.0% | **matched** |" in text
     assert "| FlexPrefill | gamma 0.9 | 50.0 | 1/2 | 50.0% | paper default, **matched** |" in text
     assert "XAttention threshold 0.8 (the sparsest setting of its grid" in text
+    assert "| XAttention | threshold 0.9 | 100.0 | 2/2 | 45.0% | paper default, *error-matched* |" in text
+    assert "7554 tokens" in text and "FlexPrefill gamma 0.95 53.0%" in text
     assert "**paper**" in text and "FlexPrefill 8.4%" in text and "seeds [10, 11]" in text
     # --report-only rebuilds the same tables from the CSV and keeps the command and the wall time.
     sa.main(["--report-only", "--out-dir", str(tmp_path)])
