@@ -151,12 +151,13 @@ def summarize(rows: list[dict], length: int | None = None) -> list[dict]:
     return out
 
 
-def matched(summary: list[dict], alpha: float) -> dict[str, dict | None]:
-    """Per peer, the grid setting of lowest density whose score >= FlashPrefill's at `alpha` (None if none)."""
+def matched(summary: list[dict], alpha: float, key: str = "score") -> dict[str, dict | None]:
+    """Per peer, the grid setting of lowest density whose `key` ("score", or "same": agreement with Full) is >=
+    FlashPrefill's at `alpha` (None if none)."""
     fp = next((s for s in summary if s["method"] == "flashprefill" and s["value"] == alpha), None)
     out = {}
     for peer in PEERS:
-        ok = [s for s in summary if s["method"] == peer and fp is not None and s["score"] >= fp["score"] - 1e-9]
+        ok = [s for s in summary if s["method"] == peer and fp is not None and s[key] >= fp[key] - 1e-9]
         out[peer] = min(ok, key=lambda s: (s["density"], s["value"])) if ok else None
     return out
 
@@ -179,6 +180,24 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _match_words(summary, match, fp, key) -> str:
+    what = {"score": "score", "same": "agreement with Full"}[key]
+
+    def val(s):
+        return f"{s['score']:.1f}" if key == "score" else f"{round(s['same'] * s['n'])}/{s['n']}"
+    words = []
+    for peer in PEERS:
+        m = match[peer]
+        if m is None:
+            words.append(f"{SELECTOR_NAMES[peer]}: no grid setting reaches FlashPrefill's {what} {val(fp)}")
+            continue
+        sparsest = min((s for s in summary if s["method"] == peer), key=lambda s: s["density"])
+        edge = " (the sparsest setting of its grid: a sparser one might match too)" if m is sparsest else ""
+        words.append(f"{SELECTOR_NAMES[peer]} {m['param']} {m['value']:g}{edge}, density {_pct(m['density'])} vs "
+                     f"FlashPrefill {_pct(fp['density'])} ({what} {val(m)} vs {val(fp)})")
+    return "; ".join(words)
+
+
 def write_report(path: Path, rows: list[dict], args, stamp: dict, wall: float, skipped: list[str]) -> None:
     from repro.paper import PAPER_DENSITY_256K
 
@@ -196,11 +215,11 @@ def write_report(path: Path, rows: list[dict], args, stamp: dict, wall: float, s
              + (f"; {'; '.join(skipped)}" if skipped else "") + f"): tasks {', '.join(tasks)}; lengths "
              f"{', '.join(map(str, lengths))} tokens (budget; the chat-formatted prompts have "
              f"{min(int(r['tokens']) for r in rows)}-{max(int(r['tokens']) for r in rows)} tokens); seeds "
-             f"{sorted({int(r['seed']) for r in rows})} — a seed range of its own, distinct from the evaluation seeds "
-             f"0-2 of the committed accuracy runs; needle depths {args.depths} (one per seed). Greedy decoding, dense "
-             "attention while decoding; score = RULER string match in percent; same as Full = the greedy answer is "
-             "identical to Full attention's; density = kept causal blocks / all causal blocks, mean over the 30 "
-             "layers, all heads and the prompts.", "",
+             f"{sorted({int(r['seed']) for r in rows})} — a seed range of its own, distinct from the evaluation "
+             f"seeds 0-2 of the committed accuracy runs; needle depths {args.depths} (one per seed). Greedy "
+             "decoding, dense attention while decoding; score = RULER string match in percent; same as Full = the "
+             "greedy answer is identical to Full attention's; density = kept causal blocks / all causal blocks, "
+             "mean over the 30 layers, all heads and the prompts.", "",
              "Selectors: FlashPrefill = `reference.flash_prefill` (block 128, sink 2, window 4, last 2 dense blocks); "
              "FlexPrefill = `reference.peers.flexprefill_select` (tau 0.1, min_budget 1024 tokens, block 128; knob "
              "gamma); XAttention = `reference.peers.xattention_select` (stride 8, block 128, sink and diagonal kept; "
@@ -237,20 +256,11 @@ def write_report(path: Path, rows: list[dict], args, stamp: dict, wall: float, s
                          f"{s['score']:.1f}", f"{round(s['same'] * n)}/{n}", _pct(s["density"]), ", ".join(mark)])
         lines += [markdown_table(["selector", "setting", "score", "same as Full", "density", "note"], body), ""]
         fp = next((s for s in summary if s["method"] == "flashprefill" and s["value"] == args.alpha), None)
-        words = []
-        for peer in PEERS:
-            m = match[peer]
-            if fp is None:
-                continue
-            if m is None:
-                words.append(f"{SELECTOR_NAMES[peer]}: no grid setting reaches FlashPrefill's score {fp['score']:.1f}")
-            else:
-                sparsest = min((s for s in summary if s["method"] == peer), key=lambda s: s["density"])
-                edge = " (the sparsest setting of its grid: a sparser one might match too)" if m is sparsest else ""
-                words.append(f"{SELECTOR_NAMES[peer]} {m['param']} {m['value']:g}{edge}, density {_pct(m['density'])} "
-                             f"vs FlashPrefill {_pct(fp['density'])} (score {m['score']:.1f} vs {fp['score']:.1f})")
-        if words:
-            lines += ["Accuracy-matched at this length: " + "; ".join(words) + ".", ""]
+        if fp is not None:
+            by_agreement = matched(summary, args.alpha, "same")
+            lines += [f"Accuracy-matched at this length: {_match_words(summary, match, fp, 'score')}.", "",
+                      "The same rule on agreement with Full instead of score (same as Full >= FlashPrefill's "
+                      f"{round(fp['same'] * n)}/{n}): {_match_words(summary, by_agreement, fp, 'same')}.", ""]
         lines += per_task_table(rows, summary, L)
     lines += [f"For context, **paper** (seed poster, 256K tokens, their 7B-30B models; not comparable with "
               f"{'/'.join(f'{L // 1024}K' for L in lengths)} on a 135M model, where every selector keeps far more "

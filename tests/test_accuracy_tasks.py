@@ -399,6 +399,7 @@ def test_sparsity_accuracy_matching_and_report(tmp_path):
     assert "| XAttention | threshold 0.8 | 50.0 | 1/2 | 30.0% | **matched** |" in text
     assert "| FlexPrefill | gamma 0.9 | 50.0 | 1/2 | 50.0% | paper default, **matched** |" in text
     assert "XAttention threshold 0.8 (the sparsest setting of its grid" in text
+    assert "(same as Full >= FlashPrefill's 1/2): FlexPrefill gamma 0.9, density 50.0%" in text
     assert "| XAttention | threshold 0.9 | 100.0 | 2/2 | 45.0% | paper default, *error-matched* |" in text
     assert "7554 tokens" in text and "FlexPrefill gamma 0.95 53.0%" in text
     assert "**paper**" in text and "FlexPrefill 8.4%" in text and "seeds [10, 11]" in text
