@@ -124,7 +124,13 @@ def make_samples(args, count_tokens) -> list[tuple[str, Sample]]:
 # Summary and matching
 # --------------------------------------------------------------------------------------------------------------
 def _key(r) -> tuple:
+    """A prompt's identity in a row (CSV strings or run_samples' values)."""
     return (r["task"], int(r["length"]), str(r["depth"]), int(r["seed"]))
+
+
+def _sample_key(sample: Sample) -> tuple:
+    """The same identity for a generated sample (run_samples writes depth rounded to 4 digits, "" for none)."""
+    return (sample.task, sample.length, "" if sample.depth is None else str(round(sample.depth, 4)), sample.seed)
 
 
 def summarize(rows: list[dict], length: int | None = None) -> list[dict]:
@@ -198,7 +204,24 @@ def _match_words(summary, match, fp, key) -> str:
     return "; ".join(words)
 
 
-def write_report(path: Path, rows: list[dict], args, stamp: dict, wall: float, skipped: list[str]) -> None:
+def run_lines(rows: list[dict], walls: dict[str, float]) -> list[str]:
+    """One markdown line per run whose rows are in `rows` (in order): its command, wall time, commit and date."""
+    runs: dict[str, list[dict]] = {}
+    for r in rows:
+        runs.setdefault(r.get("command", ""), []).append(r)
+    lines = []
+    for cmd, rs in runs.items():
+        wall = walls.get(cmd, math.nan)
+        lines.append(f"Command: `python -m repro.sparsity_accuracy {cmd}` — wall time "
+                     f"{'n/a' if math.isnan(wall) else f'{wall / 60:.1f}'} min; {len(rs)} answers; commit "
+                     f"{rs[0].get('commit', '?')}, {rs[0].get('date', '?')}.")
+    return lines
+
+
+def write_report(path: Path, rows: list[dict], args, stamp: dict, walls: dict[str, float],
+                 skipped: list[str]) -> None:
+    """The markdown report. args: the first run's arguments (the planned prompts), plus note and plot_written;
+    walls: command (as in the rows' `command` column) -> wall time in seconds."""
     from repro.paper import PAPER_DENSITY_256K
 
     name = rows[0]["model"] if rows else "?"
@@ -208,9 +231,10 @@ def write_report(path: Path, rows: list[dict], args, stamp: dict, wall: float, s
     planned = len(args.seeds) * len(args.lengths) * len(args.tasks)
     lines = [f"# Density vs task accuracy per block selector on {name}" + (" (quick mode)" if args.quick else ""),
              "", stamp_line(stamp), "",
-             f"Command: `python -m repro.sparsity_accuracy {shlex.join(args.argv)}` — wall time {wall / 60:.1f} min "
-             f"(model threads {args.threads}, one thread inside the CPU reference).",
-             "",
+             *run_lines(rows, walls), "",
+             f"Model threads {args.threads}, one thread inside the CPU reference. With several commands, the later "
+             "ones ran more settings (--append) on the prompts of the first; each CSV row names its command and "
+             "carries its own environment stamp.", "",
              f"Every setting answered the same {len(prompts)} prompt(s) (of {planned} planned"
              + (f"; {'; '.join(skipped)}" if skipped else "") + f"): tasks {', '.join(tasks)}; lengths "
              f"{', '.join(map(str, lengths))} tokens (budget; the chat-formatted prompts have "
@@ -364,6 +388,9 @@ def parse_args(argv=None):
                    help="seconds from the model load after which no new prompt starts (default 1860; quick 600)")
     p.add_argument("--note", default="", help="a paragraph added to the report")
     p.add_argument("--report-only", action="store_true", help="rewrite the report and figure from the CSV")
+    p.add_argument("--append", action="store_true",
+                   help="add settings to the existing CSV: run only the (prompt, setting) pairs it lacks, on its "
+                        "prompts (e.g. --append --xattn-thresholds 0.5 0.7: Full and FlashPrefill are not rerun)")
     p.add_argument("--device", default=None)
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--prefix", default=None, help="file prefix (default sparsity_accuracy / sparsity_accuracy_quick)")
@@ -381,17 +408,32 @@ def parse_args(argv=None):
 def report_only(args) -> None:
     out = args.out_dir
     rows = read_long_csv(out / f"{args.prefix}.csv")
-    old = (out / f"{args.prefix}.md").read_text() if (out / f"{args.prefix}.md").exists() else ""
-    cmd = re.search(r"Command: `python -m repro\.sparsity_accuracy ?(.*?)`", old)
-    wall = re.search(r"wall time ([0-9.]+) min", old)
+    walls, skipped = previous_report(out / f"{args.prefix}.md", rows)
+    write_outputs(out, args.prefix, rows, walls, skipped, args.note)
+
+
+def previous_report(md: Path, rows: list[dict]) -> tuple[dict[str, float], list[str]]:
+    """What only the earlier markdown knows: each command's wall time (seconds) and what the time budget skipped.
+    Rows from before the CSV had a `command` column get the markdown's first command."""
+    old = md.read_text() if md.exists() else ""
+    found = re.findall(r"Command: `python -m repro\.sparsity_accuracy ?(.*?)` — wall time ([0-9.]+) min", old)
+    walls = {cmd: 60 * float(w) for cmd, w in found}
+    for r in rows:
+        if r.get("command") is None:
+            r["command"] = found[0][0] if found else ""
     skipped = re.search(r"planned; (.*?)\): tasks", old)
-    run_args = parse_args(shlex.split(cmd.group(1)) if cmd else [])
-    run_args.note, run_args.out_dir = args.note or run_args.note, out
+    return walls, [skipped.group(1)] if skipped else []
+
+
+def write_outputs(out: Path, prefix: str, rows: list[dict], walls: dict[str, float], skipped: list[str],
+                  note: str) -> None:
+    """Figure and markdown from the CSV's rows (strings); the first run's command gives the planned prompts."""
+    args = parse_args(shlex.split(rows[0]["command"]))
+    args.note = note or args.note
     stamp = {k: rows[0][k] for k in ("device", "device_name", "torch", "triton", "python", "date", "commit")}
-    run_args.plot_written = plot(rows, out / f"{args.prefix}.png", run_args.alpha)
-    write_report(out / f"{args.prefix}.md", rows, run_args, stamp, 60 * float(wall.group(1)) if wall else math.nan,
-                 [skipped.group(1)] if skipped else [])
-    print((out / f"{args.prefix}.md").read_text())
+    args.plot_written = plot(rows, out / f"{prefix}.png", args.alpha)
+    write_report(out / f"{prefix}.md", rows, args, stamp, walls, skipped)
+    print((out / f"{prefix}.md").read_text())
 
 
 def main(argv=None) -> None:
@@ -415,10 +457,22 @@ def main(argv=None) -> None:
     methods = SelectorMethods(model, args.ref_threads if device.type == "cpu" else None)
     settings = settings_for(args)
     samples = acc.seed_major(make_samples(args, acc.token_counter(tokenizer)))
-    stamp = environment_stamp(device)
-    meta = dict(model=name, model_dtype=str(model.dtype).replace("torch.", ""), quick=args.quick)
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out / f"{args.prefix}.csv", out / f"{args.prefix}.md"
+    old_rows, walls, skipped = [], {}, []
+    if args.append:  # the prompts of the existing CSV; only the settings a prompt has no row for yet
+        if not csv_path.exists():
+            raise SystemExit(f"--append: {csv_path} does not exist")
+        old_rows = read_long_csv(csv_path)
+        walls, skipped = previous_report(md_path, old_rows)
+        prompts = {_key(r) for r in old_rows}
+        samples = [gs for gs in samples if _sample_key(gs[1]) in prompts]
+    done = {(_key(r), r["setting"]) for r in old_rows}
+    command = shlex.join(args.argv)
+    # Every row carries its run's command and environment stamp, so appended runs stay distinguishable.
+    meta = dict(model=name, model_dtype=str(model.dtype).replace("torch.", ""), quick=args.quick, command=command,
+                **environment_stamp(device))
     acc.SKIPPED.clear()
     rows = []
     # One prompt at a time (every setting), so the CSV after each prompt holds whole prompts only.
@@ -426,17 +480,17 @@ def main(argv=None) -> None:
         if deadline is not None and time.time() > deadline:
             acc.SKIPPED.append(f"{len(samples) - i} prompt(s) skipped by the time budget")
             break
-        rows += [dict(r, **meta) for r in acc.run_samples(model, tokenizer, methods, [sample], settings,
-                                                          f"prompt {i + 1}/{len(samples)}")]
-        write_long_csv(out / f"{args.prefix}.csv", rows, stamp)
-    wall = time.time() - t_start
+        todo = [s for s in settings if (_sample_key(sample[1]), s.label) not in done]
+        if todo:
+            rows += [{k: str(v) for k, v in dict(r, **meta).items()}  # the CSV's view, as --report-only reads it
+                     for r in acc.run_samples(model, tokenizer, methods, [sample], todo,
+                                              f"prompt {i + 1}/{len(samples)}")]
+            write_long_csv(csv_path, old_rows + rows)
+    walls[command] = time.time() - t_start
     if not rows:
-        raise SystemExit("no prompt ran within the time budget")
-    rows = [{k: str(v) for k, v in r.items()} for r in rows]  # the CSV's view, as --report-only reads it
-    args.plot_written = plot(rows, out / f"{args.prefix}.png", args.alpha)
-    write_report(out / f"{args.prefix}.md", rows, args, stamp, wall, list(acc.SKIPPED))
-    print(f"done in {wall / 60:.1f} min")
-    print((out / f"{args.prefix}.md").read_text())
+        raise SystemExit("no prompt ran (time budget, or --append found nothing left to run)")
+    write_outputs(out, args.prefix, old_rows + rows, walls, skipped + list(acc.SKIPPED), args.note)
+    print(f"done in {walls[command] / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -360,6 +360,8 @@ def _selector_rows(scores: dict[str, list[float]], densities: dict[str, float]) 
 
 
 def test_sparsity_accuracy_matching_and_report(tmp_path):
+    import shlex
+
     from repro import sparsity_accuracy as sa
     from repro.common import write_long_csv
 
@@ -383,8 +385,10 @@ def test_sparsity_accuracy_matching_and_report(tmp_path):
 
     stamp = dict(device="cpu", device_name="AMD EPYC (1 threads)", torch="2.13", triton="3.6.0", python="3.11.7",
                  date="2026-11-29", commit="abc1234")
-    args = sa.parse_args(["--seeds", "10", "11", "--tasks", "niah_single", "--out-dir", str(tmp_path)])
-    write_long_csv(tmp_path / "sparsity_accuracy.csv", rows, stamp)
+    argv = ["--seeds", "10", "11", "--tasks", "niah_single", "--out-dir", str(tmp_path)]
+    args = sa.parse_args(argv)
+    rows = [dict(r, command=shlex.join(argv), **stamp) for r in rows]
+    write_long_csv(tmp_path / "sparsity_accuracy.csv", rows)
     # repro/sparsity.py's error-matched settings, when its CSV is in the same folder, are marked beside ours.
     write_long_csv(tmp_path / "sparsity.csv", [
         dict(what="selection", selector="XAttention", param="threshold", value=0.9, L=7554, density=0.49,
@@ -392,10 +396,10 @@ def test_sparsity_accuracy_matching_and_report(tmp_path):
         dict(what="selection", selector="FlexPrefill", param="gamma", value=0.95, L=7554, density=0.53,
              matched=True),
         dict(what="selection", selector="XAttention", param="threshold", value=0.8, L=7554, density=0.4)], stamp)
-    sa.write_report(tmp_path / "sparsity_accuracy.md", rows, args, stamp, 600.0, [])
+    sa.write_report(tmp_path / "sparsity_accuracy.md", rows, args, stamp, {shlex.join(argv): 600.0}, [])
     text = (tmp_path / "sparsity_accuracy.md").read_text()
     assert "Command: `python -m repro.sparsity_accuracy --seeds 10 11 --tasks niah_single --out-dir" in text
-    assert "wall time 10.0 min" in text and "AMD EPYC (1 threads)" in text and "commit abc1234" in text
+    assert "wall time 10.0 min; 14 answers; commit abc1234" in text and "AMD EPYC (1 threads)" in text
     assert "| XAttention | threshold 0.8 | 50.0 | 1/2 | 30.0% | **matched** |" in text
     assert "| FlexPrefill | gamma 0.9 | 50.0 | 1/2 | 50.0% | paper default, **matched** |" in text
     assert "XAttention threshold 0.8 (the sparsest setting of its grid" in text
@@ -411,3 +415,31 @@ def test_sparsity_accuracy_matching_and_report(tmp_path):
         return t.split("## 4096")[1].split("For context")[0]
     assert tables(again) == tables(text) and "wall time 10.0 min" in again
     assert (tmp_path / "sparsity_accuracy.png").exists() and "![score" in again
+
+    # Rows appended by a later command (--append: more settings on the same prompts) are reported beside the first
+    # run's, each run with its own command line and wall time; the planned prompts are the first run's.
+    extra = _selector_rows({"xattention 0.5": [0, 0]}, {"xattention 0.5": 0.15})
+    later = ["--append", "--xattn-thresholds", "0.5", "--out-dir", str(tmp_path)]
+    extra = [dict(r, command=shlex.join(later), **dict(stamp, commit="def5678")) for r in extra]
+    write_long_csv(tmp_path / "sparsity_accuracy.csv", rows + extra)
+    walls, skipped = sa.previous_report(tmp_path / "sparsity_accuracy.md", rows + extra)
+    assert walls == {shlex.join(argv): 600.0} and skipped == []
+    walls[shlex.join(later)] = 120.0
+    sa.write_outputs(tmp_path, "sparsity_accuracy", rows + extra, walls, skipped, "")
+    merged = (tmp_path / "sparsity_accuracy.md").read_text()
+    assert "--append --xattn-thresholds 0.5 --out-dir" in merged
+    assert "wall time 2.0 min; 2 answers; commit def5678" in merged
+    assert "| XAttention | threshold 0.5 | 0.0 | 0/2 | 15.0% |  |" in merged
+    assert "of 2 planned" in merged and "XAttention threshold 0.8, density 30.0%" in merged  # no longer the edge
+
+
+def test_sparsity_accuracy_append_keys_match_rows(tmp_path):
+    """--append finds a generated prompt's rows: _sample_key(sample) == _key(the row written for it, read back)."""
+    from repro import sparsity_accuracy as sa
+    from repro.common import read_long_csv, write_long_csv
+
+    for sample in (generate("niah_multikey", 400, 11, count_words), generate("cwe", 400, 11, count_words)):
+        depth = "" if sample.depth is None else round(sample.depth, 4)  # as run_samples writes it
+        write_long_csv(tmp_path / "x.csv", [dict(task=sample.task, length=sample.length, depth=depth,
+                                                 seed=sample.seed)])
+        assert sa._key(read_long_csv(tmp_path / "x.csv")[0]) == sa._sample_key(sample)
