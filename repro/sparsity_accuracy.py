@@ -154,7 +154,8 @@ def summarize(rows: list[dict], length: int | None = None) -> list[dict]:
                         score=sum(float(r["score"]) for r in rs) / len(rs),
                         same=sum(r["prediction"] == full.get(_key(r)) for r in rs) / len(rs),
                         density=sum(float(r["density"]) for r in rs) / len(rs)))
-    return out
+    order = list(SELECTOR_NAMES)
+    return sorted(out, key=lambda s: (order.index(s["method"]), s["value"] or 0.0))
 
 
 def matched(summary: list[dict], alpha: float, key: str = "score") -> dict[str, dict | None]:
