@@ -1,8 +1,10 @@
 """Density vs task accuracy per block selector on a real model: FlashPrefill, FlexPrefill and XAttention at their
 paper defaults and on a grid of their own knob, matched by *task accuracy* on the same prompts.
 
-    python -m repro.sparsity_accuracy --quick     # ~3 minutes on a CPU (2K, 2 prompts): what run_all.sh runs
-    python -m repro.sparsity_accuracy             # the committed CPU run (4K, <= 12 prompts, ~35 minutes)
+    python -m repro.sparsity_accuracy --quick     # ~2 minutes on a CPU (2K, 2 prompts, 6 settings)
+    python -m repro.sparsity_accuracy             # the committed CPU run (4K, <= 12 prompts, ~32 minutes), then
+    python -m repro.sparsity_accuracy --append --flex-gammas 0.6 0.7 --xattn-thresholds 0.5 0.7   # sparser
+    python -m repro.sparsity_accuracy --append --flex-gammas 0.4 --xattn-thresholds 0.2 0.3       # settings
 
 repro/sparsity.py matches the peers to FlashPrefill by attention-output error on activations; this script runs
 each selector inside SmolLM2-135M-Instruct (flashprefill_hf backend, `FlashPrefillConfig.selector`) on long-context
@@ -253,7 +255,7 @@ def write_report(path: Path, rows: list[dict], args, stamp: dict, walls: dict[st
              "**Accuracy-matched** (marked *matched*): per peer, the grid setting of lowest density whose score is >= "
              f"FlashPrefill's at alpha {args.alpha} on these prompts.", ""]
     if args.note:
-        lines += [args.note, ""]
+        lines += [f"Note: {args.note}", ""]
     err = error_matched(path.parent)
     if err:
         L_err = next(iter(err.values()))["L"]
@@ -387,7 +389,7 @@ def parse_args(argv=None):
     p.add_argument("--ref-threads", type=int, default=1, help="torch threads inside the CPU reference")
     p.add_argument("--time-budget", type=float,
                    help="seconds from the model load after which no new prompt starts (default 1860; quick 600)")
-    p.add_argument("--note", default="", help="a paragraph added to the report")
+    p.add_argument("--note", default="", help="a paragraph added to the report (kept by --report-only/--append)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report and figure from the CSV")
     p.add_argument("--append", action="store_true",
                    help="add settings to the existing CSV: run only the (prompt, setting) pairs it lacks, on its "
@@ -409,13 +411,14 @@ def parse_args(argv=None):
 def report_only(args) -> None:
     out = args.out_dir
     rows = read_long_csv(out / f"{args.prefix}.csv")
-    walls, skipped = previous_report(out / f"{args.prefix}.md", rows)
-    write_outputs(out, args.prefix, rows, walls, skipped, args.note)
+    walls, skipped, note = previous_report(out / f"{args.prefix}.md", rows)
+    write_outputs(out, args.prefix, rows, walls, skipped, args.note or note)
 
 
-def previous_report(md: Path, rows: list[dict]) -> tuple[dict[str, float], list[str]]:
-    """What only the earlier markdown knows: each command's wall time (seconds) and what the time budget skipped.
-    Rows from before the CSV had a `command` column get the markdown's first command."""
+def previous_report(md: Path, rows: list[dict]) -> tuple[dict[str, float], list[str], str]:
+    """What only the earlier markdown knows: each command's wall time (seconds), what the time budget skipped and
+    the note (kept until a new --note replaces it). Rows from before the CSV had a `command` column get the
+    markdown's first command."""
     old = md.read_text() if md.exists() else ""
     found = re.findall(r"Command: `python -m repro\.sparsity_accuracy ?(.*?)` — wall time ([0-9.]+) min", old)
     walls = {cmd: 60 * float(w) for cmd, w in found}
@@ -423,7 +426,8 @@ def previous_report(md: Path, rows: list[dict]) -> tuple[dict[str, float], list[
         if r.get("command") is None:
             r["command"] = found[0][0] if found else ""
     skipped = re.search(r"planned; (.*?)\): tasks", old)
-    return walls, [skipped.group(1)] if skipped else []
+    note = re.search(r"^Note: (.*)$", old, re.M)
+    return walls, [skipped.group(1)] if skipped else [], note.group(1) if note else ""
 
 
 def write_outputs(out: Path, prefix: str, rows: list[dict], walls: dict[str, float], skipped: list[str],
@@ -466,7 +470,8 @@ def main(argv=None) -> None:
         if not csv_path.exists():
             raise SystemExit(f"--append: {csv_path} does not exist")
         old_rows = read_long_csv(csv_path)
-        walls, skipped = previous_report(md_path, old_rows)
+        walls, skipped, note = previous_report(md_path, old_rows)
+        args.note = args.note or note
         prompts = {_key(r) for r in old_rows}
         samples = [gs for gs in samples if _sample_key(gs[1]) in prompts]
     done = {(_key(r), r["setting"]) for r in old_rows}

@@ -422,11 +422,13 @@ def test_sparsity_accuracy_matching_and_report(tmp_path):
     later = ["--append", "--xattn-thresholds", "0.5", "--out-dir", str(tmp_path)]
     extra = [dict(r, command=shlex.join(later), **dict(stamp, commit="def5678")) for r in extra]
     write_long_csv(tmp_path / "sparsity_accuracy.csv", rows + extra)
-    walls, skipped = sa.previous_report(tmp_path / "sparsity_accuracy.md", rows + extra)
-    assert walls == {shlex.join(argv): 600.0} and skipped == []
+    walls, skipped, note = sa.previous_report(tmp_path / "sparsity_accuracy.md", rows + extra)
+    assert walls == {shlex.join(argv): 600.0} and skipped == [] and note == ""
     walls[shlex.join(later)] = 120.0
-    sa.write_outputs(tmp_path, "sparsity_accuracy", rows + extra, walls, skipped, "")
+    sa.write_outputs(tmp_path, "sparsity_accuracy", rows + extra, walls, skipped, "What the numbers say.")
     merged = (tmp_path / "sparsity_accuracy.md").read_text()
+    assert "\nNote: What the numbers say.\n" in merged
+    assert sa.previous_report(tmp_path / "sparsity_accuracy.md", rows)[2] == "What the numbers say."
     assert "--append --xattn-thresholds 0.5 --out-dir" in merged
     assert "wall time 2.0 min; 2 answers; commit def5678" in merged
     assert "| XAttention | threshold 0.5 | 0.0 | 0/2 | 15.0% |  |" in merged
