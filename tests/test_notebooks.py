@@ -40,6 +40,28 @@ def test_notebook_runs(path, monkeypatch):
     assert not errors
 
 
+@pytest.mark.parametrize("present", [False, True], ids=["without", "with"])
+def test_sparsity_notebook_accuracy_section(present, tmp_path, monkeypatch):
+    """Notebook 03 shows sparsity_accuracy.md when a results folder has it and says so when it does not
+    (FLASHPREFILL_RESULTS points that section at a temporary folder)."""
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    monkeypatch.setenv("FLASHPREFILL_RESULTS", str(tmp_path))
+    if present:
+        (tmp_path / "sparsity_accuracy.md").write_text(
+            "# title\n\n## 4096 tokens (1 prompts per setting)\n\n| selector | setting |\n|:---|---:|\n"
+            "| XAttention | threshold 0.9 |\n\n![figure](sparsity_accuracy.png)\n")
+    path = ROOT / "notebooks" / "03_sparsity.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    texts = "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/markdown", ""))
+                      for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    if present:
+        assert "| XAttention | threshold 0.9 |" in texts and "![figure]" not in texts
+    else:
+        assert "no accuracy-matched results in" in texts
+
+
 def test_python_m_reference_writes_png(tmp_path):
     out = tmp_path / "walkthrough.png"
     # From another folder, with the repository on the path (as after `pip install -e .`).
