@@ -28,6 +28,22 @@ def test_seeded_and_deterministic(task):
     assert (a.context, a.answers) != (c.context, c.answers)
 
 
+def test_same_prompts_in_every_process():
+    """Prompts do not depend on the process's string-hash seed (PYTHONHASHSEED): the multi-key tasks once
+    shuffled a set, whose iteration order differs between processes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from repro.accuracy.tasks import GENERATORS, count_words, generate\n"
+            "for t in sorted(GENERATORS): s = generate(t, 300, 10, count_words); print(t, s.user_message, s.answers)")
+    root = Path(__file__).resolve().parent.parent
+    outs = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                           env=dict(os.environ, PYTHONHASHSEED=seed)).stdout for seed in ("1", "2", "3", "4")}
+    assert len(outs) == 1
+
+
 @pytest.mark.parametrize("task", ALL_TASKS)
 @pytest.mark.parametrize("length", [1024, 4096])
 def test_fits_the_budget_and_answer_is_in_context(task, length):

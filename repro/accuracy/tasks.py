@@ -170,7 +170,9 @@ def _keys(rng: random.Random, n: int) -> list[str]:
     keys: set[str] = set()
     while len(keys) < n:
         keys.add(f"{rng.choice(_WORDS)}-{rng.choice(_WORDS)}")
-    return sorted(keys, key=lambda _: rng.random())
+    # Sorted before the seeded shuffle: a set's iteration order follows the per-process string hash (PYTHONHASHSEED),
+    # so shuffling the set itself gave every process a different key order (same rng draws either way).
+    return sorted(sorted(keys), key=lambda _: rng.random())
 
 
 def _magic(key: str, value: str) -> str:
