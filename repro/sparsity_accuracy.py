@@ -236,8 +236,9 @@ def write_report(path: Path, rows: list[dict], args, stamp: dict, walls: dict[st
              "", stamp_line(stamp), "",
              *run_lines(rows, walls), "",
              f"Model threads {args.threads}, one thread inside the CPU reference. With several commands, the later "
-             "ones ran more settings (--append) on the prompts of the first; each CSV row names its command and "
-             "carries its own environment stamp.", "",
+             "ones ran more settings on the prompts of the first (--append), or answered some of its prompts again "
+             "with every setting, replacing their rows (--append --redo); each CSV row names its command and carries "
+             "its own environment stamp.", "",
              f"Every setting answered the same {len(prompts)} prompt(s) (of {planned} planned"
              + (f"; {'; '.join(skipped)}" if skipped else "") + f"): tasks {', '.join(tasks)}; lengths "
              f"{', '.join(map(str, lengths))} tokens (budget; the chat-formatted prompts have "
@@ -394,6 +395,9 @@ def parse_args(argv=None):
     p.add_argument("--append", action="store_true",
                    help="add settings to the existing CSV: run only the (prompt, setting) pairs it lacks, on its "
                         "prompts (e.g. --append --xattn-thresholds 0.5 0.7: Full and FlashPrefill are not rerun)")
+    p.add_argument("--redo", action="store_true",
+                   help="with --append: drop the CSV's rows of this command's prompts (--tasks, --seeds, ...) and "
+                        "answer them again with every setting of this command")
     p.add_argument("--device", default=None)
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--prefix", default=None, help="file prefix (default sparsity_accuracy / sparsity_accuracy_quick)")
@@ -403,6 +407,8 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, base[key])
     args.prefix = args.prefix or ("sparsity_accuracy_quick" if args.quick else "sparsity_accuracy")
+    if args.redo and not args.append:
+        p.error("--redo needs --append")
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     args.plot_written = False
     return args
@@ -472,8 +478,12 @@ def main(argv=None) -> None:
         old_rows = read_long_csv(csv_path)
         walls, skipped, note = previous_report(md_path, old_rows)
         args.note = args.note or note
-        prompts = {_key(r) for r in old_rows}
-        samples = [gs for gs in samples if _sample_key(gs[1]) in prompts]
+        if args.redo:  # this command's prompts replace their rows, every setting answering them again
+            planned = {_sample_key(sample) for _, sample in samples}
+            old_rows = [r for r in old_rows if _key(r) not in planned]
+        else:
+            prompts = {_key(r) for r in old_rows}
+            samples = [gs for gs in samples if _sample_key(gs[1]) in prompts]
     done = {(_key(r), r["setting"]) for r in old_rows}
     command = shlex.join(args.argv)
     # Every row carries its run's command and environment stamp, so appended runs stay distinguishable.
