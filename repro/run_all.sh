@@ -50,6 +50,9 @@ else
     step "sparsity vs peers (CPU, 4K-32K)" "$PYTHON" -m repro.sparsity --device cpu \
         --lengths 4096 8192 16384 32768 --out-dir "$RESULTS"
 fi
+if [[ $HAS_SMOLLM == 1 ]]; then  # peers and FlashPrefill inside SmolLM2 at matched accuracy (the full run: ~70 min CPU)
+    step "selectors inside SmolLM2 (quick)" "$PYTHON" -m repro.sparsity_accuracy --quick
+fi
 if [[ $HAS_SMOLLM == 1 && $HAS_CUDA == 1 ]]; then
     step "accuracy on SmolLM2-135M (GPU, full grid, ~11 min)" env OUT="$RESULTS" TESTS=0 PYTHON="$PYTHON" \
         bash repro/accuracy/device_run.sh
