@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import shlex
 import sys
@@ -454,20 +453,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.report_only:
         return report_only(args)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import flashprefill_hf
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = acc.run_device(args.device)
     if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
     t_start = time.time()
     deadline = t_start + args.time_budget if args.time_budget else None
-    try:
-        model, tokenizer, name = flashprefill_hf.load_model(args.model, device=device)
-    except flashprefill_hf.ModelNotAvailable as e:
-        raise SystemExit(f"error: {e}")
-    print(f"loaded {name} ({model.dtype}) on {device} in {time.time() - t_start:.0f} s; "
-          f"torch threads {torch.get_num_threads()}", flush=True)
+    model, tokenizer, name = acc.load_for_run(args.model, device)
     methods = SelectorMethods(model, args.ref_threads if device.type == "cpu" else None)
     settings = settings_for(args)
     samples = acc.seed_major(make_samples(args, acc.token_counter(tokenizer)))

@@ -697,26 +697,40 @@ def safe_plot(*args) -> list[Path]:
         return []
 
 
+def run_device(name: str | None) -> torch.device:
+    """--device, or CUDA when there is one."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_for_run(path, device: torch.device):
+    """(model, tokenizer, name) offline, with its load time printed; a missing model ends the run with a message."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is first imported
+    import flashprefill_hf
+
+    start = time.time()
+    try:
+        model, tokenizer, name = flashprefill_hf.load_model(path, device=device)
+    except flashprefill_hf.ModelNotAvailable as e:
+        raise SystemExit(f"error: {e}")
+    print(f"loaded {name} ({model.dtype}) on {device} in {time.time() - start:.0f} s; "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+    return model, tokenizer, name
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.report_only:
         return report_only(args)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import flashprefill_hf
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = run_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.time()
     deadline = t_start + args.time_budget if args.time_budget else None
-    try:
-        model, tokenizer, name = flashprefill_hf.load_model(args.model, device=device)
-    except flashprefill_hf.ModelNotAvailable as e:
-        raise SystemExit(f"error: {e}")
-    print(f"loaded {name} ({model.dtype}) on {device} in {time.time() - t_start:.0f} s; "
-          f"torch threads {torch.get_num_threads()}", flush=True)
+    model, tokenizer, name = load_for_run(args.model, device)
+    from flashprefill_hf import paper_alpha  # after load_for_run has set HF_HUB_OFFLINE
+
     count = token_counter(tokenizer)
-    default_alpha = args.alpha if args.alpha is not None else flashprefill_hf.paper_alpha(args.model or name)
+    default_alpha = args.alpha if args.alpha is not None else paper_alpha(args.model or name)
     methods = Methods(model, args.ref_threads if device.type == "cpu" else None)
     methods.config = methods.config.replace(dense_layers=args.dense_layers)
     sweep = [a for a in args.alphas if a != default_alpha]
