@@ -359,7 +359,8 @@ def plot(rows: list[dict], path: Path, alpha: float) -> bool:
     axes[0].legend(fontsize=7)
     axes[0].set_title(f"task score vs density (FlashPrefill alpha {alpha:g}; peers' knobs annotated)", fontsize=8)
     axes[1].set_title("agreement with Full vs density", fontsize=8)
-    fig.suptitle(f"Selectors inside {rows[0]['model']}, same prompts for every setting (ours)", fontsize=9)
+    fig.suptitle(f"Selectors inside {rows[0]['model']} (real model), same prompts for every setting (ours) - "
+                 f"{rows[0]['device_name']}, torch {rows[0]['torch']}, commit {rows[0]['commit']}", fontsize=9)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
