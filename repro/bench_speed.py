@@ -17,6 +17,9 @@ Two modes, one long-format CSV row per measurement (`what`, L, density, ms, ... 
               (`selection_peak_mib`: peak allocation beyond q, k, v and the output), the host time to enqueue
               one call (`flash_prefill_host`, CPU only) and, up to --max-graph-length, the same call replayed
               from a CUDA graph (`flash_prefill_cuda_graph`: no Python or launch overhead).
+              `flash_prefill_at_target`: the whole call again, with alpha chosen by bisection so that its own
+              selection keeps --pipeline-densities of the causal blocks (the paper's 3.5% at 256K), where the
+              forced blocks leave room for it; `alpha` and the realised density are in the row.
 
 Times are medians of triton.testing.do_bench (CUDA events, after warm-up).
 """
@@ -104,7 +107,28 @@ def dense_baselines(q, k, v) -> dict[str, float]:
     return times
 
 
-def run(lengths, densities, head_dim, q_heads, kv_heads, modes, alpha, seed, max_dense_length, max_graph_length):
+def alpha_for_density(scores, target: float, tolerance: float = 5e-4, steps: int = 30):
+    """(alpha, realised density) with the selection of `scores` keeping about `target` of the causal blocks, found
+    by bisection (the kept fraction falls as alpha rises); None when even alpha = 1 keeps more (forced blocks)."""
+    import triton_impl
+
+    def density(alpha):
+        return float(triton_impl.causal_block_density(triton_impl.select_and_compact(scores, alpha)[0]))
+
+    lo, hi = 0.0, 1.0
+    if density(hi) > target:
+        return None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        rho = density(mid)
+        if abs(rho - target) <= tolerance:
+            return mid, rho
+        lo, hi = (mid, hi) if rho > target else (lo, mid)
+    return hi, density(hi)
+
+
+def run(lengths, densities, head_dim, q_heads, kv_heads, modes, alpha, seed, max_dense_length, max_graph_length,
+        pipeline_densities=()):
     import triton_impl
     from reference.synthetic import planted_qkv
     from triton_impl.attention import PHYSICAL, _launch
@@ -149,6 +173,14 @@ def run(lengths, densities, head_dim, q_heads, kv_heads, modes, alpha, seed, max
             }
             for name, fn in stages.items():
                 add(name, bench_ms(fn), density=density, alpha=alpha, scope="selection", input="synthetic")
+            for target in pipeline_densities:
+                found = alpha_for_density(scores, target)
+                if found is None:
+                    continue
+                target_alpha, rho = found
+                add("flash_prefill_at_target", bench_ms(lambda: triton_impl.flash_prefill(q, k, v, alpha=target_alpha)),
+                    density=rho, target_density=target, alpha=round(target_alpha, 5),
+                    scope="operator + selection, alpha chosen for the target density", input="synthetic")
             del scores, stats
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -206,6 +238,8 @@ def main(argv=None):
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=0.12)
+    parser.add_argument("--pipeline-densities", type=float, nargs="*", default=[PAPER_DENSITY_256K["FlashPrefill"]],
+                        help="pipeline mode: also time flash_prefill with alpha chosen to keep these densities")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-dense-length", type=int, default=262144,
                         help="skip the dense baselines above this length (FA2 takes ~30 s a call at 1M)")
@@ -220,7 +254,7 @@ def main(argv=None):
     stamp = environment_stamp("cuda")
     args.tag = args.tag or default_tag(stamp["device_name"])
     rows = run(args.lengths, args.densities, args.head_dim, args.q_heads, args.kv_heads, args.modes, args.alpha,
-               args.seed, args.max_dense_length, args.max_graph_length)
+               args.seed, args.max_dense_length, args.max_graph_length, args.pipeline_densities)
     csv_path = write_long_csv(args.out_dir / f"{args.tag}.csv", rows, stamp)
     table = summary_table(rows)
     (args.out_dir / f"{args.tag}.md").write_text(

@@ -33,7 +33,7 @@ from repro.differential import flash_rule, mask_from_lists
 
 DTYPES = KERNEL_TEST_DTYPES
 
-# (B, L, Hq, Hkv, D, block_size): odd lengths, GQA groups 1/4/7/8, head dims 64/128, batch 1-3.
+# (B, L, Hq, Hkv, D, block_size): odd lengths, GQA groups 1/2/4/7/8, head dims 64/128, batch 1-3, blocks 16-256.
 CASES = [  # kept small: the CPU interpreter runs every program in Python
     (1, 1, 2, 1, 64, 16),
     (3, 127, 4, 1, 64, 32),
@@ -42,6 +42,7 @@ CASES = [  # kept small: the CPU interpreter runs every program in Python
     (1, 1000, 2, 2, 64, 64),
     (2, 300, 2, 1, 128, 32),
     (1, 257, 2, 1, 128, 128),
+    (1, 600, 2, 1, 64, 256),  # blocks larger than a tile: two query tiles and two key tiles per block
 ]
 GPU_CASES = [
     (1, 4097, 8, 1, 128, 128),
@@ -105,6 +106,39 @@ def test_full_block_set_equals_dense(case, dtype):
     counts, indices = reference.compact_blocks(causal_block_mask(B, Hq, M, device=DEVICE))
     sparse = triton_impl.block_sparse_attention(q, k, v, counts, indices, bs)
     assert_flash_rule(sparse, q, k, v, causal_block_mask(B, Hq, M, device=DEVICE), bs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", [pytest.param(c, id=case_id(c)) for c in CASES[2:]] + [
+    pytest.param(GPU_CASES[1], id=case_id(GPU_CASES[1]), marks=pytest.mark.gpu)])
+def test_tma_and_pointer_kv_loads_agree(case, dtype):
+    """K/V tiles fetched through TMA descriptors (the default) or by per-thread pointer loads (the fallback for
+    layouts a descriptor cannot describe): the same tiles, the same arithmetic, the same output to the bit."""
+    from triton_impl.attention import DENSE, PHYSICAL, _launch
+
+    B, L, Hq, Hkv, D, bs = case
+    q, k, v = inputs(case, dtype, seed=11, planted=False)
+    M = num_blocks(L, bs)
+    mask = random_block_mask(B, Hq, M, keep=0.3, seed=12, device=DEVICE)
+    counts, indices = reference.compact_blocks(mask)
+    for mode, lists, block_size, block_mask in ((PHYSICAL, dict(counts=counts, indices=indices), bs, mask),
+                                                (DENSE, {}, 128, causal_block_mask(B, Hq, num_blocks(L, 128),
+                                                                                   device=DEVICE))):
+        tma, pointers = (_launch(q, k, v, block_size, D ** -0.5, mode, config=dict(kv_descriptors=flag), **lists)
+                         for flag in (True, False))
+        assert_flash_rule(tma, q, k, v, block_mask, block_size)
+        torch.testing.assert_close(tma, pointers, rtol=0, atol=0)
+
+
+def test_kv_descriptor_only_for_packed_aligned_layouts():
+    from triton_impl.attention import kv_descriptor
+
+    k = torch.zeros(2, 300, 4, 64, dtype=torch.float16, device=DEVICE)
+    assert kv_descriptor(k, 64) is not None
+    assert kv_descriptor(torch.zeros(2, 4, 300, 64, dtype=torch.float16, device=DEVICE).transpose(1, 2), 64) is None
+    assert kv_descriptor(torch.zeros(2, 300, 4, 72, dtype=torch.float16, device=DEVICE)[..., :64], 64) is None
+    unaligned = torch.zeros(2 * 300 * 4 * 64 + 1, dtype=torch.float16, device=DEVICE)[1:].view(2, 300, 4, 64)
+    assert kv_descriptor(unaligned, 64) is None  # base 2 bytes past an aligned address
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)

@@ -14,6 +14,10 @@ all; only the diagonal block is masked (causality inside it, and the padding of 
 lists are ascending, so the diagonal block, when kept, is the last entry of the list.
 
 Inner step in base 2: logits are scaled by scale * log2(e) and exponentiated with exp2.
+
+K/V tiles: fetched by TMA (a tensor descriptor over k / v viewed as (B, L, Hkv * D)) when the layout allows it
+(heads packed, 16-byte aligned), else by per-thread pointer loads; `tests/test_triton_attention.py` checks that
+both give the same output to the bit. The H200 timings of both are in repro/NOTES.md.
 """
 
 from __future__ import annotations
@@ -38,42 +42,65 @@ PHYSICAL, LOGICAL, DENSE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
-def _attend_tile(
-    acc, m_i, l_i, q, q_pos, k_base, v_base, start, stride_kl, stride_vl, L, qk_scale,
-    BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Fold keys start .. start + BLOCK_N into the running softmax state (acc, m_i, l_i) of the query tile."""
-    key_pos = start + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    if MASKED:  # the diagonal block: may run past L
-        k = tl.load(k_base + key_pos[:, None] * stride_kl + offs_d[None, :], mask=(key_pos < L)[:, None], other=0.0)
-        v = tl.load(v_base + key_pos[:, None] * stride_vl + offs_d[None, :], mask=(key_pos < L)[:, None], other=0.0)
+def _load_kv_tile(K, V, b, kv_col, start, stride_kl, stride_vl, L,
+                  BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, KV_DESCRIPTORS: tl.constexpr):
+    """Keys and values start .. start + BLOCK_N of one kv head, as (BLOCK_N, D) tiles; rows past L read as 0.
+
+    KV_DESCRIPTORS: K and V are TMA tensor descriptors over (B, L, Hkv * D) and the tile is the box at
+    (b, start, kv_col): the copy engine fetches it and zero-fills rows past L. Otherwise K and V point at the
+    (b, kv head) slice and every thread computes its own addresses."""
+    if KV_DESCRIPTORS:
+        k = K.load([tl.cast(b, tl.int32), tl.cast(start, tl.int32), kv_col]).reshape(BLOCK_N, D)
+        v = V.load([tl.cast(b, tl.int32), tl.cast(start, tl.int32), kv_col]).reshape(BLOCK_N, D)
     else:
-        k = tl.load(k_base + key_pos[:, None] * stride_kl + offs_d[None, :])
-        v = tl.load(v_base + key_pos[:, None] * stride_vl + offs_d[None, :])
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # base-2 logits
+        key_pos = start + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        if MASKED:  # the diagonal block: may run past L
+            k = tl.load(K + key_pos[:, None] * stride_kl + offs_d[None, :], mask=(key_pos < L)[:, None], other=0.0)
+            v = tl.load(V + key_pos[:, None] * stride_vl + offs_d[None, :], mask=(key_pos < L)[:, None], other=0.0)
+        else:
+            k = tl.load(K + key_pos[:, None] * stride_kl + offs_d[None, :])
+            v = tl.load(V + key_pos[:, None] * stride_vl + offs_d[None, :])
+    return k, v
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, q, q_pos, K, V, b, kv_col, start, stride_kl, stride_vl, L, qk_scale,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_DESCRIPTORS: tl.constexpr, listed=True,
+):
+    """Fold keys start .. start + BLOCK_N into the running softmax state (acc, m_i, l_i) of the query tile.
+    MASKED: only keys at or before each query and before L count, and none unless `listed`."""
+    k, v = _load_kv_tile(K, V, b, kv_col, start, stride_kl, stride_vl, L, BLOCK_N, D, MASKED, KV_DESCRIPTORS)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # logits before the scale
     if MASKED:
-        visible = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < L)
+        key_pos = start + tl.arange(0, BLOCK_N)
+        visible = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < L) & listed
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # Running max in base 2 (qk_scale = scale * log2(e) > 0 commutes with max); exp2(s * qk_scale - m) is one FMA
+    # per logit.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
     if MASKED:  # a row may have seen no key yet
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * qk_scale - m_new[:, None])
     correction = tl.exp2(m_i - m_new)
     l_i = l_i * correction + tl.sum(p, axis=1)
-    acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _attend_block(
-    acc, m_i, l_i, q, q_pos, k_base, v_base, J, stride_kl, stride_vl, L, qk_scale,
+    acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J, stride_kl, stride_vl, L, qk_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_DESCRIPTORS: tl.constexpr,
 ):
     """Fold in a whole off-diagonal key block J (no mask needed: every key is visible and < L)."""
     for n in tl.static_range(BLOCK_SIZE // BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_base, v_base, J * BLOCK_SIZE + n * BLOCK_N,
-                                     stride_kl, stride_vl, L, qk_scale, BLOCK_N, D, False, DOT_PRECISION)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J * BLOCK_SIZE + n * BLOCK_N,
+                                     stride_kl, stride_vl, L, qk_scale, BLOCK_N, D, False, DOT_PRECISION,
+                                     KV_DESCRIPTORS)
     return acc, m_i, l_i
 
 
@@ -88,7 +115,7 @@ def _attention_kernel(
     L, M, HQ, GROUP, qk_scale, ROW0,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, HEADS_FASTEST: tl.constexpr,
-    PREFETCH_INDEX: tl.constexpr, WIDE: tl.constexpr,
+    PREFETCH_INDEX: tl.constexpr, WIDE: tl.constexpr, KV_DESCRIPTORS: tl.constexpr,
 ):
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_M
     if HEADS_FASTEST:  # consecutive programs = the heads of one query tile: a GQA group shares K/V in L2
@@ -106,8 +133,10 @@ def _attention_kernel(
     offs_d = tl.arange(0, D)
     q = tl.load(Q + b * stride_qb + h * stride_qh + q_pos[:, None] * stride_ql + offs_d[None, :],
                 mask=(q_pos < L)[:, None], other=0.0)
-    k_base = K + b * stride_kb + (h // GROUP) * stride_kh
-    v_base = V + b * stride_vb + (h // GROUP) * stride_vh
+    kv_col = (h // GROUP).to(tl.int32) * D  # the kv head's columns in the descriptors' (B, L, Hkv * D) view
+    if not KV_DESCRIPTORS:
+        K = K + b * stride_kb + (h // GROUP) * stride_kh
+        V = V + b * stride_vb + (h // GROUP) * stride_vh
     row = b * stride_lb + h * stride_lh + (I - ROW0) * stride_lm
     stat = (b * HQ + h) * M + I
 
@@ -115,43 +144,47 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # Off-diagonal blocks, then the diagonal block with its mask.
+    # Every walk ends with one block that goes through the masked tile: the diagonal block I (causality inside it,
+    # the padding of a partial last block), or in PHYSICAL mode the last listed block, whatever it is (the lists
+    # are ascending, so a kept diagonal block is the last entry; an off-diagonal block passes the mask unchanged).
+    # That way the unmasked loop's trip count waits for one load (count) and the tail has no branch.
     if MODE == PHYSICAL:
         count = tl.load(COUNTS + stat)
-        last = tl.load(INDICES + row + tl.maximum(count - 1, 0), mask=count > 0, other=-1)
-        has_diagonal = last == I
-        n_off_diagonal = count - has_diagonal.to(tl.int32)
+        n_unmasked = tl.maximum(count - 1, 0)
         if PREFETCH_INDEX:  # the next block id is loaded one iteration ahead, so K/V addresses are known early
-            J = widen(tl.load(INDICES + row, mask=n_off_diagonal > 0, other=0), WIDE)
-            for t in range(0, n_off_diagonal):
-                J_next = widen(tl.load(INDICES + row + t + 1, mask=t + 1 < n_off_diagonal, other=0), WIDE)
-                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, k_base, v_base, J, stride_kl, stride_vl, L,
-                                              qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION)
+            J = widen(tl.load(INDICES + row, mask=n_unmasked > 0, other=0), WIDE)
+            for t in range(0, n_unmasked):
+                J_next = widen(tl.load(INDICES + row + t + 1, mask=t + 1 < n_unmasked, other=0), WIDE)
+                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J, stride_kl, stride_vl,
+                                              L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION, KV_DESCRIPTORS)
                 J = J_next
         else:
-            for t in range(0, n_off_diagonal):
+            for t in range(0, n_unmasked):
                 J = widen(tl.load(INDICES + row + t), WIDE)
-                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, k_base, v_base, J, stride_kl, stride_vl, L,
-                                              qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION)
+                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J, stride_kl, stride_vl,
+                                              L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION, KV_DESCRIPTORS)
+        J_last = widen(tl.load(INDICES + row + n_unmasked, mask=count > 0, other=0), WIDE)
+        has_last = count > 0
         visits = count
     elif MODE == LOGICAL:
         for J in range(0, I):
             if tl.load(MASK + row + J) != 0:
-                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, k_base, v_base, J, stride_kl, stride_vl, L,
-                                              qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION)
-        has_diagonal = tl.load(MASK + row + I) != 0
+                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J, stride_kl, stride_vl,
+                                              L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION, KV_DESCRIPTORS)
+        J_last = I
+        has_last = tl.load(MASK + row + I) != 0
         visits = I + 1
     else:
         for J in range(0, I):
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, k_base, v_base, J, stride_kl, stride_vl, L,
-                                          qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION)
-        has_diagonal = I >= 0
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J, stride_kl, stride_vl, L,
+                                          qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION, KV_DESCRIPTORS)
+        J_last = I
+        has_last = I >= 0
         visits = I + 1
-    if has_diagonal:
-        diagonal_end = tl.minimum(tile * BLOCK_M + BLOCK_M, L)  # keys past this tile's last query are invisible
-        for start in range(I * BLOCK_SIZE, diagonal_end, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_base, v_base, start, stride_kl, stride_vl, L,
-                                         qk_scale, BLOCK_N, D, True, DOT_PRECISION)
+    for n in tl.static_range(BLOCK_SIZE // BLOCK_N):  # with has_last false every key is masked: no effect
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J_last * BLOCK_SIZE + n * BLOCK_N,
+                                     stride_kl, stride_vl, L, qk_scale, BLOCK_N, D, True, DOT_PRECISION,
+                                     KV_DESCRIPTORS, has_last)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows that saw no key give 0, as in the reference
     out = acc / l_i[:, None]
@@ -164,7 +197,19 @@ def _attention_kernel(
 
 # Launch configuration, tuned on an H200 (repro/NOTES.md): keys per tile, warps, pipeline stages, program order.
 ATTENTION_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, num_warps=None, num_stages=3, heads_fastest=True,
-                        prefetch_index=True)
+                        prefetch_index=True, kv_descriptors=True)
+
+
+def kv_descriptor(x: torch.Tensor, block_n: int):
+    """A TMA tensor descriptor over k or v (B, L, Hkv, D) viewed as (B, L, Hkv * D), one box = (1, block_n, D)
+    keys of one kv head; None when the layout does not allow it (heads not packed, or not 16-byte aligned)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, L, H, D = x.shape
+    aligned = x.data_ptr() % 16 == 0 and all(s * x.element_size() % 16 == 0 for s in x.stride()[:2])
+    if x.stride(3) != 1 or x.stride(2) != D or not aligned:
+        return None
+    return TensorDescriptor(x, [B, L, H * D], [x.stride(0), x.stride(1), 1], [1, block_n, D])
 
 
 def attention_tile_sizes(block_size: int, config=None) -> tuple[int, int]:
@@ -198,8 +243,12 @@ def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask
     row_strides = lists.stride()[:3] if mode == PHYSICAL else bits.stride()[:3] if mode == LOGICAL else (0, 0, 0)
     counts = counts.contiguous() if mode == PHYSICAL else out
     grid = (B * Hq, tiles) if config["heads_fastest"] else (tiles, B * Hq)
+    kv = (k, v)
+    if config["kv_descriptors"]:
+        descriptors = (kv_descriptor(k, BLOCK_N), kv_descriptor(v, BLOCK_N))
+        kv = descriptors if None not in descriptors else kv
     _attention_kernel[grid](
-        q, k, v, out, counts, lists, bits, visits,
+        q, *kv, out, counts, lists, bits, visits,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -209,7 +258,7 @@ def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
         MODE=mode.value, DOT_PRECISION=dot_precision(q.dtype), COUNT_VISITS=return_visits,
         HEADS_FASTEST=config["heads_fastest"], PREFETCH_INDEX=config["prefetch_index"],
-        WIDE=needs_wide_offsets(q, k, v, out, lists, bits),
+        WIDE=needs_wide_offsets(q, k, v, out, lists, bits), KV_DESCRIPTORS=kv[0] is not k,
         num_warps=config["num_warps"] or num_warps_for(BLOCK_M, D), num_stages=config["num_stages"],
     )
     return (out, visits) if return_visits else out
