@@ -68,15 +68,14 @@ def _load_kv_tile(K, V, b, kv_col, start, stride_kl, stride_vl, L,
 def _attend_tile(
     acc, m_i, l_i, q, q_pos, K, V, b, kv_col, start, stride_kl, stride_vl, L, qk_scale,
     BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_DESCRIPTORS: tl.constexpr, listed=True,
+    KV_DESCRIPTORS: tl.constexpr,
 ):
-    """Fold keys start .. start + BLOCK_N into the running softmax state (acc, m_i, l_i) of the query tile.
-    MASKED: only keys at or before each query and before L count, and none unless `listed`."""
+    """Fold keys start .. start + BLOCK_N into the running softmax state (acc, m_i, l_i) of the query tile."""
     k, v = _load_kv_tile(K, V, b, kv_col, start, stride_kl, stride_vl, L, BLOCK_N, D, MASKED, KV_DESCRIPTORS)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # logits before the scale
     if MASKED:
         key_pos = start + tl.arange(0, BLOCK_N)
-        visible = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < L) & listed
+        visible = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < L)
         s = tl.where(visible, s, float("-inf"))
     # Running max in base 2 (qk_scale = scale * log2(e) > 0 commutes with max); exp2(s * qk_scale - m) is one FMA
     # per logit.
@@ -86,7 +85,7 @@ def _attend_tile(
     p = tl.exp2(s * qk_scale - m_new[:, None])
     correction = tl.exp2(m_i - m_new)
     l_i = l_i * correction + tl.sum(p, axis=1)
-    acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=DOT_PRECISION)
+    acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -144,47 +143,43 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # Every walk ends with one block that goes through the masked tile: the diagonal block I (causality inside it,
-    # the padding of a partial last block), or in PHYSICAL mode the last listed block, whatever it is (the lists
-    # are ascending, so a kept diagonal block is the last entry; an off-diagonal block passes the mask unchanged).
-    # That way the unmasked loop's trip count waits for one load (count) and the tail has no branch.
+    # Off-diagonal blocks, then the diagonal block with its mask.
     if MODE == PHYSICAL:
         count = tl.load(COUNTS + stat)
-        n_unmasked = tl.maximum(count - 1, 0)
+        last = tl.load(INDICES + row + tl.maximum(count - 1, 0), mask=count > 0, other=-1)
+        has_diagonal = last == I
+        n_off_diagonal = count - has_diagonal.to(tl.int32)
         if PREFETCH_INDEX:  # the next block id is loaded one iteration ahead, so K/V addresses are known early
-            J = widen(tl.load(INDICES + row, mask=n_unmasked > 0, other=0), WIDE)
-            for t in range(0, n_unmasked):
-                J_next = widen(tl.load(INDICES + row + t + 1, mask=t + 1 < n_unmasked, other=0), WIDE)
+            J = widen(tl.load(INDICES + row, mask=n_off_diagonal > 0, other=0), WIDE)
+            for t in range(0, n_off_diagonal):
+                J_next = widen(tl.load(INDICES + row + t + 1, mask=t + 1 < n_off_diagonal, other=0), WIDE)
                 acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J, stride_kl, stride_vl,
                                               L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION, KV_DESCRIPTORS)
                 J = J_next
         else:
-            for t in range(0, n_unmasked):
+            for t in range(0, n_off_diagonal):
                 J = widen(tl.load(INDICES + row + t), WIDE)
                 acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J, stride_kl, stride_vl,
                                               L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION, KV_DESCRIPTORS)
-        J_last = widen(tl.load(INDICES + row + n_unmasked, mask=count > 0, other=0), WIDE)
-        has_last = count > 0
         visits = count
     elif MODE == LOGICAL:
         for J in range(0, I):
             if tl.load(MASK + row + J) != 0:
                 acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J, stride_kl, stride_vl,
                                               L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION, KV_DESCRIPTORS)
-        J_last = I
-        has_last = tl.load(MASK + row + I) != 0
+        has_diagonal = tl.load(MASK + row + I) != 0
         visits = I + 1
     else:
         for J in range(0, I):
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J, stride_kl, stride_vl, L,
                                           qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION, KV_DESCRIPTORS)
-        J_last = I
-        has_last = I >= 0
+        has_diagonal = I >= 0
         visits = I + 1
-    for n in tl.static_range(BLOCK_SIZE // BLOCK_N):  # with has_last false every key is masked: no effect
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J_last * BLOCK_SIZE + n * BLOCK_N,
-                                     stride_kl, stride_vl, L, qk_scale, BLOCK_N, D, True, DOT_PRECISION,
-                                     KV_DESCRIPTORS, has_last)
+    if has_diagonal:
+        diagonal_end = tl.minimum(tile * BLOCK_M + BLOCK_M, L)  # keys past this tile's last query are invisible
+        for start in range(I * BLOCK_SIZE, diagonal_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, start, stride_kl, stride_vl, L,
+                                         qk_scale, BLOCK_N, D, True, DOT_PRECISION, KV_DESCRIPTORS)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows that saw no key give 0, as in the reference
     out = acc / l_i[:, None]
