@@ -222,7 +222,8 @@ shared in L2). Lengths below 64K are missing where the forced blocks alone excee
 Stages are timed alone (each launched through its public function); "flash_prefill" is the whole call as a user
 makes it. "graph replay": the same call captured once in a CUDA graph and replayed (no Python, no launch
 overhead; only measured up to 32K). "host enqueue": CPU time to enqueue one call (Python, checks, launches), which
-bounds short sequences from below. "selection peak MiB": peak GPU allocation of the call beyond q, k, v and the
+bounds short sequences from below: where it exceeds the graph replay, the call waits on the host (4K; its value
+varies with the host CPU between machines). "selection peak MiB": peak GPU allocation of the call beyond q, k, v and the
 output (selection buffers; flash_prefill scores and lists at most 1 GiB of query blocks at a time).
 
 {stages}
@@ -242,6 +243,10 @@ def one_million_section(t1m, first, t) -> str:
         [[k_label(L), f"{fp['density']:.1%}", f"{fp['ms']:.1f}", f"{sel['ms']:.1f}",
           f"{t1m[('score', None)][L]['ms']:.1f}", fp.get("selection_peak_mib", "-"), fp.get("extra_peak_mib", "-"),
           extrapolated]])
+    at_target = t1m[("flash_prefill_at_target", LOW_DENSITY)].get(L)
+    if at_target:
+        table += (f"\n\nThe same call with alpha {at_target['alpha']} (bisected so that the selection keeps "
+                  f"{LOW_DENSITY:.1%}): {at_target['ms']:.1f} ms at {at_target['density']:.2%} density.")
     main_commit = next(iter(t[("sdpa_cudnn", None)].values()))["commit"]
     same_commit = "" if main_commit == first["commit"] else (
         f" The main tables are from `{main_commit}`: repro/NOTES.md says what changed in between.")

@@ -123,11 +123,11 @@ def diagnose(args):
 
 
 KV_LOAD_CONFIGS = [  # the first is the reference: every other configuration's output is compared with its
-    dict(kv_descriptors=False, prefetch_index=1, BLOCK_N=128, num_stages=3),
-    dict(kv_descriptors=False, prefetch_index=2, BLOCK_N=128, num_stages=3),
-    dict(kv_descriptors=True, prefetch_index=1, BLOCK_N=128, num_stages=3),
-    dict(kv_descriptors=True, prefetch_index=2, BLOCK_N=128, num_stages=3),
-    dict(kv_descriptors=True, prefetch_index=2, BLOCK_N=64, num_stages=5),
+    dict(kv_descriptors=False, prefetch_index=True, BLOCK_N=128, num_stages=3),
+    dict(kv_descriptors=True, prefetch_index=True, BLOCK_N=128, num_stages=3),
+    dict(kv_descriptors=True, prefetch_index=False, BLOCK_N=128, num_stages=3),
+    dict(kv_descriptors=True, prefetch_index=True, BLOCK_N=128, num_stages=2),
+    dict(kv_descriptors=True, prefetch_index=False, BLOCK_N=64, num_stages=5),
 ]
 
 
@@ -232,13 +232,17 @@ def kv_loads(args):
             print(f"{name:<18} {ms:9.3f} ms {ns:6.2f} ns/block x{ns / cudnn_ns:.3f} cuDNN  diff {diff:.2g}  {cfg}",
                   flush=True)
     from triton_impl.attention import ATTENTION_CONFIG
-    for tma in (False, True):  # the whole call on planted inputs, at the density its own selection produces
-        ATTENTION_CONFIG["kv_descriptors"] = tma
-        counts, _ = triton_impl.select_and_compact(triton_impl.block_scores(q, triton_impl.mean_pool_keys(k)))
-        ms = bench_ms(lambda: triton_impl.flash_prefill(q, k, v))
-        rows.append(dict(what="flash_prefill, planted", L=L, config=str(dict(kv_descriptors=tma)), ms=ms,
-                         density=int(counts.sum()) / causal_block_heads))
-        print(f"flash_prefill planted density {rows[-1]['density']:.1%} tma={tma}: {ms:.2f} ms", flush=True)
+    counts, _ = triton_impl.select_and_compact(triton_impl.block_scores(q, triton_impl.mean_pool_keys(k)))
+    default = ATTENTION_CONFIG["kv_descriptors"]
+    try:
+        for tma in (False, True):  # the whole call on planted inputs, at the density its own selection produces
+            ATTENTION_CONFIG["kv_descriptors"] = tma
+            ms = bench_ms(lambda: triton_impl.flash_prefill(q, k, v))
+            rows.append(dict(what="flash_prefill, planted", L=L, config=str(dict(kv_descriptors=tma)), ms=ms,
+                             density=int(counts.sum()) / causal_block_heads))
+            print(f"flash_prefill planted density {rows[-1]['density']:.1%} tma={tma}: {ms:.2f} ms", flush=True)
+    finally:
+        ATTENTION_CONFIG["kv_descriptors"] = default
     write_long_csv(args.out_dir / f"kv_loads_L{L}.csv", rows, environment_stamp("cuda"))
 
 

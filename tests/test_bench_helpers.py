@@ -28,3 +28,21 @@ def test_alpha_for_density_below_the_forced_blocks_is_none():
     scores = _scores()
     floor = float(triton_impl.causal_block_density(triton_impl.select_and_compact(scores, 1.0)[0]))
     assert alpha_for_density(scores, floor / 2) is None
+
+
+def test_ab_attention_imports_each_version_under_its_own_name(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    import pytest
+
+    from repro.ab_attention import load_versions
+
+    shutil.copytree(Path(triton_impl.__file__).parent, tmp_path / "triton_impl")
+    versions = load_versions([f"copy={tmp_path}"])
+    assert list(versions) == ["copy", "working tree"]
+    assert versions["copy"] is not versions["working tree"]
+    assert versions["copy"].__name__ != versions["working tree"].__name__
+    assert all(hasattr(m, "_launch") for m in versions.values())
+    with pytest.raises(SystemExit, match="NAME=DIR"):
+        load_versions([str(tmp_path)])

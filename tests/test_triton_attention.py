@@ -124,7 +124,8 @@ def test_tma_and_pointer_kv_loads_agree(case, dtype):
     for mode, lists, block_size, block_mask in ((PHYSICAL, dict(counts=counts, indices=indices), bs, mask),
                                                 (DENSE, {}, 128, causal_block_mask(B, Hq, num_blocks(L, 128),
                                                                                    device=DEVICE))):
-        tma, pointers = (_launch(q, k, v, block_size, D ** -0.5, mode, config=dict(kv_descriptors=flag), **lists)
+        tma, pointers = (_launch(q, k, v, block_size, D ** -0.5, mode, **lists,
+                                 config=dict(kv_descriptors=flag, kv_descriptors_min_length=1))
                          for flag in (True, False))
         assert_flash_rule(tma, q, k, v, block_mask, block_size)
         torch.testing.assert_close(tma, pointers, rtol=0, atol=0)

@@ -52,6 +52,14 @@ def test_every_kernel_compiles_for_sm90(report):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_attention_compiles_with_both_kv_loads(report, dtype):
+    """K/V through TMA descriptors (the default from 8K tokens) and through pointer loads, in every mode."""
+    tiles = rows(report, "_attention_kernel", dtype)
+    for tma in (False, True):
+        assert {r["constexprs"]["MODE"] for r in tiles if r["constexprs"]["KV_DESCRIPTORS"] == tma} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_attention_uses_wgmma(report, dtype):
     """Every attention mode at the default block size (128) runs its dots on Hopper's warpgroup MMA."""
     tiles = [r for r in rows(report, "_attention_kernel", dtype) if r["constexprs"]["BLOCK_SIZE"] == 128]
@@ -65,7 +73,10 @@ def test_block_scores_use_wgmma(report, dtype):
 
 
 def test_standard_shape_attention_does_not_spill(report):
-    """bf16, D=128, Bs=128 (the benchmark shape): the physical-skip kernel keeps everything in registers."""
-    (row,) = [r for r in rows(report, "_attention_kernel", "bf16 D=128 Bs=128 physical") if "visits" not in r["variant"]]
-    assert row["registers"] is not None and row["registers"] <= 255
-    assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
+    """bf16, D=128, Bs=128 (the benchmark shape): the physical-skip kernel, with TMA or pointer K/V loads, keeps
+    everything in registers."""
+    found = [r for r in rows(report, "_attention_kernel", "bf16 D=128 Bs=128 physical") if "visits" not in r["variant"]]
+    assert len(found) == 2  # pointer loads, TMA
+    for row in found:
+        assert row["registers"] is not None and row["registers"] <= 255
+        assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row

@@ -192,7 +192,7 @@ def _attention_kernel(
 
 # Launch configuration, tuned on an H200 (repro/NOTES.md): keys per tile, warps, pipeline stages, program order.
 ATTENTION_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, num_warps=None, num_stages=3, heads_fastest=True,
-                        prefetch_index=True, kv_descriptors=True)
+                        prefetch_index=True, kv_descriptors=True, kv_descriptors_min_length=8192)
 
 
 def kv_descriptor(x: torch.Tensor, block_n: int):
@@ -239,7 +239,9 @@ def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask
     counts = counts.contiguous() if mode == PHYSICAL else out
     grid = (B * Hq, tiles) if config["heads_fastest"] else (tiles, B * Hq)
     kv = (k, v)
-    if config["kv_descriptors"]:
+    # Host side, a descriptor costs ~30 us a launch (encoded by the launcher): more than it saves below 8K tokens,
+    # where a call is bound by the host, not the GPU (repro/NOTES.md).
+    if config["kv_descriptors"] and L >= config["kv_descriptors_min_length"]:
         descriptors = (kv_descriptor(k, BLOCK_N), kv_descriptor(v, BLOCK_N))
         kv = descriptors if None not in descriptors else kv
     _attention_kernel[grid](

@@ -265,6 +265,11 @@ def variants(quick: bool = False, dtypes: list[str] | None = None) -> list[Varia
                     indices, bs)
                 add(f"{label} logical", "block_sparse_attention_logical", ti.block_sparse_attention_logical, q, k,
                     v, mask, bs)
+                # From 8K tokens on, K/V come through TMA descriptors (these inputs are shorter: forced here).
+                add(f"{label} physical TMA", "block_sparse_attention", _with_kv_descriptors,
+                    ti.block_sparse_attention, q, k, v, counts, indices, bs)
+                add(f"{label} logical TMA", "block_sparse_attention_logical", _with_kv_descriptors,
+                    ti.block_sparse_attention_logical, q, k, v, mask, bs)
                 if dt == "bf16" and D == 128 and bs == 128:
                     add(f"{label} physical +visits", "block_sparse_attention", ti.block_sparse_attention, q, k, v,
                         counts, indices, bs, return_visits=True)
@@ -272,10 +277,26 @@ def variants(quick: bool = False, dtypes: list[str] | None = None) -> list[Varia
                         ti.block_sparse_attention_logical, q, k, v, mask, bs, return_visits=True)
                 if bs == 128:  # dense_attention always uses 128-token blocks
                     add(f"{dt} D={D} dense", "dense_attention", ti.dense_attention, q, k, v)
+                    add(f"{dt} D={D} dense TMA", "dense_attention", _with_kv_descriptors, ti.dense_attention, q, k,
+                        v)
                 add(label, "flash_prefill", ti.flash_prefill, q, k, v, block_size=bs)
-                if dt == "bf16" and D == 128 and bs == 128:  # the int64-offset kernels of 1M-token inputs
+                if dt == "bf16" and D == 128 and bs == 128:  # the int64-offset kernels of 1M-token inputs (TMA there)
                     add(f"{label} int64 offsets", "flash_prefill", _with_wide_offsets, ti.flash_prefill, q, k, v)
+                    add(f"{label} int64 offsets TMA", "flash_prefill", _with_wide_offsets, _with_kv_descriptors,
+                        ti.flash_prefill, q, k, v)
     return out
+
+
+def _with_kv_descriptors(fn, *args, **kwargs):
+    """Call fn with the attention kernel fetching K/V through TMA descriptors whatever the length."""
+    from triton_impl.attention import ATTENTION_CONFIG
+
+    saved = ATTENTION_CONFIG["kv_descriptors_min_length"]
+    try:
+        ATTENTION_CONFIG["kv_descriptors_min_length"] = 1
+        return fn(*args, **kwargs)
+    finally:
+        ATTENTION_CONFIG["kv_descriptors_min_length"] = saved
 
 
 def _with_wide_offsets(fn, *args, **kwargs):
