@@ -90,7 +90,8 @@ def main(argv=None):
                 ms = statistics.median(times[label])
                 runs = " ".join(f"{t:.3f}" for t in times[label])
                 rows.append(dict(L=L, workload=name, version=label, ms=ms, runs=runs, density=blocks / causal,
-                                 ns_per_block=ms * 1e6 / blocks, cudnn_ms=cudnn, ratio_to_rho_cudnn=ms / (blocks / causal * cudnn),
+                                 ns_per_block=ms * 1e6 / blocks, cudnn_ms=cudnn,
+                                 ratio_to_rho_cudnn=ms / (blocks / causal * cudnn),
                                  max_diff_vs_first=(outs[label] - first).abs().max().item()))
                 r = rows[-1]
                 print(f"L={L} {name:<18} {label:<24} {ms:9.3f} ms  x{r['ratio_to_rho_cudnn']:.3f} rho*cuDNN  "

@@ -207,9 +207,10 @@ activations at its own selection's density (paper: {PAPER_DENSITY_256K['FlashPre
 ## Whole flash_prefill at the paper's density (planted inputs, alpha set so its selection keeps {LOW_DENSITY:.1%})
 
 The call a user makes, selection included, on the structured synthetic inputs; alpha found by bisection on the
-selection's realised density (`bench_speed --pipeline-densities`). Unlike the random masks above, these lists have
-the structure of a real selection (the heads of a GQA group pick overlapping blocks, so their K/V tiles are
-shared in L2). Lengths below 64K are missing where the forced blocks alone exceed {LOW_DENSITY:.1%}.
+selection's realised density (`bench_speed --pipeline-densities`). Unlike the random masks above, the heads' lists
+overlap (planted patterns: at 16K, alpha 0.3, 85% of a head's blocks are also kept by the next head), so a K/V
+tile fetched for one head of a GQA group is reused from L2 by the others; how much real heads overlap depends on
+the model. Lengths below 64K are missing where the forced blocks alone exceed {LOW_DENSITY:.1%}.
 
 {whole_call}
 
