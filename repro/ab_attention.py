@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from repro.bench_speed import bench_ms, controlled_mask, dense_baselines
+from repro.bench_speed import bench_ms, controlled_mask, dense_baselines, group_shared_mask
 from repro.common import RESULTS_DIR, environment_stamp, write_long_csv
 
 
@@ -69,7 +69,7 @@ def main(argv=None):
         q, k, v = planted_qkv(1, L, Hq, Hkv, D, seed=0, dtype=torch.bfloat16, device="cuda")
         cudnn = dense_baselines(q, k, v)["sdpa_cudnn"]
         masks = {f"{t:.1%} independent": controlled_mask(1, Hq, M, t, seed=1) for t in (0.035, 0.3)}
-        masks["3.5% group-shared"] = controlled_mask(1, Hkv, M, 0.035, seed=1).repeat_interleave(Hq // Hkv, dim=1)
+        masks["3.5% group-shared"] = group_shared_mask(Hq, Hkv, M, 0.035, seed=1)
         if L <= 65536:
             masks["full list"] = torch.ones(M, M, dtype=torch.bool, device="cuda").tril().expand(1, Hq, M, M)
         work = {name: ("physical", triton_impl.compact_blocks(m.contiguous())) for name, m in masks.items()}

@@ -91,6 +91,12 @@ def controlled_mask(B: int, Hq: int, M: int, target: float, seed: int, device="c
     return (extra & causal) | forced
 
 
+def group_shared_mask(Hq: int, Hkv: int, M: int, target: float, seed: int, device="cuda") -> torch.Tensor:
+    """(1, Hq, M, M) bool: one controlled_mask per kv head, shared by the Hq / Hkv query heads of its GQA group
+    (the K/V tiles one head fetches are the ones its group needs: the L2-friendly case)."""
+    return controlled_mask(1, Hkv, M, target, seed, device=device).repeat_interleave(Hq // Hkv, dim=1)
+
+
 def dense_baselines(q, k, v) -> dict[str, float]:
     """SDPA flash (FA2) and cuDNN on (B, H, L, D) with kv heads repeated (the repeat is not timed)."""
     group = q.shape[2] // k.shape[2]

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from repro.bench_speed import bench_ms, controlled_mask
+from repro.bench_speed import bench_ms, controlled_mask, group_shared_mask
 from triton_impl.attention import _load_kv_tile
 from repro.common import RESULTS_DIR, environment_stamp, write_long_csv
 
@@ -105,7 +105,7 @@ def diagnose(args):
     q, k, v = planted_qkv(1, L, Hq, Hkv, D, seed=0, dtype=torch.bfloat16, device="cuda")
     full = torch.ones(M, M, dtype=torch.bool, device="cuda").tril().expand(1, Hq, M, M)
     independent = controlled_mask(1, Hq, M, 0.3, seed=1)
-    shared = controlled_mask(1, Hkv, M, 0.3, seed=1).repeat_interleave(Hq // Hkv, dim=1)
+    shared = group_shared_mask(Hq, Hkv, M, 0.3, seed=1)
     lists = {name: triton_impl.compact_blocks(m.contiguous()) for name, m in
              (("full list", full), ("30% independent", independent), ("30% group-shared", shared))}
     rows = [dict(what="dense mode", L=L, ms=bench_ms(lambda: _launch(q, k, v, 128, scale, DENSE)), blocks=M * (M + 1) // 2 * Hq)]
@@ -187,10 +187,10 @@ def kv_loads(args):
     cudnn_ns = cudnn_ms * 1e6 / causal_block_heads
     print(f"L={L}: cuDNN dense {cudnn_ms:.2f} ms = {cudnn_ns:.2f} ns per causal block-head", flush=True)
     masks = {f"{t:.1%} independent": controlled_mask(1, Hq, M, t, seed=1) for t in (0.035, 0.1, 0.3)}
-    masks["3.5% group-shared"] = controlled_mask(1, Hkv, M, 0.035, seed=1).repeat_interleave(Hq // Hkv, dim=1)
+    masks["3.5% group-shared"] = group_shared_mask(Hq, Hkv, M, 0.035, seed=1)
     if L <= 131072:
         masks["full list"] = torch.ones(M, M, dtype=torch.bool, device="cuda").tril().expand(1, Hq, M, M)
-        masks["30% group-shared"] = controlled_mask(1, Hkv, M, 0.3, seed=1).repeat_interleave(Hq // Hkv, dim=1)
+        masks["30% group-shared"] = group_shared_mask(Hq, Hkv, M, 0.3, seed=1)
     workloads = {name: dict(mode=PHYSICAL, lists=triton_impl.compact_blocks(m.contiguous()))
                  for name, m in masks.items()}
     if L <= 131072:
