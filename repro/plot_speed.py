@@ -58,7 +58,17 @@ def speedup_rows(t):
     return out
 
 
-def plot_speedup(rows, path: Path, device: str):
+def save(fig, path: Path, stamp):
+    """Write the figure with a footer naming what produced its numbers (GPU, versions, commit)."""
+    fig.text(0.005, 0.005, f"{stamp['device_name']}, torch {stamp['torch']}, triton {stamp['triton']}, "
+             f"commit {stamp['commit']}, {stamp['date']}", fontsize=6, color="0.4")
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_speedup(rows, path: Path, stamp):
+    device = stamp["device_name"]
     fig, ax = plt.subplots(figsize=(8, 5))
     Ls = [r["L"] for r in rows]
     ax.plot(Ls, [r["fa2"] / r["phys"] for r in rows], "o-", c="C0", label="vs FA2: attention only (operator)")
@@ -88,12 +98,11 @@ def plot_speedup(rows, path: Path, device: str):
                  "synthetic", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save(fig, path, stamp)
 
 
-def plot_density(t, path: Path, device: str):
+def plot_density(t, path: Path, stamp):
+    device = stamp["device_name"]
     lengths = sorted({L for (what, target), by_L in t.items() if what == "physical" for L in by_L})[-2:]
     fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
     for ax, L in zip(axes[0], lengths):
@@ -110,12 +119,11 @@ def plot_density(t, path: Path, device: str):
         ax.set_title(f"L = {k_label(L)} ({device}, synthetic random masks)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save(fig, path, stamp)
 
 
-def plot_stages(t, path: Path, device: str):
+def plot_stages(t, path: Path, stamp):
+    device = stamp["device_name"]
     Ls = sorted(t[("flash_prefill", None)])
     parts = {name: [t[(name, None)][L]["ms"] for L in Ls] for name in ("pool", "score", "select_compact")}
     attention = [t[("flash_prefill", None)][L]["ms"] - t[("selection_total", None)][L]["ms"] for L in Ls]
@@ -131,9 +139,7 @@ def plot_stages(t, path: Path, device: str):
     ax.set_xlabel("length / realised density (planted synthetic inputs, alpha 0.12)")
     ax.set_title(f"flash_prefill stage breakdown ({device}); stages timed separately", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save(fig, path, stamp)
 
 
 def cell(t, what, L, field, fmt="{:.3f}") -> str:
@@ -268,11 +274,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     t, first = load(args.csv)
     stem = args.csv.with_suffix("")
-    device = first["device_name"]
     rows = speedup_rows(t)
-    plot_speedup(rows, Path(f"{stem}_speedup.png"), device)
-    plot_density(t, Path(f"{stem}_density.png"), device)
-    plot_stages(t, Path(f"{stem}_stages.png"), device)
+    plot_speedup(rows, Path(f"{stem}_speedup.png"), first)
+    plot_density(t, Path(f"{stem}_density.png"), first)
+    plot_stages(t, Path(f"{stem}_stages.png"), first)
     text = summary(t, rows, first)
     long_csv = Path(f"{stem}_1m.csv")
     if long_csv.exists():
