@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from repro.bench_speed import bench_ms, controlled_mask, group_shared_mask
-from triton_impl.attention import _load_kv_tile
+from triton_impl.attention import ATTENTION_CONFIG, _load_kv_tile, kv_descriptor
 from repro.common import RESULTS_DIR, environment_stamp, write_long_csv
 
 
@@ -157,8 +157,6 @@ def _gather_kv_kernel(K, V, OUT, COUNTS, INDICES, stride_kl, stride_vl, stride_k
 
 def gather_kv_ms(k, v, counts, indices, kv_descriptors: bool, Hq: int) -> float:
     """Time of _gather_kv_kernel over these lists (B = 1, 128-token blocks, 3 pipeline stages)."""
-    from triton_impl.attention import kv_descriptor
-
     M = counts.shape[-1]
     out = torch.empty(Hq, M, device=k.device)
     kv = (kv_descriptor(k, 128), kv_descriptor(v, 128)) if kv_descriptors else (k, v)
@@ -231,7 +229,6 @@ def kv_loads(args):
                              ratio_to_cudnn=ns / cudnn_ns, max_diff=diff))
             print(f"{name:<18} {ms:9.3f} ms {ns:6.2f} ns/block x{ns / cudnn_ns:.3f} cuDNN  diff {diff:.2g}  {cfg}",
                   flush=True)
-    from triton_impl.attention import ATTENTION_CONFIG
     counts, _ = triton_impl.select_and_compact(triton_impl.block_scores(q, triton_impl.mean_pool_keys(k)))
     default = ATTENTION_CONFIG["kv_descriptors"]
     try:
