@@ -9,6 +9,10 @@ Stage by stage, in the order `flash_prefill` calls them:
 5. `block_sparse_attention` (physical skip) / `block_sparse_attention_logical` (logical skip)
 
 `dense_attention` is the exact causal ground truth. `triton_impl` exports the same names.
+
+Everything here is differentiable (the selection, stages 3-4, is discrete and passes no gradient). NaN and inf behave
+as in dense attention; a row that sees no key at all gives 0 (reference/attention.py says which rows a non-finite
+key or value reaches).
 """
 
 from .attention import block_sparse_attention, block_sparse_attention_logical, dense_attention

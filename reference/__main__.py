@@ -20,13 +20,14 @@ import torch
 from .plotting import REASON_LABELS, draw_walkthrough
 from .walkthrough import run_toy
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO_ROOT / "repro" / "results" / "walkthrough_toy.png"
 
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m reference", description="Draw FlashPrefill's selection on a small synthetic example as one PNG.")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="PNG to write (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="PNG to write (default: walkthrough_toy.png in the run folder "
+                             "repro/runs/<date>-<device>/walkthrough/; the committed figure is "
+                             "repro/results/walkthrough/walkthrough_toy.png)")
     parser.add_argument("--length", type=int, default=2048, help="sequence length L (default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=0.12, help="threshold alpha of Eq. 3 (default: %(default)s)")
     parser.add_argument("--block-size", type=int, default=64, help="block size Bs (default: %(default)s)")
@@ -35,6 +36,10 @@ def main(argv=None) -> Path:
     parser.add_argument("--window-blocks", type=int, default=4, help="(default: %(default)s)")
     parser.add_argument("--last-dense-blocks", type=int, default=2, help="(default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        from repro.common import run_dir  # the repository's scripts decide where runs write
+
+        args.out = run_dir("walkthrough") / "walkthrough_toy.png"
     matplotlib.use("Agg")  # headless; the figure is a pyplot-free Figure, saved straight to PNG
 
     start = time.perf_counter()

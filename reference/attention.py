@@ -10,6 +10,16 @@ which blocks they visit:
 
 Both can return the number of key blocks each (batch, head, query block) visited, which is the paper's
 "logical skip -> physical jump" argument in numbers.
+
+NaN and inf behave as in dense attention (docs/DESIGN.md section 2): a row whose visible logits hold a NaN or a +inf
+is NaN, as is a row that attends to a key whose value holds a NaN or an inf; nothing is turned into 0 except the
+output of a row that sees no key at all. p @ v multiplies a whole tile of query rows with a whole block of values,
+and p = 0 for the keys a row cannot see, but 0 * NaN = NaN: a non-finite value v_j also makes NaN the rows of j's
+query block that precede j (the tile of the block-sparse paths of both packages; the Triton kernels use tiles of
+min(Bs, 128) rows) and, in `dense_attention`, the rows of j's 128-row tile (as triton_impl.dense_attention).
+A NaN or inf in a key is masked out of the rows that cannot see it and reaches only rows i >= j.
+
+Every function here is differentiable (autograd); the selection stages feeding them are discrete.
 """
 
 from __future__ import annotations
@@ -20,16 +30,20 @@ from .pooling import compute_dtype, split_blocks
 from .validation import check_block_layout, check_block_lists, check_block_size, check_qkv, num_blocks, resolve_scale
 
 _CHUNK_ELEMENTS = 1 << 24  # attention scores held at once by `dense_attention`: about 64 MB of float32
+_TILE_ROWS = 128  # query rows of one tile of `dense_attention`, as in triton_impl.dense_attention
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None) -> torch.Tensor:
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    softmax_scale: float | None = None) -> torch.Tensor:
     """Exact causal GQA attention, softmax(scale * q k^T + causal mask) v, the ground truth.
 
     Args:
         q: (B, L, Hq, D); k, v: (B, L, Hkv, D), Hq divisible by Hkv; query head h reads kv head h // (Hq / Hkv).
         softmax_scale: None means 1 / sqrt(D).
     Returns:
-        out (B, L, Hq, D) in q.dtype. Computed a chunk of query rows at a time (no L x L matrix).
+        out (B, L, Hq, D) in q.dtype. Computed a tile of 128 query rows at a time (fewer if they would not fit
+        in about 64 MB), against the keys up to the end of the tile: no L x L matrix. A non-finite value therefore
+        reaches the same rows as in triton_impl.dense_attention (see the module docstring).
     """
     B, L, Hq, Hkv, D = check_qkv(q, k, v)
     scale = resolve_scale(softmax_scale, D)
@@ -38,15 +52,17 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_s
     k_per_q_head = k.to(dtype).repeat_interleave(group, dim=2)  # (B, L, Hq, D)
     v_per_q_head = v.to(dtype).repeat_interleave(group, dim=2)
     out = torch.empty_like(q)
-    rows = max(1, _CHUNK_ELEMENTS // (B * Hq * L))
+    rows = min(_TILE_ROWS, max(1, _CHUNK_ELEMENTS // (B * Hq * L)))
+    rows = 1 << (rows.bit_length() - 1)  # a power of two: a chunk never straddles two tiles
     for i0 in range(0, L, rows):
         i1 = min(L, i0 + rows)
-        s = scale * torch.einsum("bihd,bjhd->bhij", q[:, i0:i1].to(dtype), k_per_q_head[:, :i1])
+        keys = min(L, (i0 // _TILE_ROWS + 1) * _TILE_ROWS)  # up to the end of the tile
+        s = scale * torch.einsum("bihd,bjhd->bhij", q[:, i0:i1].to(dtype), k_per_q_head[:, :keys])
         query_pos = torch.arange(i0, i1, device=q.device).view(-1, 1)
-        key_pos = torch.arange(i1, device=q.device).view(1, -1)
+        key_pos = torch.arange(keys, device=q.device).view(1, -1)
         s = s.masked_fill(key_pos > query_pos, float("-inf"))
         p = torch.softmax(s, dim=-1)
-        out[:, i0:i1] = torch.einsum("bhij,bjhd->bihd", p, v_per_q_head[:, :i1]).to(q.dtype)
+        out[:, i0:i1] = torch.einsum("bhij,bjhd->bihd", p, v_per_q_head[:, :keys]).to(q.dtype)
     return out
 
 
@@ -54,6 +70,7 @@ class _OnlineSoftmax:
     """Running row max m, row sum l and unnormalised output acc of one query block, for every (b, h).
 
     m, l: (B, Hq, Bs); acc: (B, Hq, Bs, D). One `update` folds in one key block (FlashAttention-2's inner step).
+    NaN and +inf logits propagate through m and l exactly as through a softmax.
     """
 
     def __init__(self, q_block: torch.Tensor):
@@ -61,23 +78,30 @@ class _OnlineSoftmax:
         self.m = torch.full(q_block.shape[:-1], float("-inf"), dtype=q_block.dtype, device=q_block.device)
         self.l = torch.zeros_like(self.m)
         self.acc = torch.zeros_like(q_block)
+        self.saw_key = torch.zeros_like(self.m, dtype=torch.bool)
 
     def update(self, k_block: torch.Tensor, v_block: torch.Tensor, visible: torch.Tensor, scale: float) -> None:
-        """Fold in one key block; visible (B, Hq, Bs, Bs) masks causality, padding and skipped blocks."""
+        """Fold in one key block; visible (B, Hq, Bs, Bs) masks causality, padding and skipped blocks.
+
+        Rows that see none of its keys (the (b, h) that skip this block) keep their state untouched: a block a row
+        skips must not reach it, not even as 0 * v."""
         s = scale * (self.q @ k_block.transpose(-1, -2))
         s = s.masked_fill(~visible, float("-inf"))
-        m_new = torch.maximum(self.m, s.amax(dim=-1))
-        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))  # rows with no key yet
-        p = torch.exp(s - m_safe.unsqueeze(-1))
-        correction = torch.exp(self.m - m_safe)
-        self.l = self.l * correction + p.sum(dim=-1)
-        self.acc = self.acc * correction.unsqueeze(-1) + p @ v_block
-        self.m = m_new
+        m_new = torch.maximum(self.m, s.amax(dim=-1))  # both propagate NaN
+        # Rows with no finite logit yet are shifted by 0 (exp(-inf - 0) = 0, where -inf - (-inf) would be NaN).
+        shift = torch.where(m_new == float("-inf"), 0.0, m_new)
+        p = torch.exp(s - shift.unsqueeze(-1))
+        correction = torch.exp(self.m - shift)
+        sees = visible.any(dim=-1)  # (B, Hq, Bs)
+        self.l = torch.where(sees, self.l * correction + p.sum(dim=-1), self.l)
+        self.acc = torch.where(sees.unsqueeze(-1), self.acc * correction.unsqueeze(-1) + p @ v_block, self.acc)
+        self.m = torch.where(sees, m_new, self.m)
+        self.saw_key |= sees
 
     def result(self) -> torch.Tensor:
-        """acc / l; rows that saw no key at all give 0."""
-        l = self.l.unsqueeze(-1)
-        return torch.where(l > 0, self.acc / l.clamp_min(torch.finfo(l.dtype).tiny), torch.zeros_like(self.acc))
+        """acc / l; rows that saw no key at all give 0 (acc = 0 there), every other row divides, NaN included."""
+        l = torch.where(self.saw_key, self.l, 1.0)
+        return self.acc / l.unsqueeze(-1)
 
 
 class _BlockedQKV:
@@ -110,10 +134,10 @@ class _BlockedQKV:
         return out.transpose(1, 2).to(dtype).contiguous()
 
 
-def _check_sparse_args(q, k, v, block_size, scale):
+def _check_sparse_args(q, k, v, block_size, softmax_scale):
     check_block_size(block_size)
     D = check_qkv(q, k, v)[-1]
-    return resolve_scale(scale, D, name="scale")
+    return resolve_scale(softmax_scale, D)
 
 
 def block_sparse_attention(
@@ -123,23 +147,28 @@ def block_sparse_attention(
     counts: torch.Tensor,
     indices: torch.Tensor,
     block_size: int = 128,
-    scale: float | None = None,
+    softmax_scale: float | None = None,
     *,
     return_visits: bool = False,
+    validate: bool = True,
 ):
     """Causal attention over the kept key blocks only, walking the compacted lists (physical skip).
 
     Args:
         q: (B, L, Hq, D); k, v: (B, L, Hkv, D).
         counts: (B, Hq, M) int32; indices: (B, Hq, M, N) int32, from `compact_blocks`.
-        block_size: Bs; scale: None means 1 / sqrt(D).
+        block_size: Bs; softmax_scale: None means 1 / sqrt(D).
         return_visits: also return visits (B, Hq, M) int32, the key blocks each row visited (== counts).
+        validate: check the lists (counts in range, ids ascending and causal) and raise ValueError on a malformed
+            one. On by default here (the oracle; the check is small next to this loop); triton_impl checks only
+            when asked, because its check costs a host synchronisation.
     Returns:
-        out (B, L, Hq, D) in q.dtype [, visits].
+        out (B, L, Hq, D) in q.dtype [, visits]. A row whose list is empty gives 0.
     """
-    scale = _check_sparse_args(q, k, v, block_size, scale)
+    scale = _check_sparse_args(q, k, v, block_size, softmax_scale)
     check_block_layout(q, block_size=block_size, counts=counts, indices=indices)
-    check_block_lists(counts, indices)
+    if validate:
+        check_block_lists(counts, indices)
     blocks = _BlockedQKV(q, k, v, block_size)
     M = num_blocks(q.shape[1], block_size)
     visits = torch.zeros_like(counts)
@@ -165,7 +194,7 @@ def block_sparse_attention_logical(
     v: torch.Tensor,
     mask: torch.Tensor,
     block_size: int = 128,
-    scale: float | None = None,
+    softmax_scale: float | None = None,
     *,
     return_visits: bool = False,
 ):
@@ -173,11 +202,12 @@ def block_sparse_attention_logical(
 
     Args:
         q: (B, L, Hq, D); k, v: (B, L, Hkv, D); mask: (B, Hq, M, N) bool from `select_blocks`.
+        block_size: Bs; softmax_scale: None means 1 / sqrt(D).
         return_visits: also return visits (B, Hq, M) int32: I + 1 for every row I (all causal blocks).
     Returns:
         out (B, L, Hq, D) in q.dtype [, visits].
     """
-    scale = _check_sparse_args(q, k, v, block_size, scale)
+    scale = _check_sparse_args(q, k, v, block_size, softmax_scale)
     check_block_layout(q, block_size=block_size, mask=mask)
     blocks = _BlockedQKV(q, k, v, block_size)
     B, _, Hq, _ = q.shape

@@ -1,4 +1,4 @@
-"""FlashPrefill end to end: stages 1-5 composed (DESIGN.md section 2)."""
+"""FlashPrefill end to end: stages 1-5 composed (docs/DESIGN.md section 2)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .scoring import block_scores
 from .selection import causal_block_density, compact_blocks, select_blocks
 from .validation import check_alpha, check_block_size, check_count, check_qkv, resolve_scale
 
-# alpha per model from the official V1 code (DESIGN.md section 2).
+# alpha per model from the official V1 code (docs/DESIGN.md section 2).
 PAPER_ALPHA = {
     "Llama-3.1-8B": 0.18,
     "Qwen2.5-7B": 0.08,
@@ -24,7 +24,7 @@ PAPER_ALPHA = {
 
 @dataclass
 class FlashPrefillStats:
-    """What the selection kept. counts (B, Hq, M) int32, indices (B, Hq, M, N) int32 (valid up to counts),
+    """What the selection kept. counts (B, Hq, M) int32, indices (B, Hq, M, N) int32 (-1 past counts),
     density: 0-d float32 tensor, kept causal blocks / all causal blocks over B and Hq."""
 
     counts: torch.Tensor

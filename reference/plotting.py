@@ -102,10 +102,12 @@ def keep_reasons(scores, alpha: float, sink_blocks: int, window_blocks: int, las
     """
     s = _np(scores)
     M, N = s.shape
-    reasons = np.where(_causal(M, N), DROPPED, NONCAUSAL)
-    above = s >= alpha * s.max(axis=-1, keepdims=True)
+    causal = _causal(M, N)
+    reasons = np.where(causal, DROPPED, NONCAUSAL)
+    row_max = np.where(causal, s, -np.inf).max(axis=-1, keepdims=True)  # over causal blocks; NaN propagates
+    not_below = ~(s < alpha * row_max)
     # Fill in reverse priority so that the earlier reasons overwrite the later ones.
-    reasons[_causal(M, N) & above] = THRESHOLD
+    reasons[causal & not_below] = THRESHOLD
     for reason, mask in reversed(forced_blocks(M, sink_blocks, window_blocks, last_dense_blocks).items()):
         reasons[mask] = reason
     return reasons

@@ -11,6 +11,10 @@ For query block I and key block J, with s_iJ = scale * q_i . kbar_J over the que
 Pairs without a contributing query (every J > I, the diagonal of a partial block, a partial last key block) score
 exactly 0. Rows are independent, so the reference scores a few query blocks at a time and never holds an L x L
 matrix: memory is O(chunk x Bs x N) per head.
+
+NaN and inf: a NaN or +inf among the contributing logits of row I (from a NaN in q_i or kbar_J, say) makes S_IJ, M_I
+and the normaliser NaN, so the whole causal part of the row (J <= I) scores NaN, as a softmax would; J > I still
+scores 0. `select_blocks` then keeps every causal block of that row.
 """
 
 from __future__ import annotations
@@ -24,24 +28,25 @@ SCORE_EPS = 1e-9  # the epsilon of Eq. 2's normaliser
 _CHUNK_ELEMENTS = 1 << 24  # scores held at once by the reference: about 64 MB of float32
 
 
-def block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int = 128, scale: float | None = None) -> torch.Tensor:
+def block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int = 128,
+                 softmax_scale: float | None = None) -> torch.Tensor:
     """Block importance scores of every (query block, key block) pair.
 
     Args:
         q: queries (B, L, Hq, D).
         kbar: pooled keys (B, N, Hkv, D) from `mean_pool_keys`; query head h reads kv head h // (Hq / Hkv).
         block_size: Bs.
-        scale: softmax scale; None means 1 / sqrt(D).
+        softmax_scale: None means 1 / sqrt(D).
     Returns:
         Score (B, Hq, M, N) float32 (float64 for float64 q), M = N = ceil(L / Bs); each row sums to 1 (up to the
-        epsilon) or is all zero.
+        epsilon), is all zero, or is NaN over J <= I (see above).
     """
     check_block_size(block_size)
     check_kbar(q, kbar, block_size)
     B, L, Hq, D = q.shape
     Hkv = kbar.shape[2]
     M = N = num_blocks(L, block_size)
-    scale = resolve_scale(scale, D, name="scale")
+    scale = resolve_scale(softmax_scale, D)
     dtype = compute_dtype(q)
 
     q_blocks = split_blocks(q, block_size)  # (B, Hq, M, Bs, D)
@@ -50,6 +55,7 @@ def block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int = 128, sca
     J = torch.arange(N, device=q.device)
     # Query i contributes to key block J iff it sees the whole block; padding queries contribute nowhere.
     contributes = (query_pos >= (J + 1) * block_size - 1) & (query_pos < L)  # (M, Bs, N)
+    above_diagonal = J.view(1, N) > torch.arange(M, device=q.device).view(M, 1)  # (M, N)
 
     scores = torch.empty(B, Hq, M, N, dtype=dtype, device=q.device)
     chunk = max(1, _CHUNK_ELEMENTS // (B * Hq * block_size * N))
@@ -58,13 +64,18 @@ def block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int = 128, sca
         # 1. s_iJ = scale * q_i . kbar_J for the queries of blocks I0..I1-1: (B, Hq, c, Bs, N)
         s = scale * torch.einsum("bhcrd,bhnd->bhcrn", q_blocks[:, :, I0:I1], kbar_per_q_head)
         s = s.masked_fill(~contributes[I0:I1], float("-inf"))
-        # 2. Block max m_IJ and block sum S_IJ over the contributing queries (Eq. 1).
-        m = s.amax(dim=3)  # (B, Hq, c, N); -inf where nobody contributes
-        m_finite = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        S = torch.exp(s - m_finite.unsqueeze(3)).sum(dim=3)  # 0 where nobody contributes
-        # 3. Reweight by the row max M_I and normalise over J (Eq. 2).
+        # 2. Block max m_IJ and block sum S_IJ over the contributing queries (Eq. 1). Where nobody contributes,
+        #    m = -inf is shifted by 0 instead (S = 0, not NaN); NaN and +inf propagate as in a softmax.
+        m = s.amax(dim=3)  # (B, Hq, c, N)
+        S = torch.exp(s - _no_key_to_zero(m).unsqueeze(3)).sum(dim=3)
+        # 3. Reweight by the row max M_I and normalise over J (Eq. 2); nothing above the diagonal is scored.
         M_I = m.amax(dim=-1, keepdim=True)
-        M_I = torch.where(torch.isfinite(M_I), M_I, torch.zeros_like(M_I))
-        weighted = S * torch.exp(m - M_I)
-        scores[:, :, I0:I1] = weighted / (weighted.sum(dim=-1, keepdim=True) + SCORE_EPS)
+        weighted = S * torch.exp(m - _no_key_to_zero(M_I))
+        Score = weighted / (weighted.sum(dim=-1, keepdim=True) + SCORE_EPS)
+        scores[:, :, I0:I1] = Score.masked_fill(above_diagonal[I0:I1], 0.0)
     return scores
+
+
+def _no_key_to_zero(m: torch.Tensor) -> torch.Tensor:
+    """A max to subtract before exp: 0 where it is -inf (no logit at all), else itself, NaN and +inf included."""
+    return torch.where(m == float("-inf"), 0.0, m)

@@ -1,13 +1,19 @@
 """Stages 3-4 of FlashPrefill: dynamic thresholding (paper Eq. 3) and compaction into block lists.
 
-    keep(I, J)  iff  J <= I  and  ( Score_IJ >= alpha * max_J' Score_IJ'      the dynamic threshold
-                                    or J < sink_blocks                        attention sinks
-                                    or I - J < window_blocks                  local window (keeps the diagonal)
-                                    or I >= M - last_dense_blocks )           the last query blocks stay dense
+    m_I = max_{J' <= I} Score_IJ'                                          the row max, over causal blocks only
+    keep(I, J)  iff  J <= I  and  ( NOT(Score_IJ < alpha * m_I)            the dynamic threshold
+                                    or J < sink_blocks                     attention sinks
+                                    or I - J < window_blocks               local window (keeps the diagonal)
+                                    or I >= M - last_dense_blocks )        the last query blocks stay dense
 
 One max-reduction per row, no sort (top-k) and no cumulative sum over sorted scores (top-p): the long tail below
 alpha * max is dropped completely. The kept J of each row are then compacted into an ascending list so that the
 attention kernel jumps straight to them ("physical skip").
+
+For scores from `block_scores` (>= 0, exactly 0 above the diagonal) "NOT(<)" is ">=" and the causal max is the row
+max. The contract also fixes what user-supplied scores do: whatever lies above the diagonal is ignored, and a NaN
+anywhere in the causal part of a row makes m_I NaN and keeps every causal block of the row (NaN compares false), so a
+NaN in q or k reaches the output as dense attention would have it (docs/DESIGN.md section 2).
 """
 
 from __future__ import annotations
@@ -36,11 +42,12 @@ def select_blocks(
     """Keep mask of every (query block, key block) pair.
 
     Args:
-        scores: Score (B, Hq, M, N) from `block_scores`, M == N.
-        alpha: threshold relative to the row max; 0 keeps every causal block.
+        scores: Score (B, Hq, M, N) from `block_scores`, M == N; only the causal part J <= I is read.
+        alpha: threshold relative to the row max m_I, taken over the causal blocks J <= I; 0 keeps every causal
+            block.
         sink_blocks, window_blocks (>= 1), last_dense_blocks: the forced blocks of the safety net.
     Returns:
-        mask (B, Hq, M, N) bool, never above the diagonal.
+        mask (B, Hq, M, N) bool, never above the diagonal. A row with a NaN score keeps all its causal blocks.
     """
     check_scores(scores)
     alpha = check_alpha(alpha)
@@ -50,13 +57,14 @@ def select_blocks(
     M = scores.shape[-1]
     causal = torch.ones(M, M, dtype=torch.bool, device=scores.device).tril()
 
-    # 1. Dynamic threshold: one max per row (Eq. 3).
-    row_max = scores.amax(dim=-1, keepdim=True)
-    above_threshold = scores >= alpha * row_max
-    # 2. Safety net: sinks, local window, dense last rows.
+    # 1. Row max m_I over the causal blocks only (amax propagates NaN).
+    row_max = scores.masked_fill(~causal, float("-inf")).amax(dim=-1, keepdim=True)
+    # 2. Dynamic threshold (Eq. 3), as "not below": a NaN score or max keeps the block.
+    not_below = ~(scores < alpha * row_max)
+    # 3. Safety net: sinks, local window, dense last rows.
     forced = safety_net_mask(M, sink_blocks, window_blocks, last_dense_blocks, device=scores.device)
-    # 3. Causality.
-    return causal & (above_threshold | forced)
+    # 4. Causality.
+    return causal & (not_below | forced)
 
 
 def compact_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,8 +74,8 @@ def compact_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask: (B, Hq, M, N) bool.
     Returns:
         counts (B, Hq, M) int32: kept blocks per row;
-        indices (B, Hq, M, N) int32: indices[..., :counts] are the kept J in ascending order; the entries past
-        counts are unspecified (here -1) and must not be read.
+        indices (B, Hq, M, N) int32: indices[..., :counts] are the kept J in ascending order, -1 past counts (as
+        in triton_impl).
     """
     check_mask(mask)
     N = mask.shape[-1]

@@ -85,15 +85,15 @@ def check_count(name: str, value, *, minimum: int) -> int:
     return value
 
 
-def resolve_scale(scale, head_dim: int, *, name: str = "softmax_scale") -> float:
-    """The softmax scale, or 1/sqrt(D) when it is None; `name` is the argument's name in error messages."""
-    if scale is None:
+def resolve_scale(softmax_scale, head_dim: int) -> float:
+    """The `softmax_scale` argument (one name across the public API, FlashAttention's), or 1/sqrt(D) when None."""
+    if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{name} must be a real number or None, got {type(scale).__name__}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {scale}")
-    return float(scale)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a real number or None, got {type(softmax_scale).__name__}")
+    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be a finite number > 0, got {softmax_scale}")
+    return float(softmax_scale)
 
 
 def num_blocks(length: int, block_size: int) -> int:
@@ -150,17 +150,23 @@ def check_block_layout(q, *, block_size: int, counts=None, indices=None, mask=No
         )
 
 
+# The rules of block lists, each with its message (triton_impl's one-kernel check raises the same ones).
+BAD_COUNTS = "counts must satisfy 0 <= counts[..., I] <= I + 1 (no block above the diagonal)"
+BAD_INDEX = "indices[..., I, :counts] must lie in [0, I] (causal key blocks of query block I)"
+NOT_ASCENDING = "indices[..., I, :counts] must be strictly ascending (as compact_blocks returns them)"
+
+
 def check_block_lists(counts: torch.Tensor, indices: torch.Tensor) -> None:
     """The lists are what `compact_blocks` makes: 0 <= counts[..., I] <= min(I + 1, C) and
-    indices[..., I, :counts] strictly ascending in [0, I]. (Reads the values: one host sync.)"""
+    indices[..., I, :counts] strictly ascending in [0, I]. (Reads the values: one host sync per rule.)"""
     M, C = counts.shape[-1], indices.shape[-1]
     I = torch.arange(M, device=counts.device)
     if bool(((counts < 0) | (counts > torch.clamp(I + 1, max=C))).any()):
-        raise ValueError("counts must satisfy 0 <= counts[..., I] <= I + 1 (no block above the diagonal)")
+        raise ValueError(BAD_COUNTS)
     listed = torch.arange(C, device=counts.device) < counts.unsqueeze(-1)  # (B, Hq, M, C)
     out_of_range = listed & ((indices < 0) | (indices > I.view(M, 1)))
     if bool(out_of_range.any()):
-        raise ValueError("indices[..., I, :counts] must lie in [0, I] (causal key blocks of query block I)")
+        raise ValueError(BAD_INDEX)
     not_ascending = listed[..., 1:] & (indices[..., 1:] <= indices[..., :-1])
     if bool(not_ascending.any()):
-        raise ValueError("indices[..., I, :counts] must be strictly ascending (as compact_blocks returns them)")
+        raise ValueError(NOT_ASCENDING)

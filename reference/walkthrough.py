@@ -31,16 +31,17 @@ def toy_qkv(length: int = 2048, *, seed: int = 0, head_dim: int = 64, patterns: 
 
 
 @torch.no_grad()
-def kept_attention_mass(q, k, mask, block_size: int, scale: float | None = None) -> torch.Tensor:
+def kept_attention_mass(q, k, mask, block_size: int, softmax_scale: float | None = None) -> torch.Tensor:
     """Share of each query's exact causal softmax probability that lies in its kept key blocks.
 
     1.0 means the sparse output equals the dense one for that query; 1 - mass is what the selection dropped.
-    Args: q (B, L, Hq, D); k (B, L, Hkv, D); mask (B, Hq, M, N) bool from `select_blocks`.
+    Args: q (B, L, Hq, D); k (B, L, Hkv, D); mask (B, Hq, M, N) bool from `select_blocks`;
+        softmax_scale: None means 1 / sqrt(D).
     Returns: (B, L, Hq) in float32 (float64 for float64 q). One query block at a time (no L x L matrix).
     """
     B, L, Hq, Hkv, D = check_qkv(q, k, k)
     check_block_layout(q, block_size=block_size, mask=mask)
-    scale = resolve_scale(scale, D)
+    scale = resolve_scale(softmax_scale, D)
     dtype = compute_dtype(q)
     k_per_q_head = k.to(dtype).repeat_interleave(Hq // Hkv, dim=2)  # (B, L, Hq, D)
     key_block = torch.arange(L, device=q.device) // block_size

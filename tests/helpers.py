@@ -1,6 +1,6 @@
 """Test helpers shared by the reference tests and the reference-vs-Triton differential tests.
 
-Everything here restates DESIGN.md section 2 independently of `reference/` (float64, explicit masks, plain loops
+Everything here restates docs/DESIGN.md section 2 independently of `reference/` (float64, explicit masks, plain loops
 where the formula is easiest to read that way), so a test that compares against these helpers compares against
 the formulas, not against the code under test.
 
@@ -131,7 +131,7 @@ def naive_mean_pool_fp64(k: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def naive_block_scores_fp64(q: torch.Tensor, kbar: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
-    """DESIGN.md section 2, step 2, with plain Python loops and math.exp in float64 (keep sizes tiny).
+    """docs/DESIGN.md section 2, step 2, with plain Python loops and math.exp in float64 (keep sizes tiny).
 
     Query i of block I contributes to key block J iff i >= (J+1)*Bs - 1 (and i < L).
     m_IJ = max s_iJ, S_IJ = sum exp(s_iJ - m_IJ), M_I = max_J m_IJ,
@@ -169,17 +169,21 @@ def naive_block_scores_fp64(q: torch.Tensor, kbar: torch.Tensor, block_size: int
 
 def naive_select_blocks(scores: torch.Tensor, alpha: float, sink_blocks: int, window_blocks: int,
                         last_dense_blocks: int) -> torch.Tensor:
-    """DESIGN.md section 2, step 3, with plain loops (exact for float64 scores)."""
+    """docs/DESIGN.md section 2, step 3, with plain loops (exact for float64 scores, and for float32 scores whose
+    products with alpha are exact): m_I = max over the causal J <= I, NaN if one of them is NaN; keep iff causal and
+    (NOT(Score < alpha * m_I) or forced)."""
     B, Hq, M, N = scores.shape
     s = scores.tolist()
     out = torch.zeros(B, Hq, M, N, dtype=torch.bool)
     for b in range(B):
         for h in range(Hq):
             for I in range(M):
-                threshold = alpha * max(s[b][h][I])
+                causal = s[b][h][I][: I + 1]
+                row_max = math.nan if any(math.isnan(x) for x in causal) else max(causal)
+                threshold = alpha * row_max
                 for J in range(min(I + 1, N)):
                     out[b, h, I, J] = (
-                        s[b][h][I][J] >= threshold
+                        not s[b][h][I][J] < threshold
                         or J < sink_blocks
                         or I - J < window_blocks
                         or I >= M - last_dense_blocks

@@ -1,5 +1,5 @@
 """Stage 5 of the reference and its composition: dense ground truth, physical / logical block-sparse attention,
-flash_prefill, against float64 naive attention with explicit masks (DESIGN.md sections 2 and 4)."""
+flash_prefill, against float64 naive attention with explicit masks (docs/DESIGN.md sections 2 and 4)."""
 
 from __future__ import annotations
 

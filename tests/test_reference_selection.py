@@ -1,6 +1,6 @@
 """Stages 1-4 of the reference: mean pooling, block scores (Eq. 1-2), thresholding (Eq. 3), compaction, density.
 
-Expected values are restated from DESIGN.md section 2 in float64 with plain loops (tests/helpers.py) or by hand.
+Expected values are restated from docs/DESIGN.md section 2 in float64 with plain loops (tests/helpers.py) or by hand.
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ def test_select_blocks_invariants(seed, B, Hq, M, alpha, alpha_delta, sink, wind
     mask = select_blocks(scores, alpha, sink, window, last)
     assert mask.dtype == torch.bool and mask.shape == (B, Hq, M, M)
 
-    # Exactly the rule of DESIGN.md section 2 step 3 (float64 scores: the threshold is computed identically).
+    # Exactly the rule of docs/DESIGN.md section 2 step 3 (float64 scores: the threshold is computed identically).
     assert torch.equal(mask, naive_select_blocks(scores, alpha, sink, window, last))
 
     I = torch.arange(M).view(M, 1)

@@ -1,4 +1,4 @@
-"""Bad inputs at every public entry point of `reference` (issue 2, point 3; DESIGN.md section 3).
+"""Bad inputs at every public entry point of `reference` (issue 2, point 3; docs/DESIGN.md section 3).
 
 Each case replaces one or more arguments of a valid call with a bad value and expects a ValueError or TypeError
 whose message names the argument. A case applies to every entry point that takes all the arguments it replaces
@@ -40,7 +40,7 @@ def valid_args() -> dict:
     return dict(
         q=q, k=k, v=v, kbar=kbar, scores=block_scores(q, kbar, BS), mask=mask, counts=counts, indices=indices,
         alpha=0.12, block_size=BS, sink_blocks=1, window_blocks=1, last_dense_blocks=1,
-        softmax_scale=None, scale=None,
+        softmax_scale=None,
     )
 
 
@@ -58,17 +58,18 @@ ENTRY_POINTS: dict[str, tuple[Callable[[dict], object], set[str]]] = {
     ),
     "block_sparse_attention": (
         lambda a: block_sparse_attention(a["q"], a["k"], a["v"], a["counts"], a["indices"], a["block_size"],
-                                         a["scale"]),
-        {"q", "k", "v", "counts", "indices", "block_size", "scale"},
+                                         softmax_scale=a["softmax_scale"]),
+        {"q", "k", "v", "counts", "indices", "block_size", "softmax_scale"},
     ),
     "block_sparse_attention_logical": (
-        lambda a: block_sparse_attention_logical(a["q"], a["k"], a["v"], a["mask"], a["block_size"], a["scale"]),
-        {"q", "k", "v", "mask", "block_size", "scale"},
+        lambda a: block_sparse_attention_logical(a["q"], a["k"], a["v"], a["mask"], a["block_size"],
+                                                 softmax_scale=a["softmax_scale"]),
+        {"q", "k", "v", "mask", "block_size", "softmax_scale"},
     ),
     "mean_pool_keys": (lambda a: mean_pool_keys(a["k"], a["block_size"]), {"k", "block_size"}),
     "block_scores": (
-        lambda a: block_scores(a["q"], a["kbar"], a["block_size"], a["scale"]),
-        {"q", "kbar", "block_size", "scale"},
+        lambda a: block_scores(a["q"], a["kbar"], a["block_size"], softmax_scale=a["softmax_scale"]),
+        {"q", "kbar", "block_size", "softmax_scale"},
     ),
     "select_blocks": (
         lambda a: select_blocks(a["scores"], a["alpha"], a["sink_blocks"], a["window_blocks"],
@@ -246,16 +247,14 @@ CASES = [
          r"^last_dense_blocks must be >= 0, got -1"),
     Case("last_dense_blocks-None", lambda a: {"last_dense_blocks": None}, TypeError,
          r"^last_dense_blocks must be an int"),
-    # --- softmax scale (called softmax_scale in flash_prefill / dense_attention, scale in the stage functions)
+    # --- softmax scale (one name, softmax_scale, in every function that takes it)
     *[
-        Case(f"{arg}-{name}", lambda a, x=x, arg=arg: {arg: x}, ValueError, r"scale must be a finite number > 0")
-        for arg in ("softmax_scale", "scale")
+        Case(f"softmax_scale-{name}", lambda a, x=x: {"softmax_scale": x}, ValueError,
+             r"^softmax_scale must be a finite number > 0")
         for name, x in [("0", 0.0), ("negative", -0.5), ("nan", math.nan), ("inf", math.inf)]
     ],
-    *[
-        Case(f"{arg}-str", lambda a, arg=arg: {arg: "0.1"}, TypeError, r"scale must be a real number or None, got str")
-        for arg in ("softmax_scale", "scale")
-    ],
+    Case("softmax_scale-str", lambda a: {"softmax_scale": "0.1"}, TypeError,
+         r"^softmax_scale must be a real number or None, got str"),
 ]
 
 
@@ -303,3 +302,22 @@ def test_flash_prefill_options_are_keyword_only():
     q, k, v = qkv()
     with pytest.raises(TypeError):
         flash_prefill(q, k, v, 0.1)
+
+
+def test_softmax_scale_is_one_keyword_and_positional_calls_keep_working():
+    """Every function taking the softmax scale calls it softmax_scale (FlashAttention's name); passing it by position
+    gives the same result, and the old keyword `scale` is gone."""
+    a = valid_args()
+    q, k, v, kbar, mask, counts, indices = (a[n] for n in ("q", "k", "v", "kbar", "mask", "counts", "indices"))
+    calls = {
+        "block_scores": lambda *s, **kw: block_scores(q, kbar, BS, *s, **kw),
+        "block_sparse_attention": lambda *s, **kw: block_sparse_attention(q, k, v, counts, indices, BS, *s, **kw),
+        "block_sparse_attention_logical": lambda *s, **kw: block_sparse_attention_logical(q, k, v, mask, BS, *s, **kw),
+        "dense_attention": lambda *s, **kw: dense_attention(q, k, v, *s, **kw),
+    }
+    for name, call in calls.items():
+        by_keyword = call(softmax_scale=0.3)
+        assert torch.equal(call(0.3), by_keyword), name
+        assert not torch.equal(call(), by_keyword), name  # the scale is used
+        with pytest.raises(TypeError, match="scale"):
+            call(scale=0.3)

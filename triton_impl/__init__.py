@@ -1,7 +1,12 @@
 """Triton kernels for FlashPrefill, with the same public names and signatures as `reference`.
 
 Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set before
-triton is imported). Each stage lives in the file that mirrors its reference twin.
+triton is imported; float16 and float32 only there: the interpreter computes tl.dot on bfloat16 wrongly). Each stage
+lives in the file that mirrors its reference twin.
+
+Inference-only: the kernels have no backward, so every entry point raises a RuntimeError when autograd would track an
+input (use torch.no_grad() / torch.inference_mode(), or the differentiable `reference`). NaN and inf propagate as in
+dense attention, as in the reference (docs/DESIGN.md section 2).
 """
 
 from reference.flash_prefill import PAPER_ALPHA, FlashPrefillStats

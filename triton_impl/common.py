@@ -8,10 +8,13 @@ import torch
 import triton
 import triton.language as tl
 
-from reference.validation import check_qkv
+from reference.validation import check_block_size, check_qkv
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float32 mainly for the CPU interpreter
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # all of them; which ones where:
+GPU_DTYPES = (torch.float16, torch.bfloat16)  # compiled and tested for sm_90
+INTERPRETER_DTYPES = (torch.float16, torch.float32)  # the CPU interpreter computes tl.dot on bfloat16 wrongly
 HEAD_DIMS = (64, 128)  # the head dims the differential tests cover; others get a clear error
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # compiled and tested for sm_90 (tools: hopper_compile); others: an error
 LOG2E = 1.4426950408889634
 
 
@@ -30,11 +33,59 @@ def check_kernel_device(**tensors: torch.Tensor) -> None:
         )
 
 
+def check_kernel_dtype(**tensors) -> None:
+    """The dtypes each place runs: float16 / bfloat16 on a GPU (GPU_DTYPES), float16 / float32 under the Triton
+    interpreter (INTERPRETER_DTYPES). Arguments are tensors, or dtypes (checked as interpreter inputs).
+
+    bfloat16 is refused under the interpreter, which computes tl.dot on bfloat16 wrongly; float32 is refused on a
+    GPU, where its full-precision dots would run without tensor cores (nothing is tuned or tested for it there).
+    Reads TRITON_INTERPRET itself rather than calling `interpreting()`: hopper_compile patches that to True while it
+    compiles the bfloat16 kernels for a GPU in a process without the interpreter, where bfloat16 is fine."""
+    interpreter = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    for name, x in tensors.items():
+        dtype = x.dtype if isinstance(x, torch.Tensor) else x
+        on_gpu = isinstance(x, torch.Tensor) and x.device.type == "cuda"
+        if on_gpu and dtype not in GPU_DTYPES:
+            raise TypeError(
+                f"{name} is {str(dtype).replace('torch.', '')} on a GPU; the Triton kernels take float16 or bfloat16 "
+                "there (float32 runs only under the CPU interpreter; the `reference` package takes any float dtype)"
+            )
+        if interpreter and not on_gpu and dtype == torch.bfloat16:
+            raise TypeError(
+                f"{name} is bfloat16, which is not supported under the Triton interpreter (TRITON_INTERPRET=1): it "
+                "computes tl.dot on bfloat16 wrongly (triton-lang/triton#11584); use float16 or float32 on the CPU, "
+                "bfloat16 on a GPU"
+            )
+
+
+def check_inference_only(**tensors: torch.Tensor) -> None:
+    """The kernels have no backward: refuse inputs that autograd would track, instead of returning an output that
+    silently carries no gradient back to them."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t.requires_grad:
+            raise RuntimeError(
+                f"{name} requires grad, but the Triton kernels are inference-only (no backward): wrap the call in "
+                "torch.no_grad() or torch.inference_mode(), or detach the inputs; the `reference` package is "
+                "differentiable"
+            )
+
+
 def check_kernel_qkv(q, k, v):
     """check_qkv restricted to what the kernels support; returns (B, L, Hq, Hkv, D)."""
     shape = check_qkv(q, k, v, dtypes=KERNEL_DTYPES, head_dims=HEAD_DIMS)
     check_kernel_device(q=q, k=k, v=v)
     return shape
+
+
+def check_kernel_block_size(block_size) -> int:
+    """check_block_size restricted to the block sizes the kernels are compiled and tested for."""
+    check_block_size(block_size)
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size {block_size} is not supported by the Triton kernels; expected one of "
+                         f"{', '.join(map(str, BLOCK_SIZES))} (the reference takes any power of two >= 16)")
+    return block_size
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -25,8 +25,9 @@ from reference.flash_prefill import FlashPrefillStats, check_flash_prefill_args
 from reference.selection import causal_block_density
 from reference.validation import check_count, num_blocks
 
-from .attention import PHYSICAL, _launch
-from .common import HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_kernel_device, new_output
+from .attention import PHYSICAL, launch_attention
+from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_inference_only, check_kernel_dtype,
+                     check_kernel_block_size, check_kernel_device, new_output)
 from .pooling import launch_mean_pool
 from .scoring import launch_block_scores
 from .selection import launch_select_and_compact
@@ -59,10 +60,17 @@ def flash_prefill(
     """Block-sparse causal prefill attention with FlashPrefill's selection. Same contract as the reference, plus
     `max_selection_bytes`, the budget of the per-chunk selection buffers (see the module docstring).
 
-    With return_stats the full (B, Hq, M, N) int32 lists are kept as well (4 B Hq M N bytes, beyond the budget)."""
+    With return_stats the full (B, Hq, M, N) int32 lists are kept as well (4 B Hq M N bytes, beyond the budget),
+    -1 past counts as in the reference: the selection kernel then also writes the slots past counts, which the
+    attention never reads and the path without stats leaves unwritten (up to 4 B Hq M N bytes of stores saved).
+
+    Inference-only: the kernels have no backward (RuntimeError when autograd would track q, k or v)."""
     scale = check_flash_prefill_args(q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
                                      softmax_scale, dtypes=KERNEL_DTYPES, head_dims=HEAD_DIMS)
+    check_kernel_block_size(block_size)
     check_kernel_device(q=q, k=k, v=v)
+    check_kernel_dtype(q=q)
+    check_inference_only(q=q, k=k, v=v)
     check_count("max_selection_bytes", max_selection_bytes, minimum=1)
     B, L, Hq, D = q.shape
     M = num_blocks(L, block_size)
@@ -75,10 +83,10 @@ def flash_prefill(
     for rows in query_block_chunks(B, Hq, M, max_selection_bytes):
         scores = launch_block_scores(q, kbar_parts, block_size, rows=rows)  # 2. Eq. 1-2
         _, indices = launch_select_and_compact(scores, float(alpha), sink_blocks, window_blocks, last_dense_blocks,
-                                               row0=rows[0], counts=counts)  # 3-4
+                                               row0=rows[0], counts=counts, pad_lists=return_stats)  # 3-4
         del scores
-        _launch(q, k, v, block_size, scale, PHYSICAL, counts=counts, indices=indices, rows=rows,
-                out=out)  # 5. physical skip
+        launch_attention(q, k, v, block_size, scale, PHYSICAL, counts=counts, indices=indices, rows=rows,
+                         out=out)  # 5. physical skip
         if all_indices is not None:
             all_indices[:, :, rows[0]:rows[1]] = indices
         del indices  # before the next chunk allocates its own

@@ -11,9 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
-from reference.validation import check_block_size, check_tensor, num_blocks
+from reference.validation import check_tensor, num_blocks
 
-from .common import HEAD_DIMS, KERNEL_DTYPES, check_kernel_device, needs_wide_offsets, new_output, widen
+from .common import (HEAD_DIMS, KERNEL_DTYPES, check_inference_only, check_kernel_dtype,
+                     check_kernel_block_size, check_kernel_device, needs_wide_offsets, new_output, widen)
 
 
 @triton.jit
@@ -50,8 +51,10 @@ def _mean_pool_kernel(
 def mean_pool_keys(k: torch.Tensor, block_size: int = 128) -> torch.Tensor:
     """kbar (B, N, Hkv, D) float32: the mean of the valid keys of every block. Same contract as the reference."""
     check_tensor("k", k, ndim=4, dtypes=KERNEL_DTYPES)
-    check_block_size(block_size)
+    check_kernel_block_size(block_size)
     check_kernel_device(k=k)
+    check_kernel_dtype(k=k)
+    check_inference_only(k=k)
     B, L, H, D = k.shape
     if D not in HEAD_DIMS:
         raise ValueError(f"head dim {D} is not supported; expected one of {HEAD_DIMS}")

@@ -16,6 +16,10 @@ tensor cores as q . hi + q . lo, hi = the scaled kbar rounded to q's dtype and l
 once per key block rather than in every tile: accurate to about 2^-16 relative, so block sets match the float32
 reference except at genuine threshold ties.
 
+NaN and inf: a NaN or +inf logit among the contributing queries of (I, J) makes S_IJ, u_IJ and therefore Z_I NaN,
+so the whole causal part of row I (J <= I) scores NaN, as in the reference; J > I always scores 0. This follows from
+the sums alone, never from tl.maximum's NaN handling (the interpreter propagates NaN, the GPU drops it).
+
 Masks: a tile of key blocks entirely below the diagonal of a full query block needs none (every query sees every
 key of those blocks), so each row runs its tiles unmasked and only its last tile (the one holding J = I, and the
 padding of a partial last query block) with the mask.
@@ -28,10 +32,11 @@ import triton
 import triton.language as tl
 
 from reference.scoring import SCORE_EPS
-from reference.validation import check_block_size, check_kbar, num_blocks, resolve_scale
+from reference.validation import check_kbar, num_blocks, resolve_scale
 
-from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_kernel_device, dot_precision, needs_wide_offsets,
-                     new_output, widen)
+from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_inference_only, check_kernel_dtype,
+                     check_kernel_block_size, check_kernel_device, dot_precision, needs_wide_offsets, new_output,
+                     widen)
 
 
 @triton.jit
@@ -71,10 +76,9 @@ def _fold_tile(m, S, q_base, hi_ptrs, lo_ptrs, key_blocks, I, stride_ql, stride_
             q = _load_rows(q_base, row_pos, stride_ql, stride_qd, L, D)
         s = _scores_t(q, hi_ptrs, lo_ptrs, key_blocks, row_pos, L, BLOCK_SIZE, SPLIT_KBAR, MASKED, DOT_PRECISION)
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        if MASKED:  # a key block may have no contributing query yet
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_safe = m_new
+        # Shift by 0 where no query contributes yet (exp2(-inf - 0) = 0, not NaN); a NaN logit makes S NaN through
+        # the sum whatever tl.maximum did with it.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         S = S * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
         m = m_new
     return m, S
@@ -91,7 +95,8 @@ def _score_tile(row_max, denom, j0, row, q_base, KBAR_HI, KBAR_LO, kbar_offset, 
     S = tl.zeros([BLOCK_N], dtype=tl.float32)
     m, S = _fold_tile(m, S, q_base, KBAR_HI + kbar_rows, KBAR_LO + kbar_rows, key_blocks, I, stride_ql, stride_qd,
                       L, q_block, BLOCK_SIZE, BLOCK_M, D, SPLIT_KBAR, MASKED, DOT_PRECISION)
-    u = tl.where(S > 0, m + tl.log2(tl.where(S > 0, S, 1.0)), float("-inf"))
+    # S == 0: no contributing query; a NaN S stays NaN (S > 0 would turn it into "no query").
+    u = tl.where(S == 0, float("-inf"), m + tl.log2(tl.where(S == 0, 1.0, S)))
     tl.store(row + key_blocks, u, mask=key_blocks < N)
     new_max = tl.maximum(row_max, tl.max(m, axis=0))
     safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -137,12 +142,15 @@ def _block_scores_kernel(
                                      stride_ql, stride_qd, L, N, q_block, BLOCK_SIZE, BLOCK_M, BLOCK_N, D,
                                      SPLIT_KBAR, True, DOT_PRECISION)
 
-    # Pass 2: normalise. J > I was never computed and scores exactly 0, as do non-contributing pairs.
+    # Pass 2: normalise (a NaN Z_I makes the whole causal row NaN). Non-contributing pairs score 0; J > I was never
+    # computed and scores exactly 0 whatever the row holds.
     safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
     for j0 in range(0, N, BLOCK_N):
         key_blocks = j0 + tl.arange(0, BLOCK_N)
-        u = tl.load(row + key_blocks, mask=key_blocks <= I, other=float("-inf"))
-        tl.store(row + key_blocks, tl.exp2(u - safe_max) / (denom + EPS), mask=key_blocks < N)
+        causal = key_blocks <= I
+        u = tl.load(row + key_blocks, mask=causal, other=float("-inf"))
+        score = tl.where(causal, tl.exp2(u - safe_max) / (denom + EPS), 0.0)
+        tl.store(row + key_blocks, score, mask=key_blocks < N)
 
 
 # Launch configuration: BLOCK_M query rows x BLOCK_N pooled keys per tile, warps. Tuned on an H200 (repro/NOTES.md).
@@ -154,16 +162,18 @@ def score_tile_sizes(block_size: int, config=None) -> tuple[int, int]:
     return min(block_size, 128), (config or SCORE_CONFIG)["BLOCK_N"]
 
 
-def block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int = 128, scale: float | None = None, *,
+def block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int = 128, softmax_scale: float | None = None, *,
                  _config: dict | None = None) -> torch.Tensor:
     """Score (B, Hq, M, N) float32 of every (query block, key block) pair. Same contract as the reference."""
-    check_block_size(block_size)
+    check_kernel_block_size(block_size)
     check_kbar(q, kbar, block_size, dtypes=KERNEL_DTYPES)
     check_kernel_device(q=q, kbar=kbar)
+    check_kernel_dtype(q=q)
+    check_inference_only(q=q, kbar=kbar)
     B, L, Hq, D = q.shape
     if D not in HEAD_DIMS:
         raise ValueError(f"head dim {D} is not supported; expected one of {HEAD_DIMS}")
-    kbar_parts = split_kbar(kbar.float(), resolve_scale(scale, D, name="scale"), q.dtype)
+    kbar_parts = split_kbar(kbar.float(), resolve_scale(softmax_scale, D), q.dtype)
     return launch_block_scores(q, kbar_parts, block_size, _config)
 
 

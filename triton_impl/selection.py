@@ -2,12 +2,16 @@
 
 Sort-free and compile-free. Every kernel runs one program per (query block I, batch b, query head h) row:
 
-* `select_blocks`  pass 1 reduces the row max of Score, pass 2 writes keep = J <= I and (Score >= alpha * max
-                   or forced);
+* `select_blocks`  pass 1 reduces the row max m_I over the causal blocks J <= I, pass 2 writes
+                   keep = J <= I and (NOT(Score < alpha * m_I) or forced);
 * `compact_blocks` walks the mask row in tiles, turns the keep bits into list slots with a prefix sum
-                   (tl.cumsum) plus a running offset, and scatters J into indices[slot];
+                   (tl.cumsum) plus a running offset, scatters J into indices[slot], and writes -1 past count;
 * `select_and_compact` (used by `flash_prefill`) does both in one program: row max, threshold, prefix sum,
                    list. The (B, Hq, M, N) mask is never written.
+
+NaN: a NaN score in the causal part of a row makes m_I NaN and keeps every causal block of the row (the reference's
+contract, reference/selection.py). The kernels track "this row has a NaN" explicitly instead of relying on
+tl.maximum, which propagates NaN under the interpreter and drops it on the GPU.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import triton.language as tl
 
 from reference.validation import check_alpha, check_count, check_mask, check_scores
 
-from .common import check_kernel_device, needs_wide_offsets, new_output, widen
+from .common import check_inference_only, check_kernel_device, needs_wide_offsets, new_output, widen
 
 TILE_N = 128  # key blocks per tile of a row
 
@@ -32,21 +36,27 @@ def _row_ids(HQ, WIDE: tl.constexpr):
 
 @triton.jit
 def _row_max(row, I, TILE: tl.constexpr):
-    """max_J Score_IJ over J <= I (scores are >= 0 and exactly 0 above the diagonal, so this is the row max)."""
-    best = tl.zeros([TILE], dtype=tl.float32)
+    """m_I = max over J <= I of Score_IJ, NaN if one of them is NaN. Nothing above the diagonal is read."""
+    best = tl.full([TILE], float("-inf"), dtype=tl.float32)
+    has_nan = tl.zeros([TILE], dtype=tl.int32)
     for j0 in range(0, I + 1, TILE):
         J = j0 + tl.arange(0, TILE)
-        best = tl.maximum(best, tl.load(row + J, mask=J <= I, other=0.0))
-    return tl.max(best, axis=0)
+        score = tl.load(row + J, mask=J <= I, other=float("-inf"))
+        is_nan = score != score
+        has_nan = tl.maximum(has_nan, is_nan.to(tl.int32))
+        best = tl.maximum(best, tl.where(is_nan, float("-inf"), score))
+    return tl.where(tl.max(has_nan, axis=0) > 0, float("nan"), tl.max(best, axis=0))
 
 
 @triton.jit
 def _keep_tile(row, J, I, M, threshold, sink_blocks, window_blocks, last_dense_blocks):
-    """Keep bits of the key blocks J of row I: causal and (above alpha * max, or a sink, window or dense row)."""
+    """Keep bits of the key blocks J of row I: causal and (not below alpha * m_I, or a sink, window or dense row).
+    "Not below" rather than ">=": a NaN score or a NaN threshold keeps the block."""
     causal = J <= I
     score = tl.load(row + J, mask=causal, other=0.0)
     forced = (J < sink_blocks) | (I - J < window_blocks) | (I >= M - last_dense_blocks)
-    return causal & ((score >= threshold) | forced)
+    below = score < threshold
+    return causal & ((below == 0) | forced)
 
 
 @triton.jit
@@ -56,6 +66,14 @@ def _append_kept(list_row, J, keep, count):
     slot = count + tl.cumsum(keep_i, axis=0) - 1
     tl.store(list_row + slot, J, mask=keep)
     return count + tl.sum(keep_i, axis=0)
+
+
+@triton.jit
+def _pad_list(list_row, count, M, TILE: tl.constexpr):
+    """Write -1 into list slots count .. M - 1 (as the reference does): no stale block id is left behind."""
+    for j0 in range(count - count % TILE, M, TILE):
+        slot = j0 + tl.arange(0, TILE)
+        tl.store(list_row + slot, -1, mask=(slot >= count) & (slot < M))
 
 
 @triton.jit
@@ -86,6 +104,7 @@ def _compact_kernel(
         J = j0 + tl.arange(0, TILE)
         keep = tl.load(mask_row + J, mask=J < M, other=0) != 0
         count = _append_kept(list_row, J, keep, count)
+    _pad_list(list_row, count, M, TILE)
     tl.store(COUNTS + (b * HQ + h) * M + I, count)
 
 
@@ -93,6 +112,7 @@ def _compact_kernel(
 def _select_compact_kernel(
     SCORES, COUNTS, INDICES, stride_sb, stride_sh, stride_sm, stride_ib, stride_ih, stride_im,
     M, HQ, alpha, sink_blocks, window_blocks, last_dense_blocks, ROW0, TILE: tl.constexpr, WIDE: tl.constexpr,
+    PAD_LISTS: tl.constexpr,
 ):
     # Rows ROW0, ROW0 + 1, ... of the (B, Hq, M, N) problem live in rows 0, 1, ... of SCORES and INDICES
     # (flash_prefill's chunks of query blocks); COUNTS is the whole (B, Hq, M).
@@ -107,12 +127,15 @@ def _select_compact_kernel(
         J = j0 + tl.arange(0, TILE)
         keep = _keep_tile(row, J, I, M, threshold, sink_blocks, window_blocks, last_dense_blocks)
         count = _append_kept(list_row, J, keep, count)
+    if PAD_LISTS:  # lists a user sees; the attention kernel reads only the first count slots
+        _pad_list(list_row, count, M, TILE)
     tl.store(COUNTS + (b * HQ + h) * M + I, count)
 
 
 def _check_selection_args(scores, alpha, sink_blocks, window_blocks, last_dense_blocks):
     check_scores(scores)
     check_kernel_device(scores=scores)
+    check_inference_only(scores=scores)
     check_count("sink_blocks", sink_blocks, minimum=0)
     check_count("window_blocks", window_blocks, minimum=1)
     check_count("last_dense_blocks", last_dense_blocks, minimum=0)
@@ -134,7 +157,7 @@ def select_blocks(scores: torch.Tensor, alpha: float = 0.12, sink_blocks: int = 
 
 
 def compact_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """counts (B, Hq, M) int32 and ascending lists indices (B, Hq, M, N) int32 (valid up to counts)."""
+    """counts (B, Hq, M) int32 and ascending lists indices (B, Hq, M, N) int32, -1 past counts."""
     check_mask(mask)
     check_kernel_device(mask=mask)
     mask = mask.contiguous()
@@ -156,11 +179,13 @@ def select_and_compact(scores: torch.Tensor, alpha: float = 0.12, sink_blocks: i
 
 
 def launch_select_and_compact(scores, alpha, sink_blocks, window_blocks, last_dense_blocks, *, row0: int = 0,
-                              counts: torch.Tensor | None = None):
+                              counts: torch.Tensor | None = None, pad_lists: bool = True):
     """`select_and_compact` without the input checks; scores must be contiguous float32.
 
     scores may hold only query blocks row0 .. row0 + scores.shape[2] - 1 (flash_prefill's chunks): their lists
-    come back in a buffer of the same shape, their counts go into `counts` (B, Hq, M), allocated when None."""
+    come back in a buffer of the same shape, their counts go into `counts` (B, Hq, M), allocated when None.
+    pad_lists=False leaves the slots past counts unwritten (flash_prefill's attention never reads them): it saves
+    writing the rest of every list, up to the whole int32 (B, Hq, rows, M) buffer."""
     B, Hq, rows, M = scores.shape  # M = N: the full number of blocks
     if counts is None:
         counts = new_output(B, Hq, M, dtype=torch.int32, device=scores.device)
@@ -168,6 +193,6 @@ def launch_select_and_compact(scores, alpha, sink_blocks, window_blocks, last_de
     _select_compact_kernel[(rows, B * Hq)](
         scores, counts, indices, *scores.stride()[:3], *indices.stride()[:3],
         M, Hq, alpha, sink_blocks, window_blocks, last_dense_blocks, row0, TILE=TILE_N,
-        WIDE=needs_wide_offsets(scores, indices),
+        WIDE=needs_wide_offsets(scores, indices), PAD_LISTS=pad_lists,
     )
     return counts, indices
