@@ -12,6 +12,8 @@ difference), so a fast-but-wrong variant shows up.
 Workloads (standard shape, bf16, planted synthetic q/k/v): random block masks with the forced blocks at 3.5% and
 30%, independent per query head or shared by the heads of a GQA group; the full causal list and the DENSE walk at
 lengths up to 64K. Per row: ms, ns per kept block-head, and the ratio to rho x T(cuDNN dense) (issue-4 goal 1).
+Writes <tag>.csv into --out-dir (default: the run folder repro/runs/<date>-<gpu>/ab_attention/; the committed A/B
+runs are in repro/results/ab_attention/).
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ from pathlib import Path
 import torch
 
 from repro.bench_speed import bench_ms, controlled_mask, dense_baselines, group_shared_mask
-from repro.common import RESULTS_DIR, environment_stamp, write_long_csv
+from repro.common import environment_stamp, run_dir, write_long_csv
+
+
+def launcher(attention_module):
+    """The unchecked kernel launch of a version of triton_impl.attention (`_launch` before it became public)."""
+    return getattr(attention_module, "launch_attention", None) or attention_module._launch
 
 
 def load_versions(baselines: list[str]) -> dict:
@@ -52,11 +59,13 @@ def main(argv=None):
     parser.add_argument("--baseline", action="append", default=[], help="NAME=DIR (repeatable)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[65536, 262144])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="(default: the run folder repro/runs/<date>-<gpu>/ab_attention/)")
     parser.add_argument("--tag", default="ab_attention")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("ab_attention needs a CUDA GPU")
+    args.out_dir = args.out_dir or run_dir("ab_attention", "cuda")
     import triton_impl
     from reference.synthetic import planted_qkv
 
@@ -77,8 +86,8 @@ def main(argv=None):
             work["dense mode"] = ("dense", (None, None))
         for name, (mode, (counts, indices)) in work.items():
             blocks = int(counts.sum()) if counts is not None else causal
-            fns = {label: (lambda m=module: m._launch(q, k, v, 128, D ** -0.5, getattr(m, mode.upper()),
-                                                      counts=counts, indices=indices))
+            fns = {label: (lambda m=module: launcher(m)(q, k, v, 128, D ** -0.5, getattr(m, mode.upper()),
+                                                        counts=counts, indices=indices))
                    for label, module in versions.items()}
             outs = {label: fn().float() for label, fn in fns.items()}
             first = next(iter(outs.values()))

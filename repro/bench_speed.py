@@ -4,7 +4,7 @@
 
 Dense baselines, in the same run: torch SDPA with the FLASH_ATTENTION backend (FlashAttention-2, the paper's
 baseline) and with the CUDNN_ATTENTION backend (the fastest dense kernel on an H200), plus our own dense
-Triton kernel. Standard shape (DESIGN.md section 5): bf16, B=1, Hq=32, Hkv=4, D=128, causal.
+Triton kernel. Standard shape (docs/DESIGN.md section 5): bf16, B=1, Hq=32, Hkv=4, D=128, causal.
 
 Two modes, one long-format CSV row per measurement (`what`, L, density, ms, ... and the environment stamp):
 
@@ -21,13 +21,14 @@ Two modes, one long-format CSV row per measurement (`what`, L, density, ms, ... 
               selection keeps --pipeline-densities of the causal blocks (the paper's 3.5% at 256K), where the
               forced blocks leave room for it; `alpha` and the realised density are in the row.
 
-Times are medians of triton.testing.do_bench (CUDA events, after warm-up).
+Times are medians of triton.testing.do_bench (CUDA events, after warm-up). Writes <tag>.csv and <tag>.md into
+--out-dir (default: the run folder repro/runs/<date>-<gpu>/speed/; the committed H200 results are in
+repro/results/speed/); `python -m repro.plot_speed --csv <out-dir>/<tag>.csv` draws the figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from repro.common import RESULTS_DIR, environment_stamp, markdown_table, stamp_line, write_long_csv
+from repro.common import device_slug, environment_stamp, markdown_table, run_dir, stamp_line, write_long_csv
 from reference.selection import safety_net_mask
 from repro.paper import PAPER_DENSITY_256K
 
@@ -137,7 +138,7 @@ def run(lengths, densities, head_dim, q_heads, kv_heads, modes, alpha, seed, max
         pipeline_densities=()):
     import triton_impl
     from reference.synthetic import planted_qkv
-    from triton_impl.attention import PHYSICAL, _launch
+    from triton_impl.attention import PHYSICAL, launch_attention
     from triton_impl.selection import select_and_compact
 
     rows = []
@@ -158,7 +159,7 @@ def run(lengths, densities, head_dim, q_heads, kv_heads, modes, alpha, seed, max
                 counts, indices = triton_impl.compact_blocks(mask)
                 density = float(triton_impl.causal_block_density(counts))
                 scale = head_dim ** -0.5
-                add("physical", bench_ms(lambda: _launch(q, k, v, 128, scale, PHYSICAL, counts=counts,
+                add("physical", bench_ms(lambda: launch_attention(q, k, v, 128, scale, PHYSICAL, counts=counts,
                                                          indices=indices)),
                     density=density, target_density=target, scope="operator", input="synthetic, random mask")
                 add("logical", bench_ms(lambda: triton_impl.block_sparse_attention_logical(q, k, v, mask, 128)),
@@ -231,8 +232,7 @@ def summary_table(rows) -> str:
 
 def default_tag(device_name: str) -> str:
     """"NVIDIA H200" -> "speed_h200": results of different GPUs never overwrite each other."""
-    words = [w for w in re.split(r"[^a-z0-9]+", device_name.lower()) if w and w != "nvidia"]
-    return "speed_" + "_".join(words)
+    return "speed_" + device_slug(device_name)
 
 
 def main(argv=None):
@@ -251,12 +251,15 @@ def main(argv=None):
                         help="skip the dense baselines above this length (FA2 takes ~30 s a call at 1M)")
     parser.add_argument("--max-graph-length", type=int, default=32768,
                         help="also time flash_prefill replayed from a CUDA graph up to this length")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="(default: the run folder repro/runs/<date>-<gpu>/speed/)")
     parser.add_argument("--tag", default=None,
                         help="file name stem of the CSV / markdown (default: speed_<gpu>, e.g. speed_h200)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench_speed needs a CUDA GPU; the committed results are in repro/results/")
+        raise SystemExit("bench_speed needs a CUDA GPU; the committed results are in repro/results/speed/")
+    args.out_dir = args.out_dir or run_dir("speed", "cuda")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     stamp = environment_stamp("cuda")
     args.tag = args.tag or default_tag(stamp["device_name"])
     rows = run(args.lengths, args.densities, args.head_dim, args.q_heads, args.kv_heads, args.modes, args.alpha,

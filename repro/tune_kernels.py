@@ -6,7 +6,9 @@
 
 Standard shape (bf16, B=1, Hq=32, Hkv=4, D=128, Bs=128), synthetic planted-pattern inputs. Every configuration's
 output is compared with the default configuration's before it is timed, so a fast-but-wrong variant is flagged.
-Writes a long-format CSV (`what`, config, ms, max_diff) and prints the best configurations.
+Writes a long-format CSV (`what`, config, ms, max_diff) into --out-dir (default: the run folder
+repro/runs/<date>-<gpu>/kernel_tuning/; the committed H200 sweeps are in repro/results/kernel_tuning/) and prints
+the best configurations.
 """
 
 from __future__ import annotations
@@ -21,18 +23,20 @@ import triton.language as tl
 
 from repro.bench_speed import bench_ms, controlled_mask, group_shared_mask
 from triton_impl.attention import ATTENTION_CONFIG, _load_kv_tile, kv_descriptor
-from repro.common import RESULTS_DIR, environment_stamp, write_long_csv
+from repro.common import environment_stamp, run_dir, write_long_csv
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--length", type=int, default=65536)
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="(default: the run folder repro/runs/<date>-<gpu>/kernel_tuning/)")
     parser.add_argument("--diagnose", action="store_true",
                         help="only the physical-vs-dense per-block diagnosis, not the full sweep")
     parser.add_argument("--kv-loads", action="store_true",
                         help="only the K/V load sweep (TMA descriptors vs pointer loads, key tile, stages)")
     args = parser.parse_args(argv)
+    args.out_dir = args.out_dir or run_dir("kernel_tuning")
     if args.diagnose:
         return diagnose(args)
     if args.kv_loads:
@@ -40,7 +44,7 @@ def main(argv=None):
 
     import triton_impl
     from reference.synthetic import planted_qkv
-    from triton_impl.attention import DENSE, PHYSICAL, _launch
+    from triton_impl.attention import DENSE, PHYSICAL, launch_attention
 
     L, Hq, Hkv, D = args.length, 32, 4, 128
     M = L // 128
@@ -67,13 +71,14 @@ def main(argv=None):
         counts, indices = triton_impl.compact_blocks(controlled_mask(1, Hq, M, target, seed=1))
         workloads[f"physical@{target:.1%}"] = dict(mode=PHYSICAL, counts=counts, indices=indices)
     workloads["dense"] = dict(mode=DENSE)
-    reference_out = {name: _launch(q, k, v, 128, scale, w["mode"], counts=w.get("counts"), indices=w.get("indices"))
+    reference_out = {name: launch_attention(q, k, v, 128, scale, w["mode"], counts=w.get("counts"),
+                                            indices=w.get("indices"))
                      for name, w in workloads.items()}
     # Heads-fastest program order won clearly in the first sweep (repro/NOTES.md); it is no longer swept.
     for block_m, block_n, warps, stages in itertools.product([64, 128], [64, 128], [4, 8], [2, 3]):
         cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
         for name, w in workloads.items():
-            fn = lambda: _launch(q, k, v, 128, scale, w["mode"], counts=w.get("counts"),  # noqa: E731
+            fn = lambda: launch_attention(q, k, v, 128, scale, w["mode"], counts=w.get("counts"),  # noqa: E731
                                  indices=w.get("indices"), config=cfg)
             try:
                 diff = (fn().float() - reference_out[name].float()).abs().max().item()
@@ -98,7 +103,7 @@ def diagnose(args):
     random mask vs independent masks), and the dependent index load (PREFETCH_INDEX on/off)."""
     import triton_impl
     from reference.synthetic import planted_qkv
-    from triton_impl.attention import DENSE, PHYSICAL, _launch
+    from triton_impl.attention import DENSE, PHYSICAL, launch_attention
 
     L, Hq, Hkv, D = args.length, 32, 4, 128
     M, scale = L // 128, D ** -0.5
@@ -108,11 +113,13 @@ def diagnose(args):
     shared = group_shared_mask(Hq, Hkv, M, 0.3, seed=1)
     lists = {name: triton_impl.compact_blocks(m.contiguous()) for name, m in
              (("full list", full), ("30% independent", independent), ("30% group-shared", shared))}
-    rows = [dict(what="dense mode", L=L, ms=bench_ms(lambda: _launch(q, k, v, 128, scale, DENSE)), blocks=M * (M + 1) // 2 * Hq)]
+    rows = [dict(what="dense mode", L=L, ms=bench_ms(lambda: launch_attention(q, k, v, 128, scale, DENSE)),
+                 blocks=M * (M + 1) // 2 * Hq)]
     for name, (counts, indices) in lists.items():
         for prefetch in (False, True):
             cfg = dict(prefetch_index=prefetch)
-            fn = lambda: _launch(q, k, v, 128, scale, PHYSICAL, counts=counts, indices=indices, config=cfg)  # noqa
+            fn = lambda: launch_attention(q, k, v, 128, scale, PHYSICAL, counts=counts, indices=indices,  # noqa
+                                          config=cfg)
             rows.append(dict(what=f"physical, {name}", prefetch_index=prefetch, L=L, ms=bench_ms(fn),
                              blocks=int(counts.sum())))
     for r in rows:
@@ -175,7 +182,7 @@ def kv_loads(args):
     import triton_impl
     from reference.synthetic import planted_qkv
     from repro.bench_speed import dense_baselines
-    from triton_impl.attention import DENSE, PHYSICAL, _launch
+    from triton_impl.attention import DENSE, PHYSICAL, launch_attention
 
     L, Hq, Hkv, D = args.length, 32, 4, 128
     M, scale = L // 128, D ** -0.5
@@ -214,7 +221,7 @@ def kv_loads(args):
         blocks = int(counts.sum()) if counts is not None else causal_block_heads
         baseline = None
         for cfg in KV_LOAD_CONFIGS:
-            fn = lambda: _launch(q, k, v, 128, scale, w["mode"], counts=counts, indices=indices,  # noqa: E731
+            fn = lambda: launch_attention(q, k, v, 128, scale, w["mode"], counts=counts, indices=indices,  # noqa: E731
                                  config=cfg)
             try:
                 out = fn().float()

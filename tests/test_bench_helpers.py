@@ -43,6 +43,44 @@ def test_ab_attention_imports_each_version_under_its_own_name(tmp_path):
     assert list(versions) == ["copy", "working tree"]
     assert versions["copy"] is not versions["working tree"]
     assert versions["copy"].__name__ != versions["working tree"].__name__
-    assert all(hasattr(m, "_launch") for m in versions.values())
+    from repro.ab_attention import launcher
+
+    assert all(callable(launcher(m)) for m in versions.values())
     with pytest.raises(SystemExit, match="NAME=DIR"):
         load_versions([str(tmp_path)])
+
+
+def test_run_dir_is_one_dated_folder_per_device_under_an_ignored_root(tmp_path, monkeypatch):
+    import datetime
+    import shutil
+    import subprocess
+
+    from repro import common
+
+    assert common.device_slug("NVIDIA H200") == "h200"
+    assert common.device_slug("NVIDIA GeForce RTX 4090") == "geforce_rtx_4090"
+    assert common.RUNS_DIR == common.ROOT / "repro" / "runs"
+    monkeypatch.setattr(common, "RUNS_DIR", tmp_path)
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    path = common.run_dir("speed", "cpu")
+    assert path == tmp_path / f"{today}-cpu" / "speed" and path.is_dir()
+    assert common.run_dir(device="cpu") == path.parent
+    if shutil.which("git") and (common.ROOT / ".git").exists():  # what the scripts write is never committed
+        ignored = subprocess.run(["git", "check-ignore", "-q", "repro/runs/any/file.csv"], cwd=common.ROOT)
+        assert ignored.returncode == 0, "repro/runs/ is not in .gitignore"
+
+
+def test_plot_speed_redraws_the_committed_run_into_the_run_folder(tmp_path, monkeypatch):
+    """The default re-plot reads the committed H200 CSV and writes into the run folder, not next to the CSV; its
+    summary is the committed one (same numbers, same text)."""
+    from repro import common, plot_speed
+
+    committed = common.RESULTS_DIR / "speed"
+    before = {p.name: p.stat().st_mtime_ns for p in committed.iterdir()}
+    monkeypatch.setattr(common, "RUNS_DIR", tmp_path)
+    plot_speed.main([])
+    out = common.run_dir("speed")
+    assert sorted(p.name for p in out.iterdir()) == [f"speed_h200_{s}" for s in
+                                                     ("density.png", "speedup.png", "stages.png", "summary.md")]
+    assert (out / "speed_h200_summary.md").read_text() == (committed / "speed_h200_summary.md").read_text()
+    assert {p.name: p.stat().st_mtime_ns for p in committed.iterdir()} == before

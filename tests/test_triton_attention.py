@@ -30,6 +30,7 @@ import reference
 import triton_impl
 from reference.synthetic import planted_qkv
 from repro.differential import flash_rule, mask_from_lists
+from triton_impl.common import BLOCK_SIZES, GPU_DTYPES, HEAD_DIMS
 
 DTYPES = KERNEL_TEST_DTYPES
 
@@ -114,7 +115,7 @@ def test_full_block_set_equals_dense(case, dtype):
 def test_tma_and_pointer_kv_loads_agree(case, dtype):
     """K/V tiles fetched through TMA descriptors (the default) or by per-thread pointer loads (the fallback for
     layouts a descriptor cannot describe): the same tiles, the same arithmetic, the same output to the bit."""
-    from triton_impl.attention import DENSE, PHYSICAL, _launch
+    from triton_impl.attention import DENSE, PHYSICAL, launch_attention
 
     B, L, Hq, Hkv, D, bs = case
     q, k, v = inputs(case, dtype, seed=11, planted=False)
@@ -124,7 +125,7 @@ def test_tma_and_pointer_kv_loads_agree(case, dtype):
     for mode, lists, block_size, block_mask in ((PHYSICAL, dict(counts=counts, indices=indices), bs, mask),
                                                 (DENSE, {}, 128, causal_block_mask(B, Hq, num_blocks(L, 128),
                                                                                    device=DEVICE))):
-        tma, pointers = (_launch(q, k, v, block_size, D ** -0.5, mode, **lists,
+        tma, pointers = (launch_attention(q, k, v, block_size, D ** -0.5, mode, **lists,
                                  config=dict(kv_descriptors=flag, kv_descriptors_min_length=1))
                          for flag in (True, False))
         assert_flash_rule(tma, q, k, v, block_mask, block_size)
@@ -176,9 +177,23 @@ def test_non_contiguous_inputs_and_custom_scale(dtype):
     assert_flash_rule(dense, q, k, v, causal_block_mask(B, Hq, num_blocks(L, 128), device=DEVICE), 128, 0.05)
 
 
+# Whole calls on the GPU at every block size the kernels take (BLOCK_SIZES), both head dims, odd lengths.
+GPU_FLASH_PREFILL_CASES = [
+    (1, 16384, 8, 2, 128, 128),
+    (1, 4100, 8, 2, 128, 16),
+    (2, 3001, 4, 4, 64, 16),
+    (1, 8191, 8, 2, 128, 32),
+    (1, 6000, 8, 1, 64, 32),
+    (2, 6000, 8, 1, 64, 64),
+    (1, 12345, 16, 2, 128, 64),
+    (1, 16384, 8, 2, 128, 256),
+    (1, 9000, 4, 1, 64, 256),
+]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", [pytest.param(c, id=case_id(c)) for c in CASES[1:]] + [
-    pytest.param((1, 16384, 8, 2, 128, 128), id="B1-L16384-g4-D128-bs128", marks=pytest.mark.gpu)])
+    pytest.param(c, id=case_id(c), marks=pytest.mark.gpu) for c in GPU_FLASH_PREFILL_CASES])
 def test_flash_prefill_on_its_own_block_set(case, dtype):
     """End to end: the output is exact attention over the block set the Triton selection chose."""
     B, L, Hq, Hkv, D, bs = case
@@ -218,3 +233,149 @@ def test_unsupported_dtype_and_device_raise(monkeypatch):
     q, k, v = random_qkv(1, 64, 2, 1, 64, device="cpu")
     with pytest.raises(ValueError, match="triton_impl needs CUDA tensors"):
         triton_impl.dense_attention(q, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_every_supported_block_size_head_dim_and_dtype_runs(block_size, head_dim, dtype):
+    """Everything the validation admits runs natively (no launch failure such as Triton's OutOfResources) and is
+    exact attention over its block set: flash_prefill, both sparse walks, at a length with a partial last block."""
+    case = (1, 3 * block_size + 5 if block_size >= 128 else 40 * block_size + 5, 8, 2, head_dim, block_size)
+    B, L, Hq, Hkv, D, bs = case
+    q, k, v = inputs(case, dtype, seed=13, planted=True)
+    out, stats = triton_impl.flash_prefill(q, k, v, alpha=0.1, block_size=bs, return_stats=True)
+    mask = mask_from_lists(stats.counts, stats.indices)
+    assert_flash_rule(out, q, k, v, mask, bs)
+    logical = triton_impl.block_sparse_attention_logical(q, k, v, mask, bs)
+    torch.testing.assert_close(logical, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("block_size", [512, 1024])
+def test_block_sizes_the_kernels_do_not_take_are_refused_before_launch(block_size):
+    """Powers of two above 256 are valid for the reference but refused by every Triton entry point that takes a
+    block size, with a ValueError naming block_size (never a Triton launch failure)."""
+    dtype = DTYPES[-1]
+    q, k, v = random_qkv(1, 64, 2, 1, 64, dtype=dtype, device=DEVICE)
+    mask = causal_block_mask(1, 2, 1, device=DEVICE)
+    counts, indices = reference.compact_blocks(mask)
+    calls = {
+        "flash_prefill": lambda: triton_impl.flash_prefill(q, k, v, block_size=block_size),
+        "block_sparse_attention": lambda: triton_impl.block_sparse_attention(q, k, v, counts, indices, block_size),
+        "block_sparse_attention_logical": lambda: triton_impl.block_sparse_attention_logical(q, k, v, mask,
+                                                                                             block_size),
+        "mean_pool_keys": lambda: triton_impl.mean_pool_keys(k, block_size),
+        "block_scores": lambda: triton_impl.block_scores(q, triton_impl.mean_pool_keys(k, 64)[:, :1], block_size),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"block_size {block_size} is not supported by the Triton kernels"):
+            call()
+    assert reference.flash_prefill(q.float(), k.float(), v.float(), block_size=block_size).shape == q.shape
+
+
+def bad_lists(B, Hq, M, device):
+    """Lists that break each rule of check_block_lists, with the message each must raise."""
+    counts, indices = reference.compact_blocks(causal_block_mask(B, Hq, M, device=device))
+    swapped = indices.clone()
+    swapped[..., M - 1, :2] = swapped[..., M - 1, :2].flip(-1)
+    beyond = indices.clone()
+    beyond[..., 1, 0] = 2  # above the diagonal of row 1
+    negative = indices.clone()
+    negative[0, 0, M - 1, 1] = -1
+    return {
+        "counts-negative": ((counts - 2, indices), "counts must satisfy"),
+        "counts-above-diagonal": ((counts + 1, indices), "counts must satisfy"),
+        "index-above-diagonal": ((counts, beyond), r"must lie in \[0, I\]"),
+        "index-negative": ((counts, negative), r"must lie in \[0, I\]"),
+        "not-ascending": ((counts, swapped), "strictly ascending"),
+    }
+
+
+@pytest.mark.parametrize("wrong", ["counts-negative", "counts-above-diagonal", "index-above-diagonal",
+                                   "index-negative", "not-ascending"])
+def test_bad_lists_are_refused_like_the_reference(wrong):
+    """validate=True: the one-kernel check raises what reference.validation.check_block_lists raises (the reference
+    checks by default), for the same lists."""
+    B, L, Hq, Hkv, D, bs = 2, 64, 4, 2, 64, 16
+    q, k, v = random_qkv(B, L, Hq, Hkv, D, dtype=DTYPES[-1], seed=14, device=DEVICE)
+    (counts, indices), message = bad_lists(B, Hq, num_blocks(L, bs), DEVICE)[wrong]
+    with pytest.raises(ValueError, match=message):
+        reference.block_sparse_attention(q.float(), k.float(), v.float(), counts, indices, bs)
+    with pytest.raises(ValueError, match=message):
+        triton_impl.block_sparse_attention(q, k, v, counts, indices, bs, validate=True)
+    # Unchecked (the default), a malformed list gives wrong rows but the kernel reads nothing out of bounds.
+    out = triton_impl.block_sparse_attention(q, k, v, counts, indices, bs)
+    assert out.shape == q.shape and not out.isnan().any()
+
+
+def test_lists_pointing_far_outside_are_never_read():
+    """validate=False: ids and counts far beyond the tensors (a crash or an illegal memory access if read) are
+    clamped to the causal blocks inside the kernel."""
+    B, L, Hq, Hkv, D, bs = 1, 80, 2, 1, 64, 16
+    q, k, v = random_qkv(B, L, Hq, Hkv, D, dtype=DTYPES[-1], seed=18, device=DEVICE)
+    M = num_blocks(L, bs)
+    counts = torch.full((B, Hq, M), 10**6, dtype=torch.int32, device=DEVICE)
+    indices = torch.full((B, Hq, M, M), 10**8, dtype=torch.int32, device=DEVICE)
+    indices[..., 1::2] = -(10**8)
+    out = triton_impl.block_sparse_attention(q, k, v, counts, indices, bs)
+    assert out.shape == q.shape and not out.isnan().any()
+    from triton_impl.attention import PHYSICAL, launch_attention
+
+    # The same lists through TMA descriptors (the default from 8K tokens): boxes outside k / v come back as zeros.
+    tma = launch_attention(q, k, v, bs, D ** -0.5, PHYSICAL, counts=counts, indices=indices,
+                           config=dict(kv_descriptors=True, kv_descriptors_min_length=1))
+    assert tma.shape == q.shape and not tma.isnan().any()
+
+
+def test_valid_lists_pass_the_check_and_validate_false_gives_the_same_output():
+    B, L, Hq, Hkv, D, bs = 2, 100, 4, 2, 64, 16
+    q, k, v = random_qkv(B, L, Hq, Hkv, D, dtype=DTYPES[-1], seed=15, device=DEVICE)
+    mask = random_block_mask(B, Hq, num_blocks(L, bs), keep=0.4, seed=16, device=DEVICE)
+    counts, indices = reference.compact_blocks(mask)
+    checked = triton_impl.block_sparse_attention(q, k, v, counts, indices, bs, validate=True)
+    unchecked = triton_impl.block_sparse_attention(q, k, v, counts, indices, bs)
+    torch.testing.assert_close(checked, unchecked, rtol=0, atol=0)
+    assert_flash_rule(checked, q, k, v, mask, bs)
+
+
+def test_attention_entry_points_are_inference_only():
+    """With grad mode on and an input that requires grad, every attention entry point refuses (the kernels have no
+    backward: the output would silently carry no gradient); under no_grad the same call runs."""
+    B, L, Hq, Hkv, D, bs = 1, 64, 2, 1, 64, 16
+    q, k, v = random_qkv(B, L, Hq, Hkv, D, dtype=DTYPES[-1], seed=17, device=DEVICE)
+    mask = causal_block_mask(B, Hq, num_blocks(L, bs), device=DEVICE)
+    counts, indices = reference.compact_blocks(mask)
+    calls = {
+        "dense_attention": lambda q: triton_impl.dense_attention(q, k, v),
+        "block_sparse_attention": lambda q: triton_impl.block_sparse_attention(q, k, v, counts, indices, bs),
+        "block_sparse_attention_logical": lambda q: triton_impl.block_sparse_attention_logical(q, k, v, mask, bs),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match="inference-only"):
+            call(q.clone().requires_grad_())
+        with torch.no_grad():
+            call(q.clone().requires_grad_())
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter runs on the CPU")
+def test_bfloat16_is_refused_under_the_interpreter():
+    q, k, v = random_qkv(1, 64, 2, 1, 64, dtype=torch.bfloat16, device="cpu")
+    counts, indices = reference.compact_blocks(causal_block_mask(1, 2, 4))
+    for call in (lambda: triton_impl.dense_attention(q, k, v),
+                 lambda: triton_impl.block_sparse_attention(q, k, v, counts, indices, 16)):
+        with pytest.raises(TypeError, match="bfloat16, which is not supported under the Triton interpreter"):
+            call()
+
+
+@pytest.mark.gpu
+def test_float32_is_refused_on_the_gpu():
+    """float32 runs only under the interpreter: on a GPU every entry point taking q/k refuses it before launch."""
+    q, k, v = random_qkv(1, 64, 2, 1, 64, dtype=torch.float32, device=DEVICE)
+    counts, indices = reference.compact_blocks(causal_block_mask(1, 2, 4, device=DEVICE))
+    for call in (lambda: triton_impl.flash_prefill(q, k, v, block_size=16),
+                 lambda: triton_impl.dense_attention(q, k, v),
+                 lambda: triton_impl.block_sparse_attention(q, k, v, counts, indices, 16),
+                 lambda: triton_impl.mean_pool_keys(k, 16)):
+        with pytest.raises(TypeError, match="float32 on a GPU"):
+            call()

@@ -2,10 +2,10 @@
 
 The CPU tests run the kernels under the interpreter, which accepts code the compiler rejects (for example a kernel
 reading a global that is not a tl.constexpr). `python -m triton_impl.hopper_compile` compiles every kernel exactly
-as the Python wrappers launch it; here it runs for the GPU dtypes (bf16, fp16; every head dim, block size and
-attention mode) in a subprocess without TRITON_INTERPRET (this process has it set, see conftest.py); float32,
-the interpreter's dtype, is left to the CLI. Skipped, with the tool's reason, where Triton has no NVIDIA backend or
-no working ptxas. Registers, spills and shared memory reported this way matched a native launch on an H200.
+as the Python wrappers launch it; here it runs for every dtype, head dim and block size the public API admits on
+a GPU (bf16, fp16; triton_impl.common) and every attention mode, in a subprocess without TRITON_INTERPRET (this
+process has it set, see conftest.py), and checks shared memory against an H200's limit. Skipped, with the tool's
+reason, where Triton has no NVIDIA backend or no working ptxas. Registers, spills and shared memory reported this way matched a native launch on an H200.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CANNOT_COMPILE_HERE = 3  # triton_impl.hopper_compile's exit status when this machine cannot compile for sm_90
+DTYPES = ("bf16", "fp16")  # every dtype the kernels admit on a GPU (triton_impl.common.GPU_DTYPES)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def report(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     result = subprocess.run(
-        [sys.executable, "-m", "triton_impl.hopper_compile", "--dtypes", "bf16,fp16", "--json", str(out)],
+        [sys.executable, "-m", "triton_impl.hopper_compile", "--dtypes", ",".join(DTYPES), "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     if result.returncode == CANNOT_COMPILE_HERE:
@@ -38,7 +39,8 @@ def report(tmp_path_factory):
 
 
 def rows(report, kernel, dtype=None):
-    found = [r for r in report["kernels"] if r["kernel"] == kernel and (dtype is None or r["variant"].startswith(dtype))]
+    found = [r for r in report["kernels"]
+             if r["kernel"] == kernel and (dtype is None or r["variant"].startswith(dtype))]
     assert found, f"no {kernel} {dtype or ''} in the report"
     return found
 
@@ -48,7 +50,33 @@ def test_every_kernel_compiles_for_sm90(report):
     assert report["arch"] == 90
     names = {r["kernel"] for r in report["kernels"]}
     assert {"_mean_pool_kernel", "_block_scores_kernel", "_select_kernel", "_compact_kernel",
-            "_select_compact_kernel", "_attention_kernel"} <= names
+            "_select_compact_kernel", "_attention_kernel", "_check_lists_kernel"} <= names
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_block_size_and_head_dim_the_api_admits_is_compiled(report, dtype):
+    """Each (block size, head dim) that triton_impl's validation lets through reaches the compiler for each kernel
+    that depends on them, in every attention mode: a size added to the validation without a compiled (and so
+    shared-memory-checked) variant fails here."""
+    from triton_impl.common import BLOCK_SIZES, HEAD_DIMS
+
+    def compiled(kernel, **constexprs):
+        return {(r["constexprs"]["D"], r["constexprs"]["BLOCK_SIZE"]) for r in rows(report, kernel, dtype)
+                if all(r["constexprs"].get(k) == v for k, v in constexprs.items())}
+
+    wanted = {(D, bs) for D in HEAD_DIMS for bs in BLOCK_SIZES}
+    assert compiled("_mean_pool_kernel") >= wanted
+    assert compiled("_block_scores_kernel") >= wanted
+    for mode in (0, 1):  # physical, logical
+        assert compiled("_attention_kernel", MODE=mode) >= wanted
+
+
+def test_shared_memory_fits_an_h200_sm(report):
+    """Every compiled variant asks for at most the 227 KiB of shared memory an sm_90 CTA may use (232448 bytes, the
+    limit Triton's OutOfResources error quotes on an H200); the interpreter checks none of this."""
+    too_big = [(r["kernel"], r["variant"], r["shared_bytes"]) for r in report["kernels"]
+               if r["shared_bytes"] > 232448]
+    assert too_big == []
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])

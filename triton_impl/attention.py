@@ -26,17 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
-from reference.validation import (
-    check_block_layout,
-    check_block_lists,
-    check_block_size,
-    num_blocks,
-    resolve_scale,
-)
+from reference.validation import (BAD_COUNTS, BAD_INDEX, NOT_ASCENDING, check_block_layout, num_blocks,
+                                  resolve_scale)
 
-from .common import (LOG2E, check_kernel_device, check_kernel_qkv, dot_precision, needs_wide_offsets, new_output,
+from .common import (LOG2E, check_inference_only, check_kernel_dtype, check_kernel_block_size,
+                     check_kernel_device, check_kernel_qkv, dot_precision, needs_wide_offsets, new_output,
                      num_warps_for, widen)
 
+FLOAT32_LOWEST: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
 # Which key blocks a program visits (compile-time constants of the kernel).
 PHYSICAL, LOGICAL, DENSE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
@@ -79,9 +76,10 @@ def _attend_tile(
         s = tl.where(visible, s, float("-inf"))
     # Running max in base 2 (qk_scale = scale * log2(e) > 0 commutes with max); exp2(s * qk_scale - m) is one FMA
     # per logit.
+    # The running max starts at the lowest finite float32, not -inf: a tile whose logits are all -inf for a row (the
+    # diagonal's causal mask, or infinite keys, which dense attention ignores) then gives exp2(-inf - m) = 0 rather
+    # than exp2(-inf + inf) = NaN, with no test per tile.
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-    if MASKED:  # a row may have seen no key yet
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s * qk_scale - m_new[:, None])
     correction = tl.exp2(m_i - m_new)
     l_i = l_i * correction + tl.sum(p, axis=1)
@@ -104,6 +102,15 @@ def _attend_block(
 
 
 @triton.jit
+def _listed_block(list_row, slot, n_off_diagonal, I, WIDE: tl.constexpr, CLAMP: tl.constexpr):
+    """Off-diagonal key block id at list slot `slot` (0 past the end); CLAMP: clamped into [0, I - 1]."""
+    J = tl.load(list_row + slot, mask=slot < n_off_diagonal, other=0)
+    if CLAMP:
+        J = tl.minimum(tl.maximum(J, 0), I - 1)
+    return widen(J, WIDE)
+
+
+@triton.jit
 def _attention_kernel(
     Q, K, V, OUT, COUNTS, INDICES, MASK, VISITS,
     stride_qb, stride_ql, stride_qh,
@@ -111,7 +118,7 @@ def _attention_kernel(
     stride_vb, stride_vl, stride_vh,
     stride_ob, stride_ol, stride_oh,
     stride_lb, stride_lh, stride_lm,  # INDICES (or MASK) rows; COUNTS and VISITS are contiguous (B, Hq, M)
-    L, M, HQ, GROUP, qk_scale, ROW0,
+    L, M, HQ, GROUP, qk_scale, ROW0, CAPACITY,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, HEADS_FASTEST: tl.constexpr,
     PREFETCH_INDEX: tl.constexpr, WIDE: tl.constexpr, KV_DESCRIPTORS: tl.constexpr,
@@ -140,25 +147,30 @@ def _attention_kernel(
     stat = (b * HQ + h) * M + I
 
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], FLOAT32_LOWEST, dtype=tl.float32)  # see _attend_tile
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     # Off-diagonal blocks, then the diagonal block with its mask.
     if MODE == PHYSICAL:
-        count = tl.load(COUNTS + stat)
+        # Lists are trusted (block_sparse_attention checks them only with validate=True), but whatever they hold the
+        # walk stays in bounds, so a malformed list gives a wrong row, never a read outside q, k, v or the list: at
+        # most min(I + 1, CAPACITY) entries are read, and the ids are clamped to [0, I - 1] for pointer loads. TMA
+        # loads need no clamp (the copy engine zero-fills boxes outside the tensor), and there it cost 10% on the
+        # H200 (repro/NOTES.md).
+        count = tl.minimum(tl.maximum(tl.load(COUNTS + stat), 0), tl.minimum(I + 1, CAPACITY))
         last = tl.load(INDICES + row + tl.maximum(count - 1, 0), mask=count > 0, other=-1)
         has_diagonal = last == I
-        n_off_diagonal = count - has_diagonal.to(tl.int32)
+        n_off_diagonal = tl.minimum(count - has_diagonal.to(tl.int32), I)
         if PREFETCH_INDEX:  # the next block id is loaded one iteration ahead, so K/V addresses are known early
-            J = widen(tl.load(INDICES + row, mask=n_off_diagonal > 0, other=0), WIDE)
+            J = _listed_block(INDICES + row, 0, n_off_diagonal, I, WIDE, not KV_DESCRIPTORS)
             for t in range(0, n_off_diagonal):
-                J_next = widen(tl.load(INDICES + row + t + 1, mask=t + 1 < n_off_diagonal, other=0), WIDE)
+                J_next = _listed_block(INDICES + row, t + 1, n_off_diagonal, I, WIDE, not KV_DESCRIPTORS)
                 acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J, stride_kl, stride_vl,
                                               L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION, KV_DESCRIPTORS)
                 J = J_next
         else:
             for t in range(0, n_off_diagonal):
-                J = widen(tl.load(INDICES + row + t), WIDE)
+                J = _listed_block(INDICES + row, t, n_off_diagonal, I, WIDE, not KV_DESCRIPTORS)
                 acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J, stride_kl, stride_vl,
                                               L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION, KV_DESCRIPTORS)
         visits = count
@@ -213,17 +225,21 @@ def attention_tile_sizes(block_size: int, config=None) -> tuple[int, int]:
     return min(block_size, config["BLOCK_M"]), min(block_size, config["BLOCK_N"])
 
 
-def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask=None, return_visits=False,
-            config=None, rows=None, out=None):
-    """Launch the kernel over query blocks rows=(I0, I1) (default all M), writing into `out` (allocated when
-    None). With rows, indices (or mask) hold the lists of those query blocks only, as rows 0 .. I1 - I0 - 1;
-    counts stays the whole (B, Hq, M)."""
+def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask=None,
+                     return_visits=False, config=None, rows=None, out=None):
+    """The attention kernel without the input checks of the public functions (`flash_prefill`, the benchmarks and
+    the tests call it directly). Launches over query blocks rows=(I0, I1) (default all M), writing into `out`
+    (allocated when None). With rows, indices (or mask) hold the lists of those query blocks only, as rows
+    0 .. I1 - I0 - 1; counts stays the whole (B, Hq, M)."""
     B, L, Hq, Hkv, D = q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]
     M = num_blocks(L, block_size)
     I0, I1 = rows or (0, M)
-    # float32 tiles are twice as large: 3 stages of 128 x 128 K/V tiles would not fit in shared memory.
-    fp32_config = dict(BLOCK_N=64, num_stages=1) if q.dtype == torch.float32 else {}
-    config = dict(ATTENTION_CONFIG, **fp32_config, **(config or {}))
+    # A key block larger than a tile (Bs = 256) is BLOCK_SIZE / BLOCK_N unrolled tiles per loop iteration, and the
+    # software pipeline buffers num_stages iterations: 3 x 2 K/V tiles do not fit in shared memory (416 KiB at
+    # D = 128), so such blocks run unpipelined. (A loop over tiles instead of blocks would keep 3 stages at every
+    # block size, but cost 1-3.5% at Bs = 128 on the H200: repro/NOTES.md.)
+    large_blocks = dict(num_stages=1) if block_size > ATTENTION_CONFIG["BLOCK_N"] else {}
+    config = dict(ATTENTION_CONFIG, **large_blocks, **(config or {}))
     BLOCK_M, BLOCK_N = attention_tile_sizes(block_size, config)
     tiles = (I1 - I0) * (block_size // BLOCK_M)
     # The kernels index the head dim with unit stride; anything else gets one copy here.
@@ -251,7 +267,7 @@ def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *row_strides,
-        L, M, Hq, Hq // Hkv, scale * LOG2E, I0,
+        L, M, Hq, Hq // Hkv, scale * LOG2E, I0, lists.shape[-1] if mode == PHYSICAL else M,
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
         MODE=mode.value, DOT_PRECISION=dot_precision(q.dtype), COUNT_VISITS=return_visits,
         HEADS_FASTEST=config["heads_fastest"], PREFETCH_INDEX=config["prefetch_index"],
@@ -261,34 +277,87 @@ def _launch(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask
     return (out, visits) if return_visits else out
 
 
-def block_sparse_attention(q, k, v, counts, indices, block_size: int = 128, scale: float | None = None, *,
-                           return_visits: bool = False):
+# What a bad list is, by the bit the check kernel sets (the rules of reference.validation.check_block_lists).
+LIST_ERRORS = {1: BAD_COUNTS, 2: BAD_INDEX, 4: NOT_ASCENDING}
+
+
+@triton.jit
+def _check_lists_kernel(COUNTS, INDICES, ERRORS, stride_cb, stride_ch, stride_cm, stride_lb, stride_lh, stride_lm,
+                        stride_ln, C, HQ, TILE: tl.constexpr, WIDE: tl.constexpr):
+    """One program per list (query block I, batch * head): OR the LIST_ERRORS bits of what is wrong with it into
+    ERRORS[0]. Reads counts[I] and the first counts[I] entries of the list, nothing else."""
+    I = tl.program_id(0)
+    bh = widen(tl.program_id(1), WIDE)
+    b, h = bh // HQ, bh % HQ
+    count = tl.load(COUNTS + b * stride_cb + h * stride_ch + I * stride_cm)
+    code = ((count < 0) | (count > tl.minimum(I + 1, C))).to(tl.int32)
+    listed_end = tl.minimum(tl.maximum(count, 0), C)
+    row = INDICES + b * stride_lb + h * stride_lh + widen(I, WIDE) * stride_lm
+    for j0 in range(0, listed_end, TILE):
+        slot = j0 + tl.arange(0, TILE)
+        listed = slot < listed_end
+        J = tl.load(row + slot * stride_ln, mask=listed, other=0)
+        previous = tl.load(row + (slot - 1) * stride_ln, mask=listed & (slot > 0), other=-1)
+        out_of_range = tl.max((listed & ((J < 0) | (J > I))).to(tl.int32), axis=0)
+        not_ascending = tl.max((listed & (J <= previous)).to(tl.int32), axis=0)
+        code = code | (out_of_range * 2) | (not_ascending * 4)
+    tl.atomic_or(ERRORS, code, mask=code != 0)
+
+
+def check_block_lists(counts: torch.Tensor, indices: torch.Tensor) -> None:
+    """reference.validation.check_block_lists in one kernel launch and one host synchronisation (reading a single
+    int32), instead of several passes over the lists, each synchronising (repro/NOTES.md has the cost)."""
+    B, Hq, M = counts.shape
+    errors = torch.zeros(1, dtype=torch.int32, device=counts.device)
+    _check_lists_kernel[(M, B * Hq)](
+        counts, indices, errors, *counts.stride(), *indices.stride(), indices.shape[-1], Hq,
+        TILE=128, WIDE=needs_wide_offsets(indices),
+    )
+    code = int(errors.item())  # the one host synchronisation
+    for bit, message in LIST_ERRORS.items():
+        if code & bit:
+            raise ValueError(message)
+
+
+def _check_attention_args(q, k, v, block_size, softmax_scale):
+    """The checks every attention entry point shares; returns the resolved softmax scale."""
+    check_kernel_block_size(block_size)
+    D = check_kernel_qkv(q, k, v)[-1]
+    check_inference_only(q=q, k=k, v=v)
+    check_kernel_dtype(q=q)
+    return resolve_scale(softmax_scale, D)
+
+
+def block_sparse_attention(q, k, v, counts, indices, block_size: int = 128, softmax_scale: float | None = None, *,
+                           return_visits: bool = False, validate: bool = False):
     """Causal attention over the listed key blocks only (physical skip). Same contract as the reference;
     visits (B, Hq, M) int32 counts the loop iterations of each row, measured inside the kernel.
 
-    The lists are checked (counts in range, ids ascending and causal) before launch, which reads them back:
-    one host synchronisation. `flash_prefill` builds the lists itself and skips the check."""
-    check_block_size(block_size)
-    D = check_kernel_qkv(q, k, v)[-1]
+    validate: check the lists first (counts in range, ids ascending and causal, as reference.block_sparse_attention
+    always does) and raise ValueError on a malformed one; one extra kernel and one host synchronisation, which cost
+    +21% of the call at 16K tokens on an H200 (repro/NOTES.md), so it is opt-in. Without it the lists are trusted,
+    as FlashAttention trusts cu_seqlens: lists from `compact_blocks` / `select_and_compact` are valid by
+    construction. A malformed list then gives wrong rows but never a read out of bounds (the kernel clamps what it
+    reads to the causal blocks)."""
+    softmax_scale = _check_attention_args(q, k, v, block_size, softmax_scale)
     check_block_layout(q, block_size=block_size, counts=counts, indices=indices)
     check_kernel_device(counts=counts, indices=indices)
-    check_block_lists(counts, indices)
-    scale = resolve_scale(scale, D, name="scale")
-    return _launch(q, k, v, block_size, scale, PHYSICAL, counts=counts, indices=indices, return_visits=return_visits)
+    if validate:
+        check_block_lists(counts, indices)
+    return launch_attention(q, k, v, block_size, softmax_scale, PHYSICAL, counts=counts, indices=indices,
+                            return_visits=return_visits)
 
 
-def block_sparse_attention_logical(q, k, v, mask, block_size: int = 128, scale: float | None = None, *,
+def block_sparse_attention_logical(q, k, v, mask, block_size: int = 128, softmax_scale: float | None = None, *,
                                    return_visits: bool = False):
     """Same output as `block_sparse_attention`, visiting every causal block and branching on its mask bit."""
-    check_block_size(block_size)
-    D = check_kernel_qkv(q, k, v)[-1]
+    softmax_scale = _check_attention_args(q, k, v, block_size, softmax_scale)
     check_block_layout(q, block_size=block_size, mask=mask)
     check_kernel_device(mask=mask)
-    scale = resolve_scale(scale, D, name="scale")
-    return _launch(q, k, v, block_size, scale, LOGICAL, mask=mask, return_visits=return_visits)
+    return launch_attention(q, k, v, block_size, softmax_scale, LOGICAL, mask=mask, return_visits=return_visits)
 
 
 def dense_attention(q, k, v, softmax_scale: float | None = None):
     """Exact causal GQA attention (the same kernel visiting every causal block)."""
-    D = check_kernel_qkv(q, k, v)[-1]
-    return _launch(q, k, v, 128, resolve_scale(softmax_scale, D), DENSE)
+    softmax_scale = _check_attention_args(q, k, v, 128, softmax_scale)
+    return launch_attention(q, k, v, 128, softmax_scale, DENSE)

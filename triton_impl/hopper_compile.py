@@ -49,6 +49,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import common
+
 CANNOT_COMPILE_HERE = 3  # exit status when this machine has no NVIDIA backend / ptxas
 
 # An H100/H200 SM (compute capability 9.0): the limits the occupancy estimate uses.
@@ -132,8 +134,6 @@ def compile_only(target, on_compile: Callable) -> Iterator[None]:
     import triton.runtime.jit as jit
     from triton.runtime.driver import driver
 
-    from . import common
-
     kernels = jit_kernels()
     saved_caches = {name: k.device_caches for name, k in kernels.items()}
     saved_interpreting = common.interpreting
@@ -206,9 +206,13 @@ def sm90_ctas_per_sm(registers: int | None, num_warps: int, shared: int) -> int 
 
 # --- the variants: which wrapper calls to compile ------------------------------------------------------------------
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-HEAD_DIMS = (128, 64)
-BLOCK_SIZES = (128, 16)
+# Everything the public API admits on a GPU (triton_impl.common: GPU_DTYPES, HEAD_DIMS, BLOCK_SIZES), so that a
+# block size or head dim added to the validation is compiled here too; the standard shape (D=128, Bs=128) first.
+# (float32 runs only under the CPU interpreter: on a GPU the entry points refuse it before any launch.)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+HEAD_DIMS = tuple(sorted(common.HEAD_DIMS, reverse=True))
+BLOCK_SIZES = (128, *(bs for bs in common.BLOCK_SIZES if bs != 128))
+assert set(DTYPES.values()) == set(common.GPU_DTYPES) and 128 in common.BLOCK_SIZES
 
 
 @dataclass(frozen=True)
@@ -273,6 +277,8 @@ def variants(quick: bool = False, dtypes: list[str] | None = None) -> list[Varia
                 if dt == "bf16" and D == 128 and bs == 128:
                     add(f"{label} physical +visits", "block_sparse_attention", ti.block_sparse_attention, q, k, v,
                         counts, indices, bs, return_visits=True)
+                    add(f"{label} physical +validate", "block_sparse_attention", ti.block_sparse_attention, q, k, v,
+                        counts, indices, bs, validate=True)  # the list check kernel (int32 lists, any dtype)
                     add(f"{label} logical +visits", "block_sparse_attention_logical",
                         ti.block_sparse_attention_logical, q, k, v, mask, bs, return_visits=True)
                 if bs == 128:  # dense_attention always uses 128-token blocks
