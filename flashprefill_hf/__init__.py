@@ -10,13 +10,24 @@ A peer's block selection instead of FlashPrefill's, for comparisons: `configure(
 selector_params={"threshold": 0.95})` (or "flexprefill" with {"gamma": ...}); see `FlashPrefillConfig`.
 
 Prefill (query length == key length, causal, no padding, no cached prefix) runs FlashPrefill (Triton on CUDA,
-the pure-PyTorch reference elsewhere); decoding, cached prefixes and padded batches run exact dense attention.
+the pure-PyTorch reference elsewhere); decoding, cached prefixes and padded batches run exact dense attention
+(transformers' sdpa). The kernels are inference-only: a call that autograd tracks (grad enabled and q, k or v
+requiring grad) runs sdpa too, so training through the backend works as with sdpa.
+
+A prefill that does not get FlashPrefill warns (`FlashPrefillFallbackWarning`, once per model and reason, with the
+reason and the remedy: e.g. pass an explicit all-ones attention_mask when transformers inferred one from
+pad_token_id); decoding steps never warn. `cfg.recorder` (a `DensityRecorder`) keeps a record per layer per prefill
+call (decoding steps only with DensityRecorder(record_decode=True)).
+
+Tested with transformers 5.0.0 (the lowest version pyproject.toml admits) and 5.24.0.
 """
 
 from .backend import (
     ATTN_NAME,
     DensityRecorder,
+    FALLBACK_REMEDIES,
     FlashPrefillConfig,
+    FlashPrefillFallbackWarning,
     PEER_SELECTORS,
     SELECTORS,
     attention_modules,
@@ -34,7 +45,9 @@ from .models import ModelNotAvailable, load_model, paper_alpha, smollm2_availabl
 __all__ = [
     "ATTN_NAME",
     "DensityRecorder",
+    "FALLBACK_REMEDIES",
     "FlashPrefillConfig",
+    "FlashPrefillFallbackWarning",
     "PEER_SELECTORS",
     "SELECTORS",
     "attention_modules",

@@ -10,24 +10,41 @@ interface, with the sdpa mask, so that a causal prompt without padding arrives w
 The function below then decides, per call:
 
     prefill  (Lq == Lk, causal module, no padding: the mask is None or exactly causal, no dropout, no softcap,
-              no sliding window shorter than the prompt, not one of the first `dense_layers` layers)
+              no sliding window shorter than the prompt, not one of the first `dense_layers` layers, and no
+              autograd graph wanted: grad disabled or none of query / key / value requires grad)
              -> block-sparse prefill with the configured block selector (`FlashPrefillConfig.selector`):
                 "flashprefill" (default): `triton_impl.flash_prefill` on CUDA, `reference.flash_prefill` on the CPU;
                 "flexprefill" / "xattention" (the peers, `reference.peers`): the peer's block lists, then
                 `triton_impl.block_sparse_attention` on CUDA, `reference.block_sparse_attention` on the CPU
-    anything else (decoding, a cached prefix, padded batches, ...)
+    anything else (decoding, a cached prefix, padded batches, training, ...)
              -> exact dense attention: transformers' own sdpa function
 
+The Triton kernels are inference-only (no backward), so a call that autograd would track runs sdpa instead
+(reason "requires_grad"): training through the backend gives the same gradients as sdpa. On CUDA with
+impl="auto", a head dim or dtype the kernels do not support (triton_impl.common.HEAD_DIMS / GPU_DTYPES) also
+runs sdpa (reason "unsupported_by_kernels"); impl="reference" runs the PyTorch reference for any shape.
+
+A prefill (Lq > 1) that falls back warns with `FlashPrefillFallbackWarning`, once per model and reason, naming the
+reason and how to avoid it; decoding steps (Lq == 1) and the configured `dense_layers` never warn. Silence it with
+`warnings.filterwarnings("ignore", category=flashprefill_hf.FlashPrefillFallbackWarning)`.
+
 Per-model parameters live in a `FlashPrefillConfig` attached to the model's attention modules by `configure`;
-a `DensityRecorder` in that config collects the realised block density of every FlashPrefill call.
+a `DensityRecorder` in that config keeps one record per layer per prefill call (decoding steps only on request).
+
+Tested with transformers 5.0.0 (the lowest version pyproject.toml admits; .ci/run runs the backend tests in a second
+environment with it) and 5.24.0 (the version setup.sh installs).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import os
+import sys
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -43,33 +60,57 @@ _CONFIG_ATTR = "flashprefill_config"
 # Density recording
 # --------------------------------------------------------------------------------------------------------------
 class DensityRecorder:
-    """Collects one record per attention call that went through the backend.
+    """Collects one record per attention call of a prefill that went through the backend.
 
-    Each record is a dict: layer (module.layer_idx), length (Lq), batch, path ("flashprefill", "dense_layer" or
-    "dense_fallback"), reason (why a call fell back), density (kept causal blocks / all causal blocks for a
-    block-sparse prefill call; 1.0 for a dense-layer prefill; None for a fallback that is not a prefill), and for
-    block-sparse prefill calls (path "flashprefill", whichever selector ran) impl ("triton" or "reference": which
-    implementation ran) and selector (the config's selector: "flashprefill", "flexprefill" or "xattention").
-    Densities are kept as tensors until read, so recording adds no host synchronisation on the GPU.
+    Each record is a dict: layer (module.layer_idx), length (Lq), batch, decode (True for a decoding step: one query
+    token after a cached prefix), path ("flashprefill", "dense_layer" or "dense_fallback"), reason (why a call fell
+    back), density (kept causal blocks / all causal blocks for a block-sparse prefill call; 1.0 for a dense-layer
+    prefill; None for a fallback), and for block-sparse prefill calls (path "flashprefill", whichever selector ran)
+    impl ("triton" or "reference": which implementation ran) and selector (the config's selector: "flashprefill",
+    "flexprefill" or "xattention"). Densities are kept as tensors until read, so recording adds no host
+    synchronisation on the GPU.
+
+    Decoding steps are not recorded unless record_decode=True: generation would otherwise add a record per layer per
+    generated token. max_records (None = no limit) keeps only the most recent records; `dropped` counts the ones it
+    discarded, so that means over a truncated history are never mistaken for the whole run's.
     """
 
-    def __init__(self) -> None:
-        self._records: list[dict[str, Any]] = []
+    def __init__(self, record_decode: bool = False, max_records: int | None = None) -> None:
+        if not isinstance(record_decode, bool):
+            raise TypeError(f"record_decode must be a bool, got {type(record_decode).__name__}")
+        if max_records is not None and (isinstance(max_records, bool) or not isinstance(max_records, int)):
+            raise TypeError(f"max_records must be an int or None, got {type(max_records).__name__}")
+        if max_records is not None and max_records < 1:
+            raise ValueError(f"max_records must be >= 1 (or None for no limit), got {max_records}")
+        self.record_decode = record_decode
+        self.max_records = max_records
+        self.dropped = 0
+        self._records: collections.deque[dict[str, Any]] = collections.deque(maxlen=max_records)
         self._lock = threading.Lock()
 
     def add(self, **record) -> None:
+        """Keep `record` (a dict as described above) unless it is a decoding step and record_decode is off."""
+        if record.get("decode") and not self.record_decode:
+            return
         with self._lock:
+            if len(self._records) == self.max_records:
+                self.dropped += 1  # the deque drops the oldest record
             self._records.append(record)
 
     def clear(self) -> None:
         with self._lock:
             self._records.clear()
+            self.dropped = 0
+
+    def _snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:  # a deque must not change while it is iterated
+            return list(self._records)
 
     @property
     def records(self) -> list[dict[str, Any]]:
         """The records, with densities as Python floats."""
         out = []
-        for r in self._records:
+        for r in self._snapshot():
             d = r.get("density")
             out.append(dict(r, density=float(d) if isinstance(d, torch.Tensor) else d))
         return out
@@ -99,7 +140,7 @@ class DensityRecorder:
     def impls(self) -> dict[str, int]:
         """How many FlashPrefill calls each implementation ("triton", "reference") ran."""
         counts: dict[str, int] = {}
-        for r in self._records:
+        for r in self._snapshot():
             if r["path"] == "flashprefill":
                 counts[r["impl"]] = counts.get(r["impl"], 0) + 1
         return counts
@@ -107,7 +148,7 @@ class DensityRecorder:
     def paths(self) -> dict[str, int]:
         """How many calls took each path."""
         counts: dict[str, int] = {}
-        for r in self._records:
+        for r in self._snapshot():
             counts[r["path"]] = counts.get(r["path"], 0) + 1
         return counts
 
@@ -145,15 +186,16 @@ SELECTORS = ("flashprefill", *PEER_SELECTORS)
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class FlashPrefillConfig:
-    """FlashPrefill parameters for one model (DESIGN.md section 2; defaults follow the official V1 code).
+    """FlashPrefill parameters for one model (docs/DESIGN.md section 2; defaults follow the official V1 code).
 
     alpha: dynamic threshold (0 = dense). block_size, sink_blocks, window_blocks, last_dense_blocks: the block
     size and the safety net, in blocks. dense_layers: the first N layers keep exact dense attention.
     impl: "auto" (Triton on CUDA, reference elsewhere), "reference" or "triton".
-    recorder: a `DensityRecorder`, or None to record nothing.
+    recorder: a `DensityRecorder` (by default it records prefill calls, not decoding steps), or None to record
+    nothing.
     cpu_threads: torch threads while the reference runs on the CPU (None = leave as is). The reference walks
     small (Bs x Bs) tiles; on a 2-core VM a multi-threaded torch op on such tiles pays a multi-millisecond thread
-    wake-up, and one thread ran the reference several times faster (see repro/results/accuracy_cpu_threads.md),
+    wake-up, and one thread ran the reference several times faster (see repro/results/accuracy/accuracy_cpu_threads.md),
     while the model's large matmuls still gain from all cores. Threads are restored after each call.
     selector: which block selection the prefill uses: "flashprefill" (default; alpha and the safety net apply) or
     a peer, "flexprefill" / "xattention" (reference/peers.py; alpha and the safety-net fields are then unused: the
@@ -245,6 +287,107 @@ def _config_of(module) -> FlashPrefillConfig:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Fallback warnings
+# --------------------------------------------------------------------------------------------------------------
+class FlashPrefillFallbackWarning(UserWarning):
+    """A prefill ran exact dense attention (sdpa) instead of FlashPrefill. Issued once per model and reason; the
+    message names the reason and how to avoid it. Silence it with
+    `warnings.filterwarnings("ignore", category=flashprefill_hf.FlashPrefillFallbackWarning)`."""
+
+
+# Why a prefill fell back, and what the user can do about it (the reasons of `prefill_blocker`, plus the three the
+# attention function adds: "requires_grad", "unsupported_by_kernels" and the configured, silent "dense_layer").
+FALLBACK_REMEDIES = {
+    "padding_or_custom_mask": (
+        "the attention mask is not plain causal attention over one unpadded sequence. For an unpadded prompt pass "
+        "an explicit attention_mask (all ones, e.g. torch.ones_like(input_ids)): without one, generate infers a "
+        "mask from pad_token_id that hides every occurrence of that id in the prompt when it differs from the "
+        "model's eos_token_id (e.g. pad_token_id=tokenizer.eos_token_id on a chat prompt that contains it, with "
+        "some transformers versions' tokenizers). Padded batches are not supported yet: prefill prompts one at a "
+        "time"),
+    "decode_or_cached_prefix": (
+        "a prefill that continues a cached prefix (past_key_values, chunked prefill, assisted decoding) is not "
+        "supported yet; prefill the whole prompt in one call"),
+    "query_longer_than_keys": "the query is longer than the keys (a cache layout the backend does not handle)",
+    "not_causal": "the attention is not causal; FlashPrefill is causal-only",
+    "dropout": "attention dropout is active (the model is in training mode); call model.eval() for inference",
+    "softcap": "attention logit soft-capping is not supported",
+    "attention_sinks": "learned attention sinks are not supported",
+    "sliding_window": "a sliding window shorter than the prompt is not supported",
+    "position_bias": "an additive position bias is not supported",
+    "head_dims_differ": "the value head dim differs from the query/key head dim",
+    "requires_grad": (
+        "query, key or value requires grad, and the FlashPrefill kernels are inference-only (no backward), so "
+        "sdpa ran and gradients flow as usual; run inference under torch.no_grad() or torch.inference_mode() to "
+        "use FlashPrefill (the `reference` package is differentiable if you need FlashPrefill's gradients)"),
+    "unsupported_by_kernels": (
+        "the Triton kernels support head dims {head_dims} and dtypes {dtypes}, this layer has head dim {head_dim} "
+        "and {dtype}; set impl='reference' in flashprefill_hf.configure to run FlashPrefill's (slow) PyTorch "
+        "reference instead"),
+}
+
+
+class _OncePerModel:
+    """Which (model, reason) pairs have warned. A model is the transformers config object its attention modules
+    share (one per loaded model; configs are unhashable, hence the id and a weak reference that drops the entry
+    when the model goes)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[weakref.ref, set[str]]] = {}
+        self._lock = threading.Lock()
+
+    def first(self, owner, reason: str) -> bool:
+        """True the first time `reason` is seen for `owner`."""
+        key = id(owner)
+        with self._lock:
+            entry = self._seen.get(key)
+            if entry is None or entry[0]() is not owner:
+                entry = (weakref.ref(owner, lambda _, key=key: self._seen.pop(key, None)), set())
+                self._seen[key] = entry
+            if reason in entry[1]:
+                return False
+            entry[1].add(reason)
+            return True
+
+
+_WARNED = _OncePerModel()
+
+
+def _first_frame_outside(packages: tuple[str, ...]):
+    """The innermost stack frame whose file is outside `packages` (the user's code: their generate or forward call)."""
+    prefixes = tuple(os.path.dirname(sys.modules[p].__file__) + os.sep for p in packages if p in sys.modules)
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(prefixes):
+        frame = frame.f_back
+    return frame
+
+
+def _warn_fallback(module, reason: str, query: torch.Tensor) -> None:
+    """Warn once per (model, reason) that a prefill of query (B, Hq, Lq, D) ran dense attention."""
+    model_config = getattr(module, "config", None)
+    if not _WARNED.first(model_config if model_config is not None else module, reason):
+        return
+    remedy = FALLBACK_REMEDIES[reason]
+    if reason == "unsupported_by_kernels":
+        from triton_impl.common import GPU_DTYPES, HEAD_DIMS
+
+        remedy = remedy.format(head_dims=HEAD_DIMS, dtypes=GPU_DTYPES, head_dim=query.shape[-1], dtype=query.dtype)
+    model = getattr(model_config, "name_or_path", "") or getattr(model_config, "model_type", None) or "the model"
+    message = (f"FlashPrefill did not run for a {query.shape[2]}-token prefill of {model}: exact dense attention "
+               f"(sdpa) ran instead. Reason {reason!r}: {remedy}. (Warned once per model and reason; the config's "
+               "recorder lists every fallback.)")
+    # Attributed to the user's line rather than a transformers internal; Python's once-per-location registry is not
+    # used (registry=None) because the once-per-model rule above replaces it: a second model warns again. Filters
+    # ("ignore", "error") apply as usual.
+    frame = _first_frame_outside(("flashprefill_hf", "transformers", "torch"))
+    if frame is None:
+        warnings.warn(message, FlashPrefillFallbackWarning, stacklevel=2)
+        return
+    warnings.warn_explicit(message, FlashPrefillFallbackWarning, frame.f_code.co_filename, frame.f_lineno,
+                           module=frame.f_globals.get("__name__"), registry=None, module_globals=frame.f_globals)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The attention function
 # --------------------------------------------------------------------------------------------------------------
 def _dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
@@ -269,7 +412,10 @@ def _is_plain_causal(attention_mask: torch.Tensor | None, Lq: int, Lk: int) -> b
 
 
 def prefill_blocker(module, query, key, value, attention_mask, dropout, kwargs) -> str | None:
-    """Why this call cannot use FlashPrefill, or None if it can."""
+    """Why the shape, mask or options of this call rule FlashPrefill out, or None if they allow it.
+
+    (The attention function adds "dense_layer", "requires_grad" and "unsupported_by_kernels", which depend on the
+    config, autograd and the device rather than on the call.)"""
     Lq, Lk = query.shape[2], key.shape[2]
     if Lq != Lk:
         return "decode_or_cached_prefix" if Lq < Lk else "query_longer_than_keys"
@@ -293,38 +439,45 @@ def prefill_blocker(module, query, key, value, attention_mask, dropout, kwargs) 
     return None
 
 
-def _implementation(config: FlashPrefillConfig, device: torch.device, head_dim: int, dtype: torch.dtype):
-    """The module that runs this call, triton_impl or reference, and its name ("triton" or "reference")."""
-    impl = config.impl
-    if impl == "auto":
-        impl = "triton" if device.type == "cuda" else "reference"
-    if impl == "triton":
-        import triton_impl
-        from triton_impl.common import HEAD_DIMS, KERNEL_DTYPES
+def _auto_impl(device: torch.device) -> str:
+    """What impl="auto" runs on this device: the Triton kernels on CUDA, the PyTorch reference elsewhere."""
+    return "triton" if device.type == "cuda" else "reference"
 
-        if config.impl == "auto" and (head_dim not in HEAD_DIMS or dtype not in KERNEL_DTYPES):
-            warnings.warn(f"FlashPrefill Triton kernels support head dims {HEAD_DIMS} and dtypes {KERNEL_DTYPES}; "
-                          f"got {head_dim}, {dtype}: using the (slow) PyTorch reference", stacklevel=4)
-        else:
-            return triton_impl, "triton"
+
+def _implementation(config: FlashPrefillConfig, device: torch.device, head_dim: int, dtype: torch.dtype) -> str | None:
+    """"triton" or "reference": which implementation runs this prefill. None when impl="auto" picks the Triton
+    kernels and they do not support this head dim or dtype (the caller then runs sdpa). An explicit impl is kept:
+    "reference" runs any shape, "triton" lets the kernels raise their own error."""
+    if config.impl != "auto":
+        return config.impl
+    impl = _auto_impl(device)
+    if impl == "triton":
+        from triton_impl.common import GPU_DTYPES, HEAD_DIMS
+
+        if head_dim not in HEAD_DIMS or dtype not in GPU_DTYPES:
+            return None
+    return impl
+
+
+def _sparse_prefill(config: FlashPrefillConfig, impl_name: str, q, k, v, scaling):
+    """Block-sparse causal attention of q (B, L, Hq, D), k, v (B, L, Hkv, D) with the configured selector.
+    Returns (out (B, L, Hq, D), density (0-d tensor))."""
     import reference
 
-    return reference, "reference"
-
-
-def _sparse_prefill(config: FlashPrefillConfig, q, k, v, scaling):
-    """Block-sparse causal attention of q (B, L, Hq, D), k, v (B, L, Hkv, D) with the configured selector.
-    Returns (out (B, L, Hq, D), density (0-d tensor), implementation name)."""
-    impl, name = _implementation(config, q.device, q.shape[-1], q.dtype)
+    if impl_name == "triton":
+        import triton_impl as impl
+    else:
+        impl = reference
     # Functions are looked up on the module at call time (not bound at import), so tests can wrap or forbid them.
     if config.selector == "flashprefill":
         out, stats = impl.flash_prefill(q, k, v, softmax_scale=scaling, return_stats=True, **config.kernel_kwargs())
-        return out, stats.density, name
-    import reference
-
+        return out, stats.density
     counts, indices = config.select_peer(q, k, scaling)
-    out = impl.block_sparse_attention(q, k, v, counts, indices, config.block_size, scaling)
-    return out, reference.causal_block_density(counts), name
+    # The peers' lists come from compact_blocks (valid by construction): the Triton call skips re-checking them,
+    # which would cost a host synchronisation per layer.
+    checks = dict(validate=False) if impl_name == "triton" else {}
+    out = impl.block_sparse_attention(q, k, v, counts, indices, config.block_size, scaling, **checks)
+    return out, reference.causal_block_density(counts)
 
 
 @contextlib.contextmanager
@@ -347,14 +500,26 @@ def flashprefill_attention_forward(module, query, key, value, attention_mask, sc
     recorder = config.recorder
     layer = getattr(module, "layer_idx", None)
     B, Hq, Lq, D = query.shape
+    Lk = key.shape[2]
+    impl = None
     reason = prefill_blocker(module, query, key, value, attention_mask, dropout, kwargs)
     if reason is None and layer is not None and layer < config.dense_layers:
         reason = "dense_layer"
+    if reason is None and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                                       or value.requires_grad):
+        reason = "requires_grad"
+    if reason is None:
+        impl = _implementation(config, query.device, D, query.dtype)
+        if impl is None:
+            reason = "unsupported_by_kernels"
     if reason is not None:
+        decode = Lq == 1 < Lk  # one new token after a cached prefix: a decoding step, dense by design
         if recorder is not None:
-            recorder.add(layer=layer, length=Lq, batch=B,
+            recorder.add(layer=layer, length=Lq, batch=B, decode=decode,
                          path="dense_layer" if reason == "dense_layer" else "dense_fallback", reason=reason,
                          density=1.0 if reason == "dense_layer" else None)
+        if reason != "dense_layer" and Lq > 1:
+            _warn_fallback(module, reason, query)
         return _dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
     # (B, H, L, D) -> (B, L, H, D), the layout of the FlashPrefill API; the output is already (B, L, Hq, D).
@@ -362,10 +527,10 @@ def flashprefill_attention_forward(module, query, key, value, attention_mask, sc
     k = key.transpose(1, 2).contiguous()
     v = value.transpose(1, 2).contiguous()
     with _cpu_threads(config.cpu_threads if q.device.type == "cpu" else None):
-        out, density, impl = _sparse_prefill(config, q, k, v, scaling)
+        out, density = _sparse_prefill(config, impl, q, k, v, scaling)
     if recorder is not None:
-        recorder.add(layer=layer, length=Lq, batch=B, path="flashprefill", reason=None, density=density,
-                     impl=impl, selector=config.selector)
+        recorder.add(layer=layer, length=Lq, batch=B, decode=False, path="flashprefill", reason=None,
+                     density=density, impl=impl, selector=config.selector)
     return out, None
 
 

