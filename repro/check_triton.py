@@ -1,12 +1,12 @@
 """Reference vs Triton, stage by stage, on a few small structured inputs: a fast check for run_all.sh.
 
-    python -m repro.check_triton [--out-dir repro/results] [--device cpu|cuda]
+    python -m repro.check_triton [--out-dir DIR] [--device cpu|cuda]
 
 Runs every stage of `reference` and `triton_impl` on planted-pattern Q/K/V (`reference.synthetic.planted_qkv`:
 sinks, local decay, slashes, stripes; **synthetic**) and compares them. On a machine without CUDA the kernels run
 under the Triton interpreter (TRITON_INTERPRET=1, set here before triton is imported) in float32/float16 at small
 sizes (the interpreter computes bfloat16 dots wrongly, triton-lang/triton#11584); on a GPU natively in
-bfloat16/float16 at larger sizes. Criteria (DESIGN.md section 4):
+bfloat16/float16 at larger sizes. Criteria (docs/DESIGN.md section 4):
 
     kbar, scores              max |triton - reference| <= atol + rtol |reference| (1e-5/1e-5 and 1e-6/1e-4)
     select / compact          identical block sets; on their own scores, differences only at threshold ties
@@ -15,8 +15,10 @@ bfloat16/float16 at larger sizes. Criteria (DESIGN.md section 4):
                               + 1e-5, ref64 = float64 oracle, pt = PyTorch in the input's own precision
     visits                    physical = counts, logical = I + 1, both equal to the reference's
 
-Prints a table and writes repro/results/triton_check.md; exits 1 if any row FAILs. Every Triton output buffer
-starts as NaN / -1 (triton_impl.common.POISON_OUTPUTS), so an element a kernel forgot to write fails.
+Prints a table and writes triton_check.md into --out-dir (default: the run folder
+repro/runs/<date>-<device>/triton_check/; the committed ones are in repro/results/triton_check/); exits 1 if any
+row FAILs. Every Triton output buffer starts as NaN / -1 (triton_impl.common.POISON_OUTPUTS), so an element a
+kernel forgot to write fails.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import triton_impl.common  # noqa: E402
 from reference.synthetic import planted_qkv  # noqa: E402
 
 from . import differential  # noqa: E402
-from .common import RESULTS_DIR, default_device, environment_stamp, markdown_table, stamp_line  # noqa: E402
+from .common import default_device, environment_stamp, markdown_table, run_dir, stamp_line  # noqa: E402
 from .differential import (  # noqa: E402
     TIE_TOLERANCE,
     block_set_differences,
@@ -223,7 +225,8 @@ def write_markdown(path: Path, rows: list[Row], cases: list[Case], stamp: dict, 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="(default: the run folder repro/runs/<date>-<device>/triton_check/)")
     parser.add_argument("--device", default=default_device(), choices=["cpu", "cuda"])
     args = parser.parse_args(argv)
     if args.device == "cpu":
@@ -254,6 +257,7 @@ def main(argv=None) -> int:
             print("  " + "  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
             if i == 0:
                 print("  " + "  ".join("-" * w for w in widths))
+    args.out_dir = args.out_dir or run_dir("triton_check", args.device)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / "triton_check.md"
     write_markdown(out, rows, cases, stamp, mode, seconds)

@@ -1,5 +1,10 @@
 """Helpers every benchmark in repro/ shares: where results go, the environment stamp, long-format CSV, markdown.
 
+Where results go: every script writes into a run folder, `run_dir(experiment)` = repro/runs/<date>-<device>/
+<experiment>/ (git-ignored), unless its --out-dir says otherwise. The committed results live in
+repro/results/<experiment>/ (RESULTS_DIR; indexed in repro/results/README.md) and are only rewritten on purpose,
+by pointing --out-dir there, so running a script never overwrites the committed evidence.
+
 Every result file says what produced it: `environment_stamp()` records the device (GPU name or CPU model), the
 torch / triton / python versions, the date and the git commit, and `write_long_csv` repeats the stamp on every
 row, so rows from different machines can be concatenated and still be told apart.
@@ -11,6 +16,7 @@ import csv
 import os
 import datetime as _dt
 import platform
+import re
 import subprocess
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -18,11 +24,34 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "repro" / "results"
+RESULTS_DIR = ROOT / "repro" / "results"  # committed results, one folder per experiment
+RUNS_DIR = ROOT / "repro" / "runs"        # git-ignored: what scripts write by default
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_slug(device_name: str) -> str:
+    """"NVIDIA H200" -> "h200": a GPU's name as a file or folder name (lowercase words, "nvidia" dropped)."""
+    words = [w for w in re.split(r"[^a-z0-9]+", device_name.lower()) if w and w != "nvidia"]
+    return "_".join(words)
+
+
+def run_dir(experiment: str | None = None, device: str | torch.device | None = None) -> Path:
+    """The folder a run writes into, created on demand: repro/runs/<YYYY-MM-DD>-<device>/[<experiment>/].
+
+    <device> is "cpu", or the GPU's slug ("h200") when `device` (default: CUDA when present) is a GPU; the date is
+    UTC, as in the environment stamp. Runs of one day on one machine share the folder (a later run of a script
+    replaces its files there).
+    """
+    device = torch.device(device or default_device())
+    slug = device_slug(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu"
+    path = RUNS_DIR / f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d}-{slug}"
+    if experiment:
+        path = path / experiment
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _cpu_model() -> str:

@@ -5,7 +5,8 @@
 Stages 1-4 of the reference (mean_pool_keys, block_scores, select_blocks, compact_blocks) on planted-pattern
 Q/K/V (`reference.synthetic.planted_qkv`: sinks, local decay, slashes, vertical stripes; **synthetic**, no model),
 at the attention shape Hq=8, Hkv=2, D=64 and the default safety net (sink 2, window 4, last-dense 2 blocks of 128).
-Density = kept causal blocks / all causal blocks, over the heads. Writes to repro/results/:
+Density = kept causal blocks / all causal blocks, over the heads. Writes into --out-dir (default: the run folder
+repro/runs/<date>-<device>/density_vs_alpha/; the committed run is in repro/results/density_vs_alpha/):
 
     density_vs_alpha.csv   long format, one row per (L, alpha) measurement, plus the safety-net floor per L
     density_vs_alpha.md    a table (alpha x L) beside the paper's V2 densities on NIAH prompts, labelled "paper"
@@ -30,7 +31,7 @@ from reference import block_scores, causal_block_density, compact_blocks, mean_p
 from reference.selection import safety_net_mask
 from reference.synthetic import planted_qkv
 
-from .common import RESULTS_DIR, default_device, environment_stamp, markdown_table, stamp_line, write_long_csv
+from .common import default_device, environment_stamp, markdown_table, run_dir, stamp_line, write_long_csv
 from .paper import PAPER_V2_ALPHA, PAPER_V2_NIAH_DENSITY, paper_range
 
 DEFAULT_LENGTHS = [2048, 4096, 8192, 16384, 32768, 65536]  # selection only: 64K takes seconds on a CPU
@@ -96,8 +97,8 @@ def write_markdown(path: Path, rows: list[dict], stamp: dict, block_size: int) -
         markdown_table(["alpha \\ L"] + [f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in lengths], table),
         "",
         "\"safety net alone\" is the floor no alpha goes below (sinks, local window, dense last rows). The **paper** "
-        "row quotes the V2 paper's densities on NIAH prompts with real models (DESIGN.md section 7); they are not "
-        "measured here and not comparable in absolute terms with synthetic inputs.",
+        "row quotes the V2 paper's densities on NIAH prompts with real models (docs/DESIGN.md section 7); they are "
+        "not measured here and not comparable in absolute terms with synthetic inputs.",
         "",
         stamp_line(stamp),
         "",
@@ -142,13 +143,15 @@ def main(argv=None) -> None:
     parser.add_argument("--block-size", type=int, default=128, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--device", default=default_device(), help="(default: %(default)s)")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="(default: %(default)s)")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="(default: the run folder repro/runs/<date>-<device>/density_vs_alpha/)")
     args = parser.parse_args(argv)
     matplotlib.use("Agg")  # headless; the figure is a pyplot-free Figure, saved straight to PNG
     torch.set_grad_enabled(False)
     start = time.perf_counter()
     stamp = environment_stamp(args.device)
     rows = measure(args.lengths, args.alphas, block_size=args.block_size, seed=args.seed, device=args.device)
+    args.out_dir = args.out_dir or run_dir("density_vs_alpha", args.device)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = write_long_csv(args.out_dir / "density_vs_alpha.csv", rows, stamp)
     md_path = args.out_dir / "density_vs_alpha.md"

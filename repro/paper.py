@@ -1,4 +1,4 @@
-"""Numbers quoted from the FlashPrefill papers (DESIGN.md section 7). Quotes, never measured here: every table or
+"""Numbers quoted from the FlashPrefill papers (docs/DESIGN.md section 7). Quotes, never measured here: every table or
 figure that shows them labels them "paper".
 """
 

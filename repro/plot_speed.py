@@ -1,8 +1,10 @@
 """Plots and summary tables from a `repro.bench_speed` CSV (no GPU needed).
 
-    python -m repro.plot_speed [--csv repro/results/speed_h200.csv]
+    python -m repro.plot_speed [--csv repro/results/speed/speed_h200.csv] [--out-dir DIR]
 
-Writes, next to the CSV: <stem>_speedup.png (speedup vs length against FlashAttention-2 and cuDNN),
+Reads the CSV (and <stem>_1m.csv beside it, when there is one) and writes into --out-dir (default: the run folder
+repro/runs/<date>-<device>/speed/; `--out-dir repro/results/speed` refreshes the committed figures on purpose):
+<stem>_speedup.png (speedup vs length against FlashAttention-2 and cuDNN),
 <stem>_density.png (time vs realised density with the ideal line rho x T(cuDNN)), <stem>_stages.png (selection
 stages and attention of the whole pipeline) and <stem>_summary.md (the tables, with the paper's figures beside
 ours, labelled "paper"). All inputs are synthetic; "operator" rows exclude selection, "+ selection" rows include it.
@@ -19,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from repro.common import RESULTS_DIR, markdown_table, read_long_csv  # noqa: E402
+from repro.common import RESULTS_DIR, markdown_table, read_long_csv, run_dir  # noqa: E402
 from repro.paper import PAPER_DENSITY_256K, PAPER_OPERATOR_SPEEDUP  # noqa: E402
 
 LOW_DENSITY = PAPER_DENSITY_256K["FlashPrefill"]  # the controlled-density row compared with the paper
@@ -270,20 +272,26 @@ its selection buffers stay near 1 GiB (goal: <= 2 GB); the 8 GiB output comes on
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--csv", type=Path, default=RESULTS_DIR / "speed_h200.csv")
+    parser.add_argument("--csv", type=Path, default=RESULTS_DIR / "speed" / "speed_h200.csv",
+                        help="a bench_speed CSV (default: the committed H200 run, %(default)s)")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="(default: the run folder repro/runs/<date>-<device>/speed/)")
     args = parser.parse_args(argv)
+    out = args.out_dir or run_dir("speed")
+    out.mkdir(parents=True, exist_ok=True)
     t, first = load(args.csv)
-    stem = args.csv.with_suffix("")
+    stem = args.csv.stem
     rows = speedup_rows(t)
-    plot_speedup(rows, Path(f"{stem}_speedup.png"), first)
-    plot_density(t, Path(f"{stem}_density.png"), first)
-    plot_stages(t, Path(f"{stem}_stages.png"), first)
+    plot_speedup(rows, out / f"{stem}_speedup.png", first)
+    plot_density(t, out / f"{stem}_density.png", first)
+    plot_stages(t, out / f"{stem}_stages.png", first)
     text = summary(t, rows, first)
-    long_csv = Path(f"{stem}_1m.csv")
+    long_csv = args.csv.with_name(f"{stem}_1m.csv")
     if long_csv.exists():
         text += one_million_section(*load(long_csv), t)
-    Path(f"{stem}_summary.md").write_text(text)
+    (out / f"{stem}_summary.md").write_text(text)
     print(text)
+    print(f"wrote {stem}_{{speedup,density,stages}}.png and {stem}_summary.md in {out}")
 
 
 if __name__ == "__main__":

@@ -38,9 +38,10 @@ error is <= FlashPrefill's error at alpha 0.12 is reported. This matches attenti
 Where the Triton and reference FlashPrefill rows both run, their densities must agree to 1e-3: the run fails
 otherwise (after writing the CSV, for diagnosis).
 
-Writes <out-dir>/<tag>.csv (long format), <tag>.md, <tag>_density.png and, with real activations, <tag>_error.png.
-The tag defaults to "sparsity" on a CPU and "sparsity_<gpu>" (e.g. sparsity_h200) on CUDA, so GPU results never
-overwrite the committed CPU ones.
+Writes <out-dir>/<tag>.csv (long format), <tag>.md, <tag>_density.png and, with real activations, <tag>_error.png;
+--out-dir defaults to the run folder repro/runs/<date>-<device>/sparsity/ (the committed runs are in
+repro/results/sparsity/). The tag defaults to "sparsity" on a CPU and "sparsity_<gpu>" (e.g. sparsity_h200) on
+CUDA, so the results of different machines never overwrite each other.
 """
 
 from __future__ import annotations
@@ -65,15 +66,14 @@ from reference.peers import flexprefill_select, xattention_select
 from reference.synthetic import planted_qkv
 from triton_impl.common import interpreting
 
-from .bench_speed import default_tag
-from .common import RESULTS_DIR, default_device, environment_stamp, markdown_table, stamp_line, write_long_csv
+from .common import default_device, device_slug, environment_stamp, markdown_table, run_dir, stamp_line, write_long_csv
 from .paper import PAPER_DENSITY_256K
 
 CPU_LENGTHS = [4096, 8192, 16384, 32768, 65536]
 GPU_LENGTHS = [4096, 8192, 16384, 32768, 65536, 131072, 262144]
 REAL_LENGTHS = [1024, 2048, 4096, 8192]
 CPU_SHAPE = dict(q_heads=8, kv_heads=2, head_dim=64)
-GPU_SHAPE = dict(q_heads=32, kv_heads=4, head_dim=128)  # DESIGN.md's standard shape (Qwen3-30B-A3B)
+GPU_SHAPE = dict(q_heads=32, kv_heads=4, head_dim=128)  # docs/DESIGN.md's standard shape (Qwen3-30B-A3B)
 BLOCK = 128
 SAFETY_NET = dict(sink_blocks=2, window_blocks=4, last_dense_blocks=2)
 SYNTHETIC = "synthetic planted_qkv"
@@ -153,11 +153,11 @@ def line_style(label: str) -> str:
 
 
 def output_tag(stamp) -> str:
-    """File stem: "sparsity" on a CPU (the committed CPU results), "sparsity_<gpu>" on CUDA ("NVIDIA H200" ->
-    sparsity_h200, bench_speed's GPU slug), so results of different machines never overwrite each other."""
+    """File stem: "sparsity" on a CPU, "sparsity_<gpu>" on CUDA ("NVIDIA H200" -> sparsity_h200, the GPU slug of
+    the run folders and of bench_speed), so results of different machines never overwrite each other."""
     if stamp["device"] != "cuda":
         return "sparsity"
-    return "sparsity_" + default_tag(stamp["device_name"]).removeprefix("speed_")
+    return "sparsity_" + device_slug(stamp["device_name"])
 
 
 def measure_call(fn, device, repeats: int):
@@ -336,8 +336,8 @@ def write_markdown(path: Path, rows, stamp, args, settings, shape, real_note) ->
                   f"{syn[0]['dtype']}, on {device}. Lengths {', '.join(length_head)}"
                   + ("" if max(Ls) >= 262144 else " (256K was not run here: it needs a GPU; "
                      "`python -m repro.sparsity --device cuda` runs it)") + ". The **paper** column quotes the "
-                  "paper's 256K densities on a real model (DESIGN.md section 7); synthetic densities show how each "
-                  "rule scales with L, not the paper's values.", ""]
+                  "paper's 256K densities on a real model (docs/DESIGN.md section 7); synthetic densities show how "
+                  "each rule scales with L, not the paper's values.", ""]
         if 262144 in Ls:
             ours = {}  # selector -> its first default setting measured at 256K (FlashPrefill: Triton when run)
             for s in settings:
@@ -492,7 +492,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed calls per selection after the warm-up (default: CPU 1, GPU 10)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="(default: %(default)s)")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="(default: the run folder repro/runs/<date>-<device>/sparsity/)")
     parser.add_argument("--tag", default=None,
                         help="file name stem (default: sparsity on a CPU, sparsity_<gpu> on CUDA, e.g. sparsity_h200)")
     args = parser.parse_args(argv)
@@ -508,6 +509,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     stamp = environment_stamp(args.device)
     args.tag = args.tag or output_tag(stamp)
+    args.out_dir = args.out_dir or run_dir("sparsity", args.device)
     print(f"FlashPrefill selectors: {', '.join(sorted({s.impl for s in settings if s.selector == 'FlashPrefill'}))}"
           f"; writing {args.out_dir / args.tag}.*")
 

@@ -8,6 +8,7 @@ paper defaults and on a grid of their own knob, matched by *task accuracy* on th
     python -m repro.sparsity_accuracy --append --redo --tasks niah_multikey niah_multiquery --seeds 10 11 \
         --flex-gammas 0.4 0.6 0.7 0.8 0.9 0.95 0.99 --xattn-thresholds 0.2 0.3 0.5 0.7 0.8 0.9 0.95 0.99
       # (the redo: those prompts depended on PYTHONHASHSEED before f0623f2; see the report's note)
+    python -m repro.sparsity_accuracy --report-only   # the committed run's report and figure, into a run folder
 
 repro/sparsity.py matches the peers to FlashPrefill by attention-output error on activations; this script runs
 each selector inside SmolLM2-135M-Instruct (flashprefill_hf backend, `FlashPrefillConfig.selector`) on long-context
@@ -25,14 +26,18 @@ Accuracy-matched setting of a peer: the grid setting with the lowest realised de
 mean score of FlashPrefill at alpha 0.12 on the same prompts (none if no grid setting reaches it).
 
 Prompts: seeds 10-12 by default: a range of their own, distinct from the evaluation seeds 0-2 of the committed
-accuracy runs (repro/results/accuracy_*) and from the calibration seeds (>= 100000) of repro/accuracy/run.py.
+accuracy runs (repro/results/accuracy/) and from the calibration seeds (>= 100000) of repro/accuracy/run.py.
 Prompts run one at a time with every setting, seed by seed, so a --time-budget drops whole prompts (never one
 setting of a prompt) and every setting is scored on the same prompts.
 
-Outputs in --out-dir (repro/results/), named by --prefix (sparsity_accuracy, or sparsity_accuracy_quick with
+Outputs in --out-dir (default: the run folder repro/runs/<date>-<device>/sparsity_accuracy/; the committed run is
+in repro/results/sparsity_accuracy/), named by --prefix (sparsity_accuracy, or sparsity_accuracy_quick with
 --quick): <prefix>.csv (long format, one row per prompt and setting, with the environment stamp; rewritten after
 every prompt), <prefix>.md (the tables, self-contained) and <prefix>.png (score and same-as-Full vs density).
-`--report-only` rewrites the markdown and the figure from the CSV.
+`--append` extends the run already in --out-dir (the committed one only when --out-dir names it).
+`--report-only` rewrites the markdown and the figure from the CSV in --in-dir (default: the committed run) into
+--out-dir. The report marks the error-matched settings of repro/sparsity.py's CPU run (--sparsity-csv, default the
+committed repro/results/sparsity/sparsity.csv).
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ import torch
 
 from repro.accuracy import run as acc
 from repro.accuracy.tasks import GENERATORS, Sample, generate
-from repro.common import RESULTS_DIR, environment_stamp, markdown_table, read_long_csv, stamp_line, write_long_csv
+from repro.common import (ROOT, RESULTS_DIR, environment_stamp, markdown_table, read_long_csv, run_dir, stamp_line,
+                          write_long_csv)
 
 SELECTOR_NAMES = {"full": "Full", "flashprefill": "FlashPrefill", "flexprefill": "FlexPrefill",
                   "xattention": "XAttention"}
@@ -176,15 +182,20 @@ def matched(summary: list[dict], alpha: float, key: str = "score") -> dict[str, 
 # --------------------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------------------
-def error_matched(results_dir: Path) -> dict[str, dict]:
-    """The error-matched settings of repro/sparsity.py's committed CPU run (sparsity.csv: attention-output error on
-    real SmolLM2 activations), per selector key: {value, density, L}; empty when the file or the rows are absent."""
-    path = results_dir / "sparsity.csv"
+def error_matched(path: Path) -> dict[str, dict]:
+    """The error-matched settings of a repro/sparsity.py CPU run (its sparsity.csv: attention-output error on real
+    SmolLM2 activations), per selector key: {value, density, L}; empty when the file or the rows are absent."""
     if not path.exists():
         return {}
     keys = {v: k for k, v in SELECTOR_NAMES.items()}
     return {keys[r["selector"]]: dict(value=float(r["value"]), density=float(r["density"]), L=int(r["L"]))
             for r in read_long_csv(path) if r.get("matched") == "True" and r.get("selector") in keys}
+
+
+def _shown(path: Path) -> str:
+    """A path as the report names it: relative to the repository root when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def _pct(x: float) -> str:
@@ -259,11 +270,12 @@ def write_report(path: Path, rows: list[dict], args, stamp: dict, walls: dict[st
              f"FlashPrefill's at alpha {args.alpha} on these prompts.", ""]
     if args.note:
         lines += [f"Note: {args.note}", ""]
-    err = error_matched(path.parent)
+    err = error_matched(args.sparsity_csv)
+    sparsity_md = _shown(args.sparsity_csv.with_suffix(".md"))
     if err:
         L_err = next(iter(err.values()))["L"]
         lines += [f"*error-matched* marks the settings that repro/sparsity.py matched by attention-output error "
-                  f"instead (sparsity.md: real SmolLM2 activations, {L_err} tokens, 5 layers; density there "
+                  f"instead ({sparsity_md}: real SmolLM2 activations, {L_err} tokens, 5 layers; density there "
                   + ", ".join(f"{SELECTOR_NAMES[k]} {KNOB[k]} {v['value']:g} {_pct(v['density'])}"
                               for k, v in err.items()) + ").", ""]
     for L in lengths:
@@ -302,7 +314,7 @@ def write_report(path: Path, rows: list[dict], args, stamp: dict, walls: dict[st
               "calibrated equivalence. A 135M model fails some tasks even with Full attention (passkey at >= 2K in "
               "the committed runs), where scores cannot show a loss: the same-as-Full column still can. Densities "
               "at 2-8K are far from the 256K regime the paper's densities describe (density falls with length). "
-              "The error-matched comparison on activations is repro/results/sparsity.md.", ""]
+              f"The error-matched comparison on activations is {sparsity_md}.", ""]
     if args.plot_written:
         lines += [f"![score and same-as-Full vs density]({path.stem}.png)", ""]
     path.write_text("\n".join(lines))
@@ -394,7 +406,13 @@ def parse_args(argv=None):
     p.add_argument("--time-budget", type=float,
                    help="seconds from the model load after which no new prompt starts (default 1860; quick 600)")
     p.add_argument("--note", default="", help="a paragraph added to the report (kept by --report-only/--append)")
-    p.add_argument("--report-only", action="store_true", help="rewrite the report and figure from the CSV")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the report and figure from the CSV in --in-dir, into --out-dir")
+    p.add_argument("--in-dir", type=Path, default=RESULTS_DIR / "sparsity_accuracy",
+                   help="--report-only: the folder of the run to redraw (default: %(default)s)")
+    p.add_argument("--sparsity-csv", type=Path, default=RESULTS_DIR / "sparsity" / "sparsity.csv",
+                   help="repro/sparsity.py's CPU run whose error-matched settings the report marks "
+                        "(default: %(default)s)")
     p.add_argument("--append", action="store_true",
                    help="add settings to the existing CSV: run only the (prompt, setting) pairs it lacks, on its "
                         "prompts (e.g. --append --xattn-thresholds 0.5 0.7: Full and FlashPrefill are not rerun)")
@@ -402,7 +420,8 @@ def parse_args(argv=None):
                    help="with --append: drop the CSV's rows of this command's prompts (--tasks, --seeds, ...) and "
                         "answer them again with every setting of this command")
     p.add_argument("--device", default=None)
-    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="(default: the run folder repro/runs/<date>-<device>/sparsity_accuracy/)")
     p.add_argument("--prefix", default=None, help="file prefix (default sparsity_accuracy / sparsity_accuracy_quick)")
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL_RUN
@@ -418,10 +437,10 @@ def parse_args(argv=None):
 
 
 def report_only(args) -> None:
-    out = args.out_dir
-    rows = read_long_csv(out / f"{args.prefix}.csv")
-    walls, skipped, note = previous_report(out / f"{args.prefix}.md", rows)
-    write_outputs(out, args.prefix, rows, walls, skipped, args.note or note)
+    rows = read_long_csv(args.in_dir / f"{args.prefix}.csv")
+    walls, skipped, note = previous_report(args.in_dir / f"{args.prefix}.md", rows)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write_outputs(args.out_dir, args.prefix, rows, walls, skipped, args.note or note, args.sparsity_csv)
 
 
 def previous_report(md: Path, rows: list[dict]) -> tuple[dict[str, float], list[str], str]:
@@ -440,10 +459,12 @@ def previous_report(md: Path, rows: list[dict]) -> tuple[dict[str, float], list[
 
 
 def write_outputs(out: Path, prefix: str, rows: list[dict], walls: dict[str, float], skipped: list[str],
-                  note: str) -> None:
-    """Figure and markdown from the CSV's rows (strings); the first run's command gives the planned prompts."""
+                  note: str, sparsity_csv: Path | None = None) -> None:
+    """Figure and markdown from the CSV's rows (strings); the first run's command gives the planned prompts (and,
+    unless `sparsity_csv` is given, the sparsity CSV whose error-matched settings are marked)."""
     args = parse_args(shlex.split(rows[0]["command"]))
     args.note = note or args.note
+    args.sparsity_csv = sparsity_csv or args.sparsity_csv
     stamp = {k: rows[0][k] for k in ("device", "device_name", "torch", "triton", "python", "date", "commit")}
     args.plot_written = plot(rows, out / f"{prefix}.png", args.alpha)
     write_report(out / f"{prefix}.md", rows, args, stamp, walls, skipped)
@@ -452,9 +473,10 @@ def write_outputs(out: Path, prefix: str, rows: list[dict], walls: dict[str, flo
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    device = acc.run_device(args.device)
+    args.out_dir = args.out_dir or run_dir("sparsity_accuracy", device)
     if args.report_only:
         return report_only(args)
-    device = acc.run_device(args.device)
     if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -500,7 +522,7 @@ def main(argv=None) -> None:
     walls[command] = time.time() - t_start
     if not rows:
         raise SystemExit("no prompt ran (time budget, or --append found nothing left to run)")
-    write_outputs(out, args.prefix, old_rows + rows, walls, skipped + list(acc.SKIPPED), args.note)
+    write_outputs(out, args.prefix, old_rows + rows, walls, skipped + list(acc.SKIPPED), args.note, args.sparsity_csv)
     print(f"done in {walls[command] / 60:.1f} min")
 
 

@@ -219,13 +219,35 @@ def test_report_states_device_path_coverage_and_paper(tmp_path):
     assert "Cross-check on the same activations, alpha 0.12" in text and "2/2 checked layers" in text
 
 
+def test_report_only_redraws_a_run_into_another_folder(tmp_path):
+    """--report-only reads the run in --in-dir (by default the committed one) and writes its summary and figures
+    into --out-dir, leaving the run it reads untouched."""
+    import shutil
+
+    from repro.accuracy import run as acc
+
+    committed = ROOT / "repro" / "results" / "accuracy"
+    source = tmp_path / "run"
+    source.mkdir()
+    for name in ("samples.csv", "layer_error.csv", "summary.md"):
+        shutil.copy(committed / f"accuracy_quick_{name}", source / f"accuracy_quick_{name}")
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    acc.main(["--report-only", "--prefix", "accuracy_quick_", "--in-dir", str(source), "--out-dir",
+              str(tmp_path / "redrawn")])
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+    assert sorted(p.name for p in (tmp_path / "redrawn").iterdir()) == [
+        "accuracy_quick_layer_error.png", "accuracy_quick_niah_heatmap.png", "accuracy_quick_summary.md"]
+    text = (tmp_path / "redrawn" / "accuracy_quick_summary.md").read_text()
+    assert "Command: `python -m repro.accuracy.run --quick --threads 1` — wall time 6.9 min" in text
+
+
 def test_notebook_shows_gpu_results_when_present(tmp_path, monkeypatch):
     """Notebook 04 prefers accuracy_gpu_* over the CPU files and compares the prompts both runs answered."""
     import shutil
 
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    results = ROOT / "repro" / "results"
+    results = ROOT / "repro" / "results" / "accuracy"
     if not (results / "accuracy_samples.csv").exists():
         pytest.skip("no committed CPU accuracy results")
     for name in ("samples.csv", "layer_error.csv", "summary.md"):
@@ -401,11 +423,12 @@ def test_sparsity_accuracy_matching_and_report(tmp_path):
 
     stamp = dict(device="cpu", device_name="AMD EPYC (1 threads)", torch="2.13", triton="3.6.0", python="3.11.7",
                  date="2026-11-29", commit="abc1234")
-    argv = ["--seeds", "10", "11", "--tasks", "niah_single", "--out-dir", str(tmp_path)]
+    argv = ["--seeds", "10", "11", "--tasks", "niah_single", "--out-dir", str(tmp_path),
+            "--sparsity-csv", str(tmp_path / "sparsity.csv")]
     args = sa.parse_args(argv)
     rows = [dict(r, command=shlex.join(argv), **stamp) for r in rows]
     write_long_csv(tmp_path / "sparsity_accuracy.csv", rows)
-    # repro/sparsity.py's error-matched settings, when its CSV is in the same folder, are marked beside ours.
+    # The error-matched settings of repro/sparsity.py's run named by --sparsity-csv are marked beside ours.
     write_long_csv(tmp_path / "sparsity.csv", [
         dict(what="selection", selector="XAttention", param="threshold", value=0.9, L=7554, density=0.49,
              matched=True),
@@ -422,15 +445,20 @@ def test_sparsity_accuracy_matching_and_report(tmp_path):
     assert "(same as Full >= FlashPrefill's 1/2): FlexPrefill gamma 0.9, density 50.0%" in text
     assert "| XAttention | threshold 0.9 | 100.0 | 2/2 | 45.0% | paper default, *error-matched* |" in text
     assert "7554 tokens" in text and "FlexPrefill gamma 0.95 53.0%" in text
+    assert f"The error-matched comparison on activations is {tmp_path / 'sparsity.md'}." in text
     assert "**paper**" in text and "FlexPrefill 8.4%" in text and "seeds [10, 11]" in text
-    # --report-only rebuilds the same tables from the CSV and keeps the command and the wall time.
-    sa.main(["--report-only", "--out-dir", str(tmp_path)])
-    again = (tmp_path / "sparsity_accuracy.md").read_text()
+    # --report-only rebuilds the same tables from the CSV and keeps the command and the wall time; it reads the
+    # run in --in-dir and writes into --out-dir.
+    redrawn = tmp_path / "redrawn"
+    sa.main(["--report-only", "--in-dir", str(tmp_path), "--out-dir", str(redrawn),
+             "--sparsity-csv", str(tmp_path / "sparsity.csv")])
+    again = (redrawn / "sparsity_accuracy.md").read_text()
 
     def tables(t):
         return t.split("## 4096")[1].split("For context")[0]
     assert tables(again) == tables(text) and "wall time 10.0 min" in again
-    assert (tmp_path / "sparsity_accuracy.png").exists() and "![score" in again
+    assert (redrawn / "sparsity_accuracy.png").exists() and "![score" in again
+    assert not (tmp_path / "sparsity_accuracy.png").exists()  # nothing written into the run it redrew
 
     # Rows appended by a later command (--append: more settings on the same prompts) are reported beside the first
     # run's, each run with its own command line and wall time; the planned prompts are the first run's.

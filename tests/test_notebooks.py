@@ -1,7 +1,10 @@
 """The notebooks and the `python -m reference` picture run headless, start to finish, without errors.
 
 Every notebook in notebooks/ is executed with nbclient (kernel python3) from its own folder, as a user opening it
-in Jupyter would run it; the notebooks find the repository root themselves. Outputs are not written back.
+in Jupyter would run it; the notebooks find the repository root themselves. Outputs are not written back. The
+notebooks are committed executed, so that their figures show where the repository is browsed: a test checks that
+every code cell of the committed files has its outputs (refresh them with
+`jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,28 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 def test_there_are_notebooks():
     assert NOTEBOOKS, "notebooks/ holds no .ipynb"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_is_committed_executed(path):
+    """The committed file holds a clean top-to-bottom run: outputs in every code cell, executed in order, no error,
+    at least one figure, no path of the machine that ran it, and small enough to browse."""
+    import sysconfig
+
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    blank = [i for i, c in enumerate(code) if not c.outputs]
+    assert not blank, (f"code cells {blank} have no outputs: run `jupyter nbconvert --to notebook --execute "
+                       f"--inplace {path.relative_to(ROOT)}`")
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "not one run from the top"
+    outputs = [o for c in code for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "no figure"
+    text = "\n".join(o.get("text", "") + "".join(str(v) for k, v in o.get("data", {}).items() if k.startswith("text/"))
+                     for o in outputs)
+    for folder in {str(ROOT), sysconfig.get_paths()["purelib"]}:
+        assert folder not in text, f"an output names {folder}"
+    assert path.stat().st_size < 2_500_000, "keep the figures small (dpi)"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])

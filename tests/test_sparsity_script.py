@@ -81,3 +81,14 @@ def test_density_mismatch_fails_loudly(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="FAIL: Triton and reference FlashPrefill densities differ"):
         run(tmp_path, "--synthetic-only")
     assert (tmp_path / "t.csv").exists() and not (tmp_path / "t.md").exists()
+
+
+def test_default_output_is_the_run_folder(tmp_path, monkeypatch):
+    """Without --out-dir the files go into the run folder (repro/runs/<date>-<device>/sparsity/), never into the
+    committed repro/results/."""
+    from repro import common
+
+    monkeypatch.setattr(common, "RUNS_DIR", tmp_path)
+    sparsity.main([*SMALL, "--synthetic-only", "--tag", "t"])
+    out = common.run_dir("sparsity", DEVICE)
+    assert sorted(p.name for p in out.iterdir()) == ["t.csv", "t.md", "t_density.png"]

