@@ -43,3 +43,12 @@ def poison_outputs():
     triton_impl.common.POISON_OUTPUTS = True
     yield
     triton_impl.common.POISON_OUTPUTS = False
+
+
+@pytest.fixture(autouse=True)
+def restore_grad_mode():
+    """Scripts run in-process by some tests (their main() turns autograd off for the whole process) must not change
+    what later tests see."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)

@@ -221,7 +221,8 @@ def test_triton_refuses_inputs_that_require_grad(entry):
     fn, tensors = triton_calls()[entry]
     for i in range(len(tensors)):
         tracked = [t.clone().requires_grad_(j == i) for j, t in enumerate(tensors)]
-        with pytest.raises(RuntimeError, match=r"inference-only .*torch\.no_grad\(\).*`reference` package"):
+        with torch.enable_grad(), pytest.raises(RuntimeError,
+                                                match=r"inference-only .*torch\.no_grad\(\).*`reference` package"):
             fn(*tracked)
         # The same inputs run without autograd: under no_grad, under inference_mode, or detached.
         with torch.no_grad():

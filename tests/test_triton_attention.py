@@ -352,7 +352,7 @@ def test_attention_entry_points_are_inference_only():
         "block_sparse_attention_logical": lambda q: triton_impl.block_sparse_attention_logical(q, k, v, mask, bs),
     }
     for name, call in calls.items():
-        with pytest.raises(RuntimeError, match="inference-only"):
+        with torch.enable_grad(), pytest.raises(RuntimeError, match="inference-only"):
             call(q.clone().requires_grad_())
         with torch.no_grad():
             call(q.clone().requires_grad_())
