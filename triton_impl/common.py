@@ -14,7 +14,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # all of them; w
 GPU_DTYPES = (torch.float16, torch.bfloat16)  # compiled and tested for sm_90
 INTERPRETER_DTYPES = (torch.float16, torch.float32)  # the CPU interpreter computes tl.dot on bfloat16 wrongly
 HEAD_DIMS = (64, 128)  # the head dims the differential tests cover; others get a clear error
-BLOCK_SIZES = (16, 32, 64, 128, 256)  # compiled and tested for sm_90 (tools: hopper_compile); others: an error
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # compiled for sm_90 by hopper_compile.py and tested; others: an error
 LOG2E = 1.4426950408889634
 
 
@@ -50,11 +50,11 @@ def check_kernel_dtype(**tensors) -> None:
                 f"{name} is {str(dtype).replace('torch.', '')} on a GPU; the Triton kernels take float16 or bfloat16 "
                 "there (float32 runs only under the CPU interpreter; the `reference` package takes any float dtype)"
             )
-        if interpreter and not on_gpu and dtype == torch.bfloat16:
+        if interpreter and not on_gpu and dtype not in INTERPRETER_DTYPES:
             raise TypeError(
-                f"{name} is bfloat16, which is not supported under the Triton interpreter (TRITON_INTERPRET=1): it "
-                "computes tl.dot on bfloat16 wrongly (triton-lang/triton#11584); use float16 or float32 on the CPU, "
-                "bfloat16 on a GPU"
+                f"{name} is {str(dtype).replace('torch.', '')}, which is not supported under the Triton interpreter "
+                "(TRITON_INTERPRET=1): it computes tl.dot on bfloat16 wrongly (triton-lang/triton#11584); use "
+                "float16 or float32 on the CPU, bfloat16 on a GPU"
             )
 
 
