@@ -29,9 +29,8 @@ import triton.language as tl
 from reference.validation import (BAD_COUNTS, BAD_INDEX, NOT_ASCENDING, check_block_layout, num_blocks,
                                   resolve_scale)
 
-from .common import (LOG2E, check_inference_only, check_kernel_dtype, check_kernel_block_size,
-                     check_kernel_device, check_kernel_qkv, dot_precision, needs_wide_offsets, new_output,
-                     num_warps_for, widen)
+from .common import (LOG2E, check_kernel_block_size, check_kernel_device, check_kernel_qkv, dot_precision,
+                     needs_wide_offsets, new_output, num_warps_for, widen)
 
 FLOAT32_LOWEST: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
 # Which key blocks a program visits (compile-time constants of the kernel).
@@ -238,9 +237,11 @@ def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=N
     # software pipeline buffers num_stages iterations: 3 x 2 K/V tiles do not fit in shared memory (416 KiB at
     # D = 128), so such blocks run unpipelined. (A loop over tiles instead of blocks would keep 3 stages at every
     # block size, but cost 1-3.5% at Bs = 128 on the H200: repro/NOTES.md.)
-    large_blocks = dict(num_stages=1) if block_size > ATTENTION_CONFIG["BLOCK_N"] else {}
-    config = dict(ATTENTION_CONFIG, **large_blocks, **(config or {}))
+    overrides = config or {}
+    config = dict(ATTENTION_CONFIG, **overrides)
     BLOCK_M, BLOCK_N = attention_tile_sizes(block_size, config)
+    if block_size > BLOCK_N and "num_stages" not in overrides:
+        config["num_stages"] = 1
     tiles = (I1 - I0) * (block_size // BLOCK_M)
     # The kernels index the head dim with unit stride; anything else gets one copy here.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -323,8 +324,6 @@ def _check_attention_args(q, k, v, block_size, softmax_scale):
     """The checks every attention entry point shares; returns the resolved softmax scale."""
     check_kernel_block_size(block_size)
     D = check_kernel_qkv(q, k, v)[-1]
-    check_inference_only(q=q, k=k, v=v)
-    check_kernel_dtype(q=q)
     return resolve_scale(softmax_scale, D)
 
 

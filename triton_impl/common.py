@@ -75,8 +75,16 @@ def check_inference_only(**tensors: torch.Tensor) -> None:
 def check_kernel_qkv(q, k, v):
     """check_qkv restricted to what the kernels support; returns (B, L, Hq, Hkv, D)."""
     shape = check_qkv(q, k, v, dtypes=KERNEL_DTYPES, head_dims=HEAD_DIMS)
-    check_kernel_device(q=q, k=k, v=v)
+    check_kernel_runs_on(q, k, v)
     return shape
+
+
+def check_kernel_runs_on(q, k, v) -> None:
+    """What the kernels add to the shape checks of q, k, v (one dtype, checked by check_qkv): the device, the
+    dtypes of that device, and no autograd."""
+    check_kernel_device(q=q, k=k, v=v)
+    check_kernel_dtype(q=q)
+    check_inference_only(q=q, k=k, v=v)
 
 
 def check_kernel_block_size(block_size) -> int:

@@ -26,8 +26,8 @@ from reference.selection import causal_block_density
 from reference.validation import check_count, num_blocks
 
 from .attention import PHYSICAL, launch_attention
-from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_inference_only, check_kernel_dtype,
-                     check_kernel_block_size, check_kernel_device, new_output)
+from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_kernel_block_size, check_kernel_runs_on,
+                     new_output)
 from .pooling import launch_mean_pool
 from .scoring import launch_block_scores
 from .selection import launch_select_and_compact
@@ -68,9 +68,7 @@ def flash_prefill(
     scale = check_flash_prefill_args(q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
                                      softmax_scale, dtypes=KERNEL_DTYPES, head_dims=HEAD_DIMS)
     check_kernel_block_size(block_size)
-    check_kernel_device(q=q, k=k, v=v)
-    check_kernel_dtype(q=q)
-    check_inference_only(q=q, k=k, v=v)
+    check_kernel_runs_on(q, k, v)
     check_count("max_selection_bytes", max_selection_bytes, minimum=1)
     B, L, Hq, D = q.shape
     M = num_blocks(L, block_size)
