@@ -14,7 +14,7 @@ The function below then decides, per call:
               autograd graph wanted: grad disabled or none of query / key / value requires grad)
              -> block-sparse prefill with the configured block selector (`FlashPrefillConfig.selector`):
                 "flashprefill" (default): `triton_impl.flash_prefill` on CUDA, `reference.flash_prefill` on the CPU;
-                "flexprefill" / "xattention" (the peers, `reference.peers`): the peer's block lists, then
+                "flexprefill" / "xattention" (the peers, `peers/`): the peer's block lists, then
                 `triton_impl.block_sparse_attention` on CUDA, `reference.block_sparse_attention` on the CPU
     anything else (decoding, a cached prefix, padded batches, training, ...)
              -> exact dense attention: transformers' own sdpa function
@@ -46,9 +46,11 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
+from block_selectors import SELECTORS
 
 # Not "flashprefill": transformers (5.x) treats every implementation name that contains "flash" as a FlashAttention
 # kernel (it tries to import flash_attn / hub kernels and changes its masking), so the backend is named "fprefill".
@@ -154,34 +156,6 @@ class DensityRecorder:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Block selectors
-# --------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PeerSelector:
-    """A peer's block selector: select(q, k, block_size=, softmax_scale=, **params) -> (counts, indices), the
-    parameters `selector_params` may set, and check(block_size=, **params), which validates them without tensors."""
-
-    select: Callable
-    params: tuple[str, ...]
-    check: Callable
-
-
-def _peer_selectors() -> dict[str, PeerSelector]:
-    from reference import peers
-
-    return {
-        "flexprefill": PeerSelector(peers.flexprefill_select, ("gamma", "tau", "min_budget", "max_budget"),
-                                    peers.check_flexprefill_params),
-        "xattention": PeerSelector(peers.xattention_select, ("threshold", "stride", "keep_sink", "keep_diagonal"),
-                                   peers.check_xattention_params),
-    }
-
-
-PEER_SELECTORS = _peer_selectors()
-SELECTORS = ("flashprefill", *PEER_SELECTORS)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -197,11 +171,12 @@ class FlashPrefillConfig:
     small (Bs x Bs) tiles; on a 2-core VM a multi-threaded torch op on such tiles pays a multi-millisecond thread
     wake-up, and one thread ran the reference several times faster (see repro/results/accuracy/accuracy_cpu_threads.md),
     while the model's large matmuls still gain from all cores. Threads are restored after each call.
-    selector: which block selection the prefill uses: "flashprefill" (default; alpha and the safety net apply) or
-    a peer, "flexprefill" / "xattention" (reference/peers.py; alpha and the safety-net fields are then unused: the
-    peers force their own sink / diagonal blocks). selector_params: the peer's parameters, e.g. {"gamma": 0.95}
-    or {"threshold": 0.95}; unset ones take the peer's paper defaults (reference.peers.*_DEFAULTS). block_size is
-    shared by every selector. "flashprefill" takes no selector_params (set alpha etc. directly).
+    selector: which block selection the prefill uses, a key of `block_selectors.SELECTORS`: "flashprefill"
+    (default; alpha and the safety net apply) or a peer, "flexprefill" / "xattention" (peers/; alpha and the
+    safety-net fields are then unused: the peers force their own sink / diagonal blocks). selector_params: the
+    peer's parameters, e.g. {"gamma": 0.95} or {"threshold": 0.95}; unset ones take the peer's paper defaults
+    (SELECTORS[name].defaults). block_size is shared by every selector. "flashprefill" takes no selector_params
+    (set alpha etc. directly).
     """
 
     alpha: float = 0.12
@@ -217,13 +192,9 @@ class FlashPrefillConfig:
     selector_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from reference.validation import check_alpha, check_block_size, check_count
+        from reference.validation import check_count
 
-        check_alpha(self.alpha)
-        check_block_size(self.block_size)
-        check_count("sink_blocks", self.sink_blocks, minimum=0)
-        check_count("window_blocks", self.window_blocks, minimum=1)
-        check_count("last_dense_blocks", self.last_dense_blocks, minimum=0)
+        SELECTORS["flashprefill"].check(**self.kernel_kwargs())
         check_count("dense_layers", self.dense_layers, minimum=0)
         if self.impl not in ("auto", "reference", "triton"):
             raise ValueError(f"impl must be 'auto', 'reference' or 'triton', got {self.impl!r}")
@@ -239,7 +210,7 @@ class FlashPrefillConfig:
                 raise ValueError(f"selector 'flashprefill' takes no selector_params (set alpha, sink_blocks, ... "
                                  f"on the config), got {sorted(self.selector_params)}")
             return
-        peer = PEER_SELECTORS[self.selector]
+        peer = SELECTORS[self.selector]
         unknown = sorted(set(self.selector_params) - set(peer.params))
         if unknown:
             raise ValueError(f"selector {self.selector!r} has no parameter(s) {unknown}; "
@@ -252,8 +223,8 @@ class FlashPrefillConfig:
 
     def select_peer(self, q: torch.Tensor, k: torch.Tensor, softmax_scale: float | None):
         """(counts, indices) of the configured peer selector for q (B, L, Hq, D), k (B, L, Hkv, D)."""
-        return PEER_SELECTORS[self.selector].select(q, k, block_size=self.block_size, softmax_scale=softmax_scale,
-                                                    **self.selector_params)
+        return SELECTORS[self.selector].select(q, k, block_size=self.block_size, softmax_scale=softmax_scale,
+                                               **self.selector_params)
 
     def describe(self) -> str:
         """The selection in words, e.g. "flashprefill alpha=0.12" or "xattention threshold=0.95"."""

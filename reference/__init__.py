@@ -5,10 +5,12 @@ Stage by stage, in the order `flash_prefill` calls them:
 1. `mean_pool_keys`     kbar: the mean proxy of each key block
 2. `block_scores`       Score: block max + block sum of exponentials, reweighted by the row max (Eq. 1-2)
 3. `select_blocks`      keep Score >= alpha * max, plus sinks, local window, dense last rows (Eq. 3)
-4. `compact_blocks`     ascending lists of kept key blocks + counts
+4. `compact_blocks`     ascending lists of kept key blocks + counts (`select_and_compact`: stages 3-4 in one call;
+                        `lists_to_mask`: the inverse of compact_blocks)
 5. `block_sparse_attention` (physical skip) / `block_sparse_attention_logical` (logical skip)
 
-`dense_attention` is the exact causal ground truth. `triton_impl` exports the same names.
+`dense_attention` is the exact causal ground truth. `triton_impl` exports the same names (lists_to_mask, a test
+and plotting aid, is re-exported there unchanged). The peers' selectors live in `peers/`, pictures in `viz/`.
 
 Everything here is differentiable (the selection, stages 3-4, is discrete and passes no gradient). NaN and inf behave
 as in dense attention; a row that sees no key at all gives 0 (reference/attention.py says which rows a non-finite
@@ -19,13 +21,15 @@ from .attention import block_sparse_attention, block_sparse_attention_logical, d
 from .flash_prefill import PAPER_ALPHA, FlashPrefillStats, flash_prefill
 from .pooling import mean_pool_keys
 from .scoring import block_scores
-from .selection import causal_block_density, compact_blocks, select_blocks
+from .selection import causal_block_density, compact_blocks, lists_to_mask, select_and_compact, select_blocks
 
 __all__ = [
     "mean_pool_keys",
     "block_scores",
     "select_blocks",
     "compact_blocks",
+    "select_and_compact",
+    "lists_to_mask",
     "block_sparse_attention",
     "block_sparse_attention_logical",
     "dense_attention",

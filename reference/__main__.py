@@ -3,9 +3,12 @@
     python -m reference [--out PATH] [--length L] [--alpha A] [--block-size BS] [--seed S]
 
 One head of planted-pattern Q/K/V (attention sinks, a local band, a vertical stripe, a slash; see
-`reference.walkthrough`) goes through stages 1-5; the figure shows the block scores (Eq. 1-2), the alpha * max
+`viz.walkthrough`) goes through stages 1-5; the figure shows the block scores (Eq. 1-2), the alpha * max
 threshold (Eq. 3), the kept blocks by reason, the compacted lists and the logical vs physical block visits.
 A block size of 64 keeps the block grid small enough to read.
+
+This script is the one file of reference/ that imports outside it: the pictures live in viz/ (docs/ARCHITECTURE.md),
+so that `import reference` stays the paper's listing and needs no matplotlib.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from .plotting import REASON_LABELS, draw_walkthrough
-from .walkthrough import run_toy
+from viz.panels import REASON_LABELS, draw_walkthrough
+from viz.walkthrough import run_toy
 
 
 

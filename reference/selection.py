@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import check_alpha, check_count, check_mask, check_scores
+from .validation import check_alpha, check_count, check_lists, check_mask, check_scores
 
 
 def safety_net_mask(M: int, sink_blocks: int = 2, window_blocks: int = 4, last_dense_blocks: int = 2,
@@ -87,6 +87,28 @@ def compact_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     indices = torch.full((*mask.shape[:-1], N + 1), -1, dtype=torch.int32, device=mask.device)
     indices.scatter_(-1, slot, J)
     return counts, indices[..., :N].contiguous()
+
+
+def select_and_compact(scores: torch.Tensor, alpha: float = 0.12, sink_blocks: int = 2, window_blocks: int = 4,
+                       last_dense_blocks: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stages 3-4 in one call: `compact_blocks(select_blocks(scores, ...))`, (counts, indices) as compact_blocks.
+
+    The twin of `triton_impl.select_and_compact`, which does both in one kernel without writing the mask."""
+    return compact_blocks(select_blocks(scores, alpha, sink_blocks, window_blocks, last_dense_blocks))
+
+
+def lists_to_mask(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The inverse of `compact_blocks`: counts (B, Hq, M) int32 + lists (B, Hq, M, C) int32 -> mask (B, Hq, M, M).
+
+    Only indices[..., :counts] are read (what lies past counts, -1 or anything else, is ignored), so lists of any
+    selector read back, narrow ones (C < M) included. The lists must follow the rules `block_sparse_attention`
+    checks (ascending, causal); a ValueError says which one is broken."""
+    check_lists(counts, indices)
+    M, C = counts.shape[-1], indices.shape[-1]
+    listed = torch.arange(C, device=counts.device) < counts.unsqueeze(-1)
+    slots = torch.where(listed, indices.long(), M)  # unlisted entries go to a spare column, cut off below
+    mask = torch.zeros(*counts.shape, M + 1, dtype=torch.bool, device=counts.device)
+    return mask.scatter_(-1, slots, True)[..., :M]
 
 
 def causal_block_density(counts: torch.Tensor) -> torch.Tensor:

@@ -156,6 +156,20 @@ BAD_INDEX = "indices[..., I, :counts] must lie in [0, I] (causal key blocks of q
 NOT_ASCENDING = "indices[..., I, :counts] must be strictly ascending (as compact_blocks returns them)"
 
 
+def check_lists(counts, indices) -> None:
+    """counts (B, Hq, M) int32 and indices (B, Hq, M, C) int32, 1 <= C <= M, on one device, following the rules of
+    `check_block_lists`: block lists on their own, without a q to fit (`selection.lists_to_mask`)."""
+    check_tensor("counts", counts, ndim=3, dtypes=(torch.int32,))
+    check_tensor("indices", indices, ndim=4, dtypes=(torch.int32,))
+    check_same_device(counts=counts, indices=indices)
+    B, Hq, M = counts.shape
+    if tuple(indices.shape[:3]) != (B, Hq, M) or not 1 <= indices.shape[3] <= M:
+        raise ValueError(
+            f"indices must have shape (B={B}, Hq={Hq}, M={M}, C) with 1 <= C <= N={M}, got {tuple(indices.shape)}"
+        )
+    check_block_lists(counts, indices)
+
+
 def check_block_lists(counts: torch.Tensor, indices: torch.Tensor) -> None:
     """The lists are what `compact_blocks` makes: 0 <= counts[..., I] <= min(I + 1, C) and
     indices[..., I, :counts] strictly ascending in [0, I]. (Reads the values: one host sync per rule.)"""

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from repro.bench_speed import bench_ms, controlled_mask, dense_baselines, group_shared_mask
 from repro.common import environment_stamp, run_dir, write_long_csv
+from repro.masks import controlled_mask, full_causal_mask, group_shared_mask
+from repro.timing import bench_ms, dense_baselines
 
 
 def launcher(attention_module):
@@ -80,7 +81,7 @@ def main(argv=None):
         masks = {f"{t:.1%} independent": controlled_mask(1, Hq, M, t, seed=1) for t in (0.035, 0.3)}
         masks["3.5% group-shared"] = group_shared_mask(Hq, Hkv, M, 0.035, seed=1)
         if L <= 65536:
-            masks["full list"] = torch.ones(M, M, dtype=torch.bool, device="cuda").tril().expand(1, Hq, M, M)
+            masks["full list"] = full_causal_mask(Hq, M)
         work = {name: ("physical", triton_impl.compact_blocks(m.contiguous())) for name, m in masks.items()}
         if L <= 65536:
             work["dense mode"] = ("dense", (None, None))

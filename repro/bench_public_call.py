@@ -3,7 +3,7 @@
     python -m repro.bench_public_call [--lengths 16384 65536 262144] [--densities 0.12 0.035 0.10] [--out-dir DIR]
 
 Four ways to run the same attention on the same random block lists (standard shape: bf16, B=1, Hq=32, Hkv=4,
-D=128, Bs=128; masks from `bench_speed.controlled_mask`, forced blocks included), timed interleaved in one process
+D=128, Bs=128; masks from `repro.masks.controlled_mask`, forced blocks included), timed interleaved in one process
 (triton.testing.do_bench, median), operator only:
 
     kernel          launch_attention, no checks at all (what flash_prefill runs)
@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from reference.validation import check_block_lists as torch_check_block_lists
-from repro.bench_speed import bench_ms, controlled_mask
 from repro.common import environment_stamp, markdown_table, run_dir, stamp_line, write_long_csv
+from repro.masks import controlled_mask
+from repro.timing import bench_ms
 
 VARIANTS = ("kernel", "default", "validate", "checked_torch")
 

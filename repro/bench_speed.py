@@ -32,114 +32,23 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from repro.common import device_slug, environment_stamp, markdown_table, run_dir, stamp_line, write_long_csv
-from reference.selection import safety_net_mask
+from repro.masks import alpha_for_density, controlled_mask
 from repro.paper import PAPER_DENSITY_256K
+from repro.timing import bench_ms, dense_baselines, graphed, host_enqueue_ms
 
-DEFAULT_LENGTHS = [4096, 8192, 16384, 32768, 65536, 131072, 262144]
-DEFAULT_DENSITIES = [PAPER_DENSITY_256K["FlashPrefill"], 0.1, 0.3]  # the paper's 3.5% at 256K, then denser
-
-
-def bench_ms(fn) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+DEFAULT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072, 262144)
+DEFAULT_DENSITIES = (PAPER_DENSITY_256K["FlashPrefill"], 0.1, 0.3)  # the paper's 3.5% at 256K, then denser
 
 
-def host_enqueue_ms(fn, calls: int = 8) -> float:
-    """CPU milliseconds to enqueue one call (Python, argument checks, kernel launches), GPU time excluded: the
-    floor of a short sequence's latency when the GPU work is smaller than this. Few calls: once about a thousand
-    launches are pending, the CUDA launch queue is full and the host waits for the GPU (1M tokens: 49 launches a
-    call), which would measure GPU time instead."""
-    import time
-
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    enqueued = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return 1e3 * enqueued / calls
-
-
-def graphed(fn):
-    """fn captured once in a CUDA graph (static inputs): replaying it launches every kernel without Python, the
-    way a serving engine that graphs its prefill would run it. Returns the replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up off the capture (compiles the kernels)
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def controlled_mask(B: int, Hq: int, M: int, target: float, seed: int, device="cuda") -> torch.Tensor:
-    """(B, Hq, M, M) bool: forced blocks plus random causal blocks, aiming at `target` causal density."""
-    forced = safety_net_mask(M, device=device)
-    causal = torch.ones(M, M, dtype=torch.bool, device=device).tril()
-    n_causal, n_forced = M * (M + 1) / 2, int(forced.sum())
-    p = max(0.0, (target * n_causal - n_forced) / max(n_causal - n_forced, 1))
-    gen = torch.Generator(device=device).manual_seed(seed)
-    extra = torch.rand(B, Hq, M, M, generator=gen, device=device) < p
-    return (extra & causal) | forced
-
-
-def group_shared_mask(Hq: int, Hkv: int, M: int, target: float, seed: int, device="cuda") -> torch.Tensor:
-    """(1, Hq, M, M) bool: one controlled_mask per kv head, shared by the Hq / Hkv query heads of its GQA group
-    (the K/V tiles one head fetches are the ones its group needs: the L2-friendly case)."""
-    return controlled_mask(1, Hkv, M, target, seed, device=device).repeat_interleave(Hq // Hkv, dim=1)
-
-
-def dense_baselines(q, k, v) -> dict[str, float]:
-    """SDPA flash (FA2) and cuDNN on (B, H, L, D) with kv heads repeated (the repeat is not timed)."""
-    group = q.shape[2] // k.shape[2]
-    qt = q.transpose(1, 2)
-    kt = k.repeat_interleave(group, dim=2).transpose(1, 2)
-    vt = v.repeat_interleave(group, dim=2).transpose(1, 2)
-    times = {}
-    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
-        try:
-            with sdpa_kernel(backend):
-                times[name] = bench_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True))
-        except RuntimeError as err:  # backend not available for this shape / build
-            print(f"  {name}: unavailable ({str(err).splitlines()[0]})")
-    return times
-
-
-def alpha_for_density(scores, target: float, tolerance: float = 5e-4, steps: int = 30):
-    """(alpha, realised density) with the selection of `scores` keeping about `target` of the causal blocks, found
-    by bisection (the kept fraction falls as alpha rises); None when even alpha = 1 keeps more (forced blocks)."""
-    import triton_impl
-
-    def density(alpha):
-        return float(triton_impl.causal_block_density(triton_impl.select_and_compact(scores, alpha)[0]))
-
-    lo, hi = 0.0, 1.0
-    if density(hi) > target:
-        return None
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        rho = density(mid)
-        if abs(rho - target) <= tolerance:
-            return mid, rho
-        lo, hi = (mid, hi) if rho > target else (lo, mid)
-    return hi, density(hi)
-
-
+# --------------------------------------------------------------------------------------------------------------
+# Measurement: one row per timing, per length
+# --------------------------------------------------------------------------------------------------------------
 def run(lengths, densities, head_dim, q_heads, kv_heads, modes, alpha, seed, max_dense_length, max_graph_length,
         pipeline_densities=()):
-    import triton_impl
     from reference.synthetic import planted_qkv
-    from triton_impl.attention import PHYSICAL, launch_attention
-    from triton_impl.selection import select_and_compact
 
     rows = []
     base = dict(B=1, Hq=q_heads, Hkv=kv_heads, D=head_dim, dtype="bfloat16", block_size=128)
@@ -148,70 +57,96 @@ def run(lengths, densities, head_dim, q_heads, kv_heads, modes, alpha, seed, max
         q, k, v = planted_qkv(1, L, q_heads, kv_heads, head_dim, seed=seed, dtype=torch.bfloat16, device="cuda")
         add = lambda what, ms, **kw: rows.append(dict(base, what=what, L=L, ms=ms, **kw))  # noqa: E731
         if L <= max_dense_length:
-            for name, ms in dense_baselines(q, k, v).items():
-                add(name, ms, density=1.0, scope="operator", input="synthetic")
-            add("triton_dense", bench_ms(lambda: triton_impl.dense_attention(q, k, v)), density=1.0,
-                scope="operator", input="synthetic")
-
+            time_dense(add, q, k, v)
         if "controlled" in modes:
-            for target in densities:
-                mask = controlled_mask(1, q_heads, M, target, seed)
-                counts, indices = triton_impl.compact_blocks(mask)
-                density = float(triton_impl.causal_block_density(counts))
-                scale = head_dim ** -0.5
-                add("physical", bench_ms(lambda: launch_attention(q, k, v, 128, scale, PHYSICAL, counts=counts,
-                                                         indices=indices)),
-                    density=density, target_density=target, scope="operator", input="synthetic, random mask")
-                add("logical", bench_ms(lambda: triton_impl.block_sparse_attention_logical(q, k, v, mask, 128)),
-                    density=density, target_density=target, scope="operator", input="synthetic, random mask")
-                del mask, counts, indices
-
+            time_controlled(add, q, k, v, M, densities, seed)
         if "pipeline" in modes:
-            _, stats = triton_impl.flash_prefill(q, k, v, alpha=alpha, return_stats=True)
-            density = float(stats.density)
-            kbar = triton_impl.mean_pool_keys(k, 128)
-            scores = triton_impl.block_scores(q, kbar, 128)
-            stages = {
-                "pool": lambda: triton_impl.mean_pool_keys(k, 128),
-                "score": lambda: triton_impl.block_scores(q, kbar, 128),
-                "select_compact": lambda: select_and_compact(scores, alpha),
-                "selection_total": lambda: select_and_compact(
-                    triton_impl.block_scores(q, triton_impl.mean_pool_keys(k, 128), 128), alpha),
-            }
-            for name, fn in stages.items():
-                add(name, bench_ms(fn), density=density, alpha=alpha, scope="selection", input="synthetic")
-            for target in pipeline_densities:
-                found = alpha_for_density(scores, target)
-                if found is None:
-                    continue
-                target_alpha, rho = found
-                add("flash_prefill_at_target", bench_ms(lambda: triton_impl.flash_prefill(q, k, v, alpha=target_alpha)),
-                    density=rho, target_density=target, alpha=round(target_alpha, 5),
-                    scope="operator + selection, alpha chosen for the target density", input="synthetic")
-            del scores, stats
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            out = triton_impl.flash_prefill(q, k, v, alpha=alpha)
-            torch.cuda.synchronize()
-            peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20  # beyond q, k, v: selection + output
-            selection_mb = peak_mb - out.numel() * out.element_size() / 2**20
-            del out
-            ms = bench_ms(lambda: triton_impl.flash_prefill(q, k, v, alpha=alpha))
-            add("flash_prefill", ms, density=density, alpha=alpha, scope="operator + selection", input="synthetic",
-                extra_peak_mib=round(peak_mb, 1), selection_peak_mib=round(selection_mb, 1))
-            add("flash_prefill_host", host_enqueue_ms(lambda: triton_impl.flash_prefill(q, k, v, alpha=alpha)),
-                density=density, alpha=alpha, scope="host enqueue (CPU time per call)", input="synthetic")
-            if L <= max_graph_length:
-                add("flash_prefill_cuda_graph", bench_ms(graphed(lambda: triton_impl.flash_prefill(q, k, v,
-                                                                                                   alpha=alpha))),
-                    density=density, alpha=alpha, scope="operator + selection, CUDA graph replay",
-                    input="synthetic")
+            time_pipeline(add, q, k, v, L, alpha, pipeline_densities, max_graph_length)
         del q, k, v
         torch.cuda.empty_cache()
     return rows
 
 
+def time_dense(add, q, k, v) -> None:
+    """The dense baselines (SDPA FA2, cuDNN) and our dense Triton kernel."""
+    import triton_impl
+
+    for name, ms in dense_baselines(q, k, v).items():
+        add(name, ms, density=1.0, scope="operator", input="synthetic")
+    add("triton_dense", bench_ms(lambda: triton_impl.dense_attention(q, k, v)), density=1.0,
+        scope="operator", input="synthetic")
+
+
+def time_controlled(add, q, k, v, M, densities, seed) -> None:
+    """Controlled mode: the physical and logical skip alone on random block masks at each target density."""
+    import triton_impl
+    from triton_impl.attention import PHYSICAL, launch_attention
+
+    q_heads, head_dim = q.shape[2], q.shape[3]
+    for target in densities:
+        mask = controlled_mask(1, q_heads, M, target, seed)
+        counts, indices = triton_impl.compact_blocks(mask)
+        density = float(triton_impl.causal_block_density(counts))
+        scale = head_dim ** -0.5
+        add("physical", bench_ms(lambda: launch_attention(q, k, v, 128, scale, PHYSICAL, counts=counts,
+                                                 indices=indices)),
+            density=density, target_density=target, scope="operator", input="synthetic, random mask")
+        add("logical", bench_ms(lambda: triton_impl.block_sparse_attention_logical(q, k, v, mask, 128)),
+            density=density, target_density=target, scope="operator", input="synthetic, random mask")
+        del mask, counts, indices
+
+
+def time_pipeline(add, q, k, v, L, alpha, pipeline_densities, max_graph_length) -> None:
+    """Pipeline mode: every selection stage alone, flash_prefill at target densities, then the whole call (peak
+    memory, GPU time, host enqueue time, CUDA graph replay)."""
+    import triton_impl
+    from triton_impl.selection import select_and_compact
+
+    _, stats = triton_impl.flash_prefill(q, k, v, alpha=alpha, return_stats=True)
+    density = float(stats.density)
+    kbar = triton_impl.mean_pool_keys(k, 128)
+    scores = triton_impl.block_scores(q, kbar, 128)
+    stages = {
+        "pool": lambda: triton_impl.mean_pool_keys(k, 128),
+        "score": lambda: triton_impl.block_scores(q, kbar, 128),
+        "select_compact": lambda: select_and_compact(scores, alpha),
+        "selection_total": lambda: select_and_compact(
+            triton_impl.block_scores(q, triton_impl.mean_pool_keys(k, 128), 128), alpha),
+    }
+    for name, fn in stages.items():
+        add(name, bench_ms(fn), density=density, alpha=alpha, scope="selection", input="synthetic")
+    for target in pipeline_densities:
+        found = alpha_for_density(scores, target)
+        if found is None:
+            continue
+        target_alpha, rho = found
+        add("flash_prefill_at_target", bench_ms(lambda: triton_impl.flash_prefill(q, k, v, alpha=target_alpha)),
+            density=rho, target_density=target, alpha=round(target_alpha, 5),
+            scope="operator + selection, alpha chosen for the target density", input="synthetic")
+    del scores, stats
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = triton_impl.flash_prefill(q, k, v, alpha=alpha)
+    torch.cuda.synchronize()
+    peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20  # beyond q, k, v: selection + output
+    selection_mb = peak_mb - out.numel() * out.element_size() / 2**20
+    del out
+    ms = bench_ms(lambda: triton_impl.flash_prefill(q, k, v, alpha=alpha))
+    add("flash_prefill", ms, density=density, alpha=alpha, scope="operator + selection", input="synthetic",
+        extra_peak_mib=round(peak_mb, 1), selection_peak_mib=round(selection_mb, 1))
+    add("flash_prefill_host", host_enqueue_ms(lambda: triton_impl.flash_prefill(q, k, v, alpha=alpha)),
+        density=density, alpha=alpha, scope="host enqueue (CPU time per call)", input="synthetic")
+    if L <= max_graph_length:
+        add("flash_prefill_cuda_graph", bench_ms(graphed(lambda: triton_impl.flash_prefill(q, k, v,
+                                                                                           alpha=alpha))),
+            density=density, alpha=alpha, scope="operator + selection, CUDA graph replay",
+            input="synthetic")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
 def summary_table(rows) -> str:
     lengths = sorted({r["L"] for r in rows})
     whats = []
@@ -230,6 +165,17 @@ def summary_table(rows) -> str:
     return markdown_table(["ms (realised density)"] + [f"{L // 1024}K" for L in lengths], table)
 
 
+def markdown(table: str, stamp, args) -> str:
+    """<tag>.md: the summary table with the shape, the modes and the environment stamp."""
+    return (f"# Operator timings ({stamp['device_name']})\n\nbf16, B=1, Hq={args.q_heads}, Hkv={args.kv_heads}, "
+            f"D={args.head_dim}, causal, Bs=128; synthetic inputs. `physical`/`logical`: operator only on random "
+            f"block masks with the forced blocks; `flash_prefill`: selection included, alpha={args.alpha}.\n\n"
+            f"{table}\n\n{stamp_line(stamp)}\n")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
 def default_tag(device_name: str) -> str:
     """"NVIDIA H200" -> "speed_h200": results of different GPUs never overwrite each other."""
     return "speed_" + device_slug(device_name)
@@ -237,8 +183,8 @@ def default_tag(device_name: str) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS)
-    parser.add_argument("--densities", type=float, nargs="+", default=DEFAULT_DENSITIES)
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS))
+    parser.add_argument("--densities", type=float, nargs="+", default=list(DEFAULT_DENSITIES))
     parser.add_argument("--modes", nargs="+", default=["controlled", "pipeline"], choices=["controlled", "pipeline"])
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--q-heads", type=int, default=32)
@@ -266,11 +212,7 @@ def main(argv=None):
                args.seed, args.max_dense_length, args.max_graph_length, args.pipeline_densities)
     csv_path = write_long_csv(args.out_dir / f"{args.tag}.csv", rows, stamp)
     table = summary_table(rows)
-    (args.out_dir / f"{args.tag}.md").write_text(
-        f"# Operator timings ({stamp['device_name']})\n\nbf16, B=1, Hq={args.q_heads}, Hkv={args.kv_heads}, "
-        f"D={args.head_dim}, causal, Bs=128; synthetic inputs. `physical`/`logical`: operator only on random block "
-        f"masks with the forced blocks; `flash_prefill`: selection included, alpha={args.alpha}.\n\n"
-        f"{table}\n\n{stamp_line(stamp)}\n")
+    (args.out_dir / f"{args.tag}.md").write_text(markdown(table, stamp, args))
     print(table)
     print(f"wrote {csv_path}")
 

@@ -40,18 +40,12 @@ from pathlib import Path  # noqa: E402
 import reference  # noqa: E402
 import triton_impl  # noqa: E402
 import triton_impl.common  # noqa: E402
+from reference import lists_to_mask  # noqa: E402
 from reference.synthetic import planted_qkv  # noqa: E402
+from tools import oracle  # noqa: E402
+from tools.oracle import TIE_TOLERANCE, block_set_differences, block_sets_agree, list_mismatch, max_abs_diff  # noqa: E402
 
-from . import differential  # noqa: E402
 from .common import default_device, environment_stamp, markdown_table, run_dir, stamp_line  # noqa: E402
-from .differential import (  # noqa: E402
-    TIE_TOLERANCE,
-    block_set_differences,
-    block_sets_agree,
-    mask_from_lists,
-    max_abs_diff,
-)
-
 
 
 @dataclass(frozen=True)
@@ -102,15 +96,6 @@ def close(a, ref, rtol, atol) -> bool:
     return not a.isnan().any() and bool((excess <= 0).all())
 
 
-def lists_match(counts, indices, mask) -> bool:
-    """counts/indices are exactly the ascending lists of mask (entries past counts ignored)."""
-    if not torch.equal(counts, mask.sum(-1, dtype=torch.int32)):
-        return False
-    ref_counts, ref_indices = reference.compact_blocks(mask)
-    listed = torch.arange(mask.shape[-1], device=mask.device) < ref_counts.unsqueeze(-1)
-    return torch.equal(torch.where(listed, indices, -1), torch.where(listed, ref_indices, -1))
-
-
 def compare_block_sets(mask, ref_mask, ref_scores, alpha) -> tuple[bool, str, str]:
     """(ok, blocks, ties): identical except at threshold ties, and few of those."""
     n, off_tie = block_set_differences(mask, ref_mask, ref_scores, alpha)
@@ -121,8 +106,9 @@ def compare_block_sets(mask, ref_mask, ref_scores, alpha) -> tuple[bool, str, st
 
 
 def flash_rule(out, q, k, v, block_mask, block_size) -> tuple[bool, str]:
-    ok, err, pt_err = differential.flash_rule(out, q, k, v, block_mask, block_size)
-    return ok, f"fp64 err {err:.2g} {'<=' if ok else 'NOT <='} 2 x {pt_err:.2g} + 1e-5"
+    ok, err, pt_err = oracle.flash_rule(out, q, k, v, block_mask, block_size)
+    slack = f"{oracle.FLASH_RULE_SLACK:g}".replace("e-0", "e-")  # "1e-5"
+    return ok, f"fp64 err {err:.2g} {'<=' if ok else 'NOT <='} {oracle.FLASH_RULE_FACTOR:g} x {pt_err:.2g} + {slack}"
 
 
 @torch.no_grad()
@@ -155,11 +141,11 @@ def check_case(c: Case, device: str) -> list[Row]:
     # 4. compaction, and the fused select + compact of flash_prefill
     counts_ref, indices_ref = ref.compact_blocks(mask_ref)
     counts, indices = tri.compact_blocks(mask_ref)
-    same = lists_match(counts, indices, mask_ref)
+    same = not list_mismatch(counts, indices, mask_ref)
     add("compact_blocks", None, "identical lists", same, "identical" if same else "differ", "-")
     f_counts, f_indices = tri.select_and_compact(scores, alpha, **net)
-    listed_ok = torch.equal(f_counts, mask_from_lists(f_counts, f_indices).sum(-1, dtype=torch.int32))
-    ok, blocks, ties = compare_block_sets(mask_from_lists(f_counts, f_indices), mask_ref, scores_ref, alpha)
+    listed_ok = torch.equal(f_counts, lists_to_mask(f_counts, f_indices).sum(-1, dtype=torch.int32))
+    ok, blocks, ties = compare_block_sets(lists_to_mask(f_counts, f_indices), mask_ref, scores_ref, alpha)
     add("select_and_compact (own scores)", None, "identical up to ties", ok and listed_ok, blocks, ties)
 
     # 5. attention on the reference's block set: physical and logical skip, their visits, dense
@@ -184,8 +170,8 @@ def check_case(c: Case, device: str) -> list[Row]:
     # 6. end to end: the block set flash_prefill chose, and exact attention over it
     fp_ref, st_ref = ref.flash_prefill(q, k, v, alpha=alpha, block_size=bs, return_stats=True, **net)
     fp, st = tri.flash_prefill(q, k, v, alpha=alpha, block_size=bs, return_stats=True, **net)
-    fp_mask = mask_from_lists(st.counts, st.indices)
-    ok_sets, blocks, ties = compare_block_sets(fp_mask, mask_from_lists(st_ref.counts, st_ref.indices),
+    fp_mask = lists_to_mask(st.counts, st.indices)
+    ok_sets, blocks, ties = compare_block_sets(fp_mask, lists_to_mask(st_ref.counts, st_ref.indices),
                                                ref.block_scores(q, ref.mean_pool_keys(k, bs), bs), alpha)
     ok, crit = flash_rule(fp, q, k, v, fp_mask, bs)
     add("flash_prefill", max_abs_diff(fp, fp_ref),

@@ -144,3 +144,25 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
              "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_run_json(path: str | Path, info: Mapping) -> Path:
+    """Write a run's metadata (what its CSV does not say: command line, wall time, what was skipped, the note)
+    as indented JSON beside its CSV; --report-only and --append read it back with `read_run_json`."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read_run_json(path: str | Path) -> dict:
+    """The metadata `write_run_json` wrote; FileNotFoundError naming the file when there is none."""
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: it holds the run's command line, wall time, skipped work "
+                                "and note, written by the run beside its CSV")
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 import matplotlib
 import torch
@@ -34,11 +35,11 @@ from reference.synthetic import planted_qkv
 from .common import default_device, environment_stamp, markdown_table, run_dir, stamp_line, write_long_csv
 from .paper import PAPER_V2_ALPHA, PAPER_V2_NIAH_DENSITY, paper_range
 
-DEFAULT_LENGTHS = [2048, 4096, 8192, 16384, 32768, 65536]  # selection only: 64K takes seconds on a CPU
+DEFAULT_LENGTHS = (2048, 4096, 8192, 16384, 32768, 65536)  # selection only: 64K takes seconds on a CPU
 # The requested grid, plus the V2 paper's alpha = 0.1 so that its quotes have a measured neighbour.
-DEFAULT_ALPHAS = [0.0, 0.02, 0.05, 0.08, 0.1, 0.12, 0.18, 0.3, 0.5]
-SHAPE = dict(batch=1, q_heads=8, kv_heads=2, head_dim=64)
-SAFETY_NET = dict(sink_blocks=2, window_blocks=4, last_dense_blocks=2)
+DEFAULT_ALPHAS = (0.0, 0.02, 0.05, 0.08, 0.1, 0.12, 0.18, 0.3, 0.5)
+SHAPE = MappingProxyType(dict(batch=1, q_heads=8, kv_heads=2, head_dim=64))
+SAFETY_NET = MappingProxyType(dict(sink_blocks=2, window_blocks=4, last_dense_blocks=2))
 INPUT = "synthetic planted_qkv"
 
 
@@ -138,8 +139,8 @@ def plot(path: Path, rows: list[dict], stamp: dict) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m repro.density_vs_alpha", description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS, help="(default: %(default)s)")
-    parser.add_argument("--alphas", type=float, nargs="+", default=DEFAULT_ALPHAS, help="(default: %(default)s)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="(default: %(default)s)")
+    parser.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS), help="(default: %(default)s)")
     parser.add_argument("--block-size", type=int, default=128, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--device", default=default_device(), help="(default: %(default)s)")

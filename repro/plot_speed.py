@@ -156,6 +156,23 @@ def ratio(t, what, over, L, fmt) -> str:
 
 
 def summary(t, rows, stamp) -> str:
+    """<stem>_summary.md without the 1M-token section: the header, then one section per table."""
+    return "\n".join([summary_header(stamp), speedup_section(rows), whole_call_section(rows), efficiency_section(t),
+                      stages_section(t)])
+
+
+def summary_header(stamp) -> str:
+    return f"""# FlashPrefill operator speed on {stamp['device_name']}
+
+bf16, B=1, Hq=32, Hkv=4, D=128, causal, Bs=128. Inputs are **synthetic** (reference.synthetic.planted_qkv). Dense
+baselines: torch SDPA FLASH_ATTENTION backend (FlashAttention-2, the paper's baseline) and CUDNN_ATTENTION
+backend. Medians of triton.testing.do_bench. torch {stamp['torch']}, triton {stamp['triton']}, commit
+{stamp['commit']}, {stamp['date']}. Produced by `python -m repro.bench_speed` then `python -m repro.plot_speed`.
+"""
+
+
+def speedup_section(rows) -> str:
+    """Dense times, attention and selection at the paper's 3.5% target (random masks), speedups, paper's beside."""
     speed = markdown_table(
         ["L", "FA2 ms", "cuDNN ms", "our dense ms", "realised rho", "attention ms", "selection ms",
          "total ms", "x FA2 (op / +sel)", "x cuDNN (op / +sel)", "paper x FA2"],
@@ -165,6 +182,19 @@ def summary(t, rows, stamp) -> str:
           f"{r['cudnn'] / r['phys']:.1f} / {r['cudnn'] / r['total']:.1f}",
           f"{PAPER_OPERATOR_SPEEDUP[r['L']]} (paper)" if r["L"] in PAPER_OPERATOR_SPEEDUP else "-"]
          for r in rows])
+    return f"""## Speedup at the paper's density (random masks with target 3.5%, forced blocks included)
+
+"attention" is `block_sparse_attention` alone (operator only); "selection" is pool + score + select + compact
+timed on planted inputs of the same length; "total" adds them. Below 64K the forced blocks (sinks, window, dense
+last rows) alone exceed 3.5%, so the realised density is higher. The paper's speedups are for Qwen3-30B-A3B
+activations at its own selection's density (paper: {PAPER_DENSITY_256K['FlashPrefill']:.1%} at 256K) on its GPU.
+
+{speed}
+"""
+
+
+def whole_call_section(rows) -> str:
+    """flash_prefill with alpha bisected to keep the paper's density (`flash_prefill_at_target` rows)."""
     targeted = [r for r in rows if r["at_target"]]
     whole_call = markdown_table(
         ["L", "alpha", "realised density", "flash_prefill ms (selection included)", "x FA2 (goal at 256K 35)",
@@ -174,6 +204,22 @@ def summary(t, rows, stamp) -> str:
           f"{r['cudnn'] / r['at_target']['ms']:.1f}",
           f"{PAPER_OPERATOR_SPEEDUP[r['L']]} (paper)" if r["L"] in PAPER_OPERATOR_SPEEDUP else "-"]
          for r in targeted]) if targeted else "(not in this run)"
+    title = ("## Whole flash_prefill at the paper's density (planted inputs, alpha set so its selection keeps "
+             f"{LOW_DENSITY:.1%})")
+    return f"""{title}
+
+The call a user makes, selection included, on the structured synthetic inputs; alpha found by bisection on the
+selection's realised density (`bench_speed --pipeline-densities`). Unlike the random masks above, the heads' lists
+overlap (planted patterns: at 16K, alpha 0.3, 85% of a head's blocks are also kept by the next head), so a K/V
+tile fetched for one head of a GQA group is reused from L2 by the others; how much real heads overlap depends on
+the model. Lengths below 64K are missing where the forced blocks alone exceed {LOW_DENSITY:.1%}.
+
+{whole_call}
+"""
+
+
+def efficiency_section(t) -> str:
+    """Physical skip against rho x T(cuDNN dense), with the logical skip beside, per target density and length."""
     eff_rows = []
     for (what, target), by_L in sorted(t.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         if what != "physical":
@@ -187,6 +233,14 @@ def summary(t, rows, stamp) -> str:
                              f"{r['ms'] / ideal:.2f}", f"{logical:.2f}", f"{logical / r['ms']:.2f}"])
     efficiency = markdown_table(["target", "L", "rho", "physical ms", "rho x T(cuDNN) ms", "ratio (goal <= 1.15)",
                                  "logical ms", "logical / physical"], eff_rows)
+    return f"""## Per-block efficiency: physical skip against rho x T(cuDNN dense)
+
+{efficiency}
+"""
+
+
+def stages_section(t) -> str:
+    """The selection stages, the whole call, its CUDA graph replay, host enqueue time and selection memory."""
     stages = markdown_table(
         ["L", "density", "pool", "score", "select+compact", "selection total", "% of cuDNN dense (goal 1%)",
          "flash_prefill", "/ cuDNN (goal at 4K 0.9)", "graph replay", "host enqueue", "selection peak MiB"],
@@ -196,37 +250,7 @@ def summary(t, rows, stamp) -> str:
             ratio(t, "flash_prefill", "sdpa_cudnn", L, "{:.2f}"), cell(t, "flash_prefill_cuda_graph", L, "ms"),
             cell(t, "flash_prefill_host", L, "ms"), cell(t, "flash_prefill", L, "selection_peak_mib")]
          for L in sorted(t[("flash_prefill", None)])])
-    return f"""# FlashPrefill operator speed on {stamp['device_name']}
-
-bf16, B=1, Hq=32, Hkv=4, D=128, causal, Bs=128. Inputs are **synthetic** (reference.synthetic.planted_qkv). Dense
-baselines: torch SDPA FLASH_ATTENTION backend (FlashAttention-2, the paper's baseline) and CUDNN_ATTENTION
-backend. Medians of triton.testing.do_bench. torch {stamp['torch']}, triton {stamp['triton']}, commit
-{stamp['commit']}, {stamp['date']}. Produced by `python -m repro.bench_speed` then `python -m repro.plot_speed`.
-
-## Speedup at the paper's density (random masks with target 3.5%, forced blocks included)
-
-"attention" is `block_sparse_attention` alone (operator only); "selection" is pool + score + select + compact
-timed on planted inputs of the same length; "total" adds them. Below 64K the forced blocks (sinks, window, dense
-last rows) alone exceed 3.5%, so the realised density is higher. The paper's speedups are for Qwen3-30B-A3B
-activations at its own selection's density (paper: {PAPER_DENSITY_256K['FlashPrefill']:.1%} at 256K) on its GPU.
-
-{speed}
-
-## Whole flash_prefill at the paper's density (planted inputs, alpha set so its selection keeps {LOW_DENSITY:.1%})
-
-The call a user makes, selection included, on the structured synthetic inputs; alpha found by bisection on the
-selection's realised density (`bench_speed --pipeline-densities`). Unlike the random masks above, the heads' lists
-overlap (planted patterns: at 16K, alpha 0.3, 85% of a head's blocks are also kept by the next head), so a K/V
-tile fetched for one head of a GQA group is reused from L2 by the others; how much real heads overlap depends on
-the model. Lengths below 64K are missing where the forced blocks alone exceed {LOW_DENSITY:.1%}.
-
-{whole_call}
-
-## Per-block efficiency: physical skip against rho x T(cuDNN dense)
-
-{efficiency}
-
-## Whole pipeline and selection stages (ms), planted synthetic inputs, alpha 0.12, its own density
+    return f"""## Whole pipeline and selection stages (ms), planted synthetic inputs, alpha 0.12, its own density
 
 Stages are timed alone (each launched through its public function); "flash_prefill" is the whole call as a user
 makes it. "graph replay": the same call captured once in a CUDA graph and replayed (no Python, no launch

@@ -21,9 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from repro.bench_speed import bench_ms, controlled_mask, group_shared_mask
-from triton_impl.attention import ATTENTION_CONFIG, _load_kv_tile, kv_descriptor
 from repro.common import environment_stamp, run_dir, write_long_csv
+from repro.masks import controlled_mask, full_causal_mask, group_shared_mask
+from repro.timing import bench_ms, dense_baselines
+from triton_impl.attention import ATTENTION_CONFIG, _load_kv_tile, kv_descriptor
 
 
 def main(argv=None):
@@ -41,7 +42,12 @@ def main(argv=None):
         return diagnose(args)
     if args.kv_loads:
         return kv_loads(args)
+    return sweep(args)
 
+
+def sweep(args):
+    """The launch-configuration sweep: the score kernel's tiles, warps and stages, then the attention kernel's on
+    random block lists at 3.5% and 30% and in DENSE mode; prints the four best configurations of each."""
     import triton_impl
     from reference.synthetic import planted_qkv
     from triton_impl.attention import DENSE, PHYSICAL, launch_attention
@@ -108,7 +114,7 @@ def diagnose(args):
     L, Hq, Hkv, D = args.length, 32, 4, 128
     M, scale = L // 128, D ** -0.5
     q, k, v = planted_qkv(1, L, Hq, Hkv, D, seed=0, dtype=torch.bfloat16, device="cuda")
-    full = torch.ones(M, M, dtype=torch.bool, device="cuda").tril().expand(1, Hq, M, M)
+    full = full_causal_mask(Hq, M)
     independent = controlled_mask(1, Hq, M, 0.3, seed=1)
     shared = group_shared_mask(Hq, Hkv, M, 0.3, seed=1)
     lists = {name: triton_impl.compact_blocks(m.contiguous()) for name, m in
@@ -129,13 +135,13 @@ def diagnose(args):
     write_long_csv(args.out_dir / f"diagnose_L{L}.csv", rows, environment_stamp("cuda"))
 
 
-KV_LOAD_CONFIGS = [  # the first is the reference: every other configuration's output is compared with its
+KV_LOAD_CONFIGS = (  # the first is the reference: every other configuration's output is compared with its
     dict(kv_descriptors=False, prefetch_index=True, BLOCK_N=128, num_stages=3),
     dict(kv_descriptors=True, prefetch_index=True, BLOCK_N=128, num_stages=3),
     dict(kv_descriptors=True, prefetch_index=False, BLOCK_N=128, num_stages=3),
     dict(kv_descriptors=True, prefetch_index=True, BLOCK_N=128, num_stages=2),
     dict(kv_descriptors=True, prefetch_index=False, BLOCK_N=64, num_stages=5),
-]
+)
 
 
 @triton.jit
@@ -181,7 +187,6 @@ def kv_loads(args):
     workloads run (the dense ones take over a second a call)."""
     import triton_impl
     from reference.synthetic import planted_qkv
-    from repro.bench_speed import dense_baselines
     from triton_impl.attention import DENSE, PHYSICAL, launch_attention
 
     L, Hq, Hkv, D = args.length, 32, 4, 128
@@ -194,7 +199,7 @@ def kv_loads(args):
     masks = {f"{t:.1%} independent": controlled_mask(1, Hq, M, t, seed=1) for t in (0.035, 0.1, 0.3)}
     masks["3.5% group-shared"] = group_shared_mask(Hq, Hkv, M, 0.035, seed=1)
     if L <= 131072:
-        masks["full list"] = torch.ones(M, M, dtype=torch.bool, device="cuda").tril().expand(1, Hq, M, M)
+        masks["full list"] = full_causal_mask(Hq, M)
         masks["30% group-shared"] = group_shared_mask(Hq, Hkv, M, 0.3, seed=1)
     workloads = {name: dict(mode=PHYSICAL, lists=triton_impl.compact_blocks(m.contiguous()))
                  for name, m in masks.items()}

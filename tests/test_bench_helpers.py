@@ -1,4 +1,4 @@
-"""The CPU-checkable parts of the GPU benchmark scripts (repro/bench_speed.py)."""
+"""The CPU-checkable parts of the benchmarks' shared helpers (repro/masks.py, repro/timing.py) and scripts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from helpers import DEVICE
 
 import triton_impl
 from reference.synthetic import planted_qkv
-from repro.bench_speed import alpha_for_density
+from repro.masks import alpha_for_density
+from repro.timing import measure_call
 
 
 def _scores(L=2048, block_size=64):
@@ -28,6 +29,25 @@ def test_alpha_for_density_below_the_forced_blocks_is_none():
     scores = _scores()
     floor = float(triton_impl.causal_block_density(triton_impl.select_and_compact(scores, 1.0)[0]))
     assert alpha_for_density(scores, floor / 2) is None
+
+
+def test_measure_call_excludes_the_warm_up():
+    calls = []
+    result, ms, peak = measure_call(lambda: calls.append(1) or len(calls), "cpu", repeats=3)
+    assert result == 1 and len(calls) == 4 and ms >= 0 and peak is None
+
+
+def test_controlled_masks_keep_the_forced_blocks_and_the_causal_triangle():
+    from reference.selection import safety_net_mask
+    from repro.masks import controlled_mask, full_causal_mask, group_shared_mask
+
+    M = 32
+    mask = controlled_mask(2, 4, M, 0.3, seed=0, device="cpu")
+    assert mask.shape == (2, 4, M, M) and not mask.triu(1).any() and mask[..., safety_net_mask(M)].all()
+    assert torch.equal(mask, controlled_mask(2, 4, M, 0.3, seed=0, device="cpu"))  # seeded
+    shared = group_shared_mask(8, 2, M, 0.3, seed=0, device="cpu")
+    assert shared.shape == (1, 8, M, M) and torch.equal(shared[0, 0], shared[0, 3])
+    assert torch.equal(full_causal_mask(4, M, device="cpu")[0, 1], torch.ones(M, M, dtype=torch.bool).tril())
 
 
 def test_ab_attention_imports_each_version_under_its_own_name(tmp_path):

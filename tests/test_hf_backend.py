@@ -9,7 +9,7 @@ No weights are needed: every model is built from a small config with a fixed see
   with a FlashPrefillFallbackWarning; tests/test_hf_fallbacks.py pins the warnings, the recorder's bounds, autograd
   and `generate` in each situation a user meets);
 * sequences of 1 token and shorter than a block work;
-* the peers' block selectors (selector="flexprefill" / "xattention", reference/peers.py) run through the same
+* the peers' block selectors (selector="flexprefill" / "xattention", peers/) run through the same
   backend: a pruning setting gives density < 1, a setting that keeps every block gives eager attention's logits,
   and unknown selectors or parameters fail at configuration time;
 * on the CPU the reference runs, never the Triton path (tests run with TRITON_INTERPRET=1), unless a test asks
@@ -541,7 +541,7 @@ def test_gpu_unsupported_head_dim_falls_back_to_sdpa():
 def test_real_activations_when_present():
     """FlashPrefill on dumped SmolLM2 q/k/v (python -m repro.dump_activations): alpha 0 is exact, the paper's
     default drops blocks with a small relative error; on a GPU the Triton kernel matches the reference."""
-    from repro.dump_activations import load_activations
+    from repro.capture import load_activations
 
     acts = load_activations(max_length=2048)
     if not acts:

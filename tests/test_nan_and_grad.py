@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ATOL, DEVICE, KERNEL_TEST_DTYPES, causal_block_mask, dtype_id, num_blocks, random_qkv
+from helpers import DEVICE, KERNEL_TEST_DTYPES, causal_block_mask, dtype_id, random_qkv
 
 import reference
 import triton_impl
 import triton_impl.common
 from reference.synthetic import planted_qkv
+from tools.oracle import ATOL, num_blocks
 
 NAN = float("nan")
 PACKAGES = [reference, triton_impl]
@@ -233,8 +234,9 @@ def test_triton_refuses_inputs_that_require_grad(entry):
 
 
 def test_every_triton_entry_point_is_covered():
+    # compact_blocks reads a bool mask (no float input to track); lists_to_mask is the reference's own
     assert set(TRITON_ENTRY_POINTS) | {"compact_blocks", "FlashPrefillStats", "causal_block_density",
-                                       "PAPER_ALPHA"} == set(triton_impl.__all__)
+                                       "PAPER_ALPHA", "lists_to_mask"} == set(triton_impl.__all__)
 
 
 # --- bfloat16 under the Triton interpreter ----------------------------------------------------------------------------
@@ -253,7 +255,7 @@ def test_triton_refuses_bfloat16_under_the_interpreter(entry):
 
 
 def test_interpreter_dtype_check_reads_the_environment(monkeypatch):
-    """hopper_compile patches `interpreting()` to True while it compiles bfloat16 kernels for a GPU without the
+    """tools.hopper_compile patches `interpreting()` to True while it compiles bfloat16 kernels for a GPU without the
     interpreter: the dtype check must look at TRITON_INTERPRET itself."""
     check = triton_impl.common.check_kernel_dtype
     bf16 = torch.zeros(2, dtype=torch.bfloat16)

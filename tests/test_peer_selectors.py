@@ -1,4 +1,4 @@
-"""Basic rules of the peer selectors (reference/peers.py) on small hand-made inputs.
+"""Basic rules of the peer selectors (peers/) on small hand-made inputs.
 
 FlexPrefill (`flexprefill_select`): short inputs dense; the sink column and the diagonal always kept; a larger
 coverage gamma keeps a superset; tau = 0 makes every head vertical-slash and tau = 1 every head query-aware; a
@@ -17,11 +17,12 @@ import math
 import pytest
 import torch
 
-from reference import block_sparse_attention, causal_block_density
-import reference.peers as peers
-from reference.peers import flexprefill_select, xattention_block_scores, xattention_select
+from peers import flexprefill as flexprefill_module
+from peers import flexprefill_select, xattention_block_scores, xattention_select
+from peers import xattention as xattention_module
+from reference import block_sparse_attention, causal_block_density, lists_to_mask
 from reference.validation import check_block_lists
-from repro.differential import flash_rule, mask_from_lists
+from tools.oracle import flash_rule
 
 BS = 32  # small blocks keep the tests fast
 # min_budget 2 blocks: the budget n = floor(K / Bs) + 1 counts the forced sink column / diagonal (as in the official
@@ -66,7 +67,7 @@ def slash_qkv(L=512, offset=200, Hq=2, Hkv=1, D=32, strength=8.0, freqs=8):
 
 def mask_of(counts, indices):
     check_block_lists(counts, indices)  # causal, ascending, counts within range
-    mask = mask_from_lists(counts, indices)
+    mask = lists_to_mask(counts, indices)
     assert torch.equal(mask.sum(-1, dtype=torch.int32), counts)
     return mask
 
@@ -132,7 +133,7 @@ def test_lists_run_in_block_sparse_attention(name):
     q, k, v = rand_qkv(L=320, Hq=2, Hkv=1, D=16)
     counts, indices = SELECTORS[name](q, k)
     out = block_sparse_attention(q, k, v, counts, indices, BS)
-    ok, err, pt_err = flash_rule(out, q, k, v, mask_from_lists(counts, indices), BS)
+    ok, err, pt_err = flash_rule(out, q, k, v, lists_to_mask(counts, indices), BS)
     assert ok, (err, pt_err)
 
 
@@ -143,14 +144,14 @@ def test_chunked_estimate_equals_one_piece(name, monkeypatch):
     q, k, _ = rand_qkv(B=2, L=600, Hq=8, Hkv=4)
     q_hat = q[:, -BS:]
     whole = SELECTORS[name](q, k)
-    masses = peers._last_block_masses(q_hat, k, 0.25)
+    masses = flexprefill_module._last_block_masses(q_hat, k, 0.25)
     scores = xattention_block_scores(q, k, stride=8, block_size=BS)
-    monkeypatch.setattr(peers, "_FLEX_CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(peers, "_XATTN_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(flexprefill_module, "_FLEX_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(xattention_module, "_XATTN_CHUNK_ELEMENTS", 1)
     chunked = SELECTORS[name](q, k)
     assert torch.equal(mask_of(*whole), mask_of(*chunked))
     if name == "flexprefill":
-        for a, b in zip(masses, peers._last_block_masses(q_hat, k, 0.25)):
+        for a, b in zip(masses, flexprefill_module._last_block_masses(q_hat, k, 0.25)):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
     else:
         torch.testing.assert_close(scores, xattention_block_scores(q, k, stride=8, block_size=BS), rtol=1e-6,

@@ -4,7 +4,7 @@ The inputs are the post-RoPE query / key / value tensors that `python -m repro.d
 git-ignored repro/activations/ (one 8K-token NIAH prompt, a few layers of SmolLM2-135M: Hq=9, Hkv=3, D=64).
 Without a dump every test here is skipped, with the command that makes one.
 
-The same three rules as the synthetic tests (repro/differential.py), on attention patterns the planted inputs
+The same three rules as the synthetic tests (tools/oracle.py), on attention patterns the planted inputs
 only imitate (real sinks, local bands and retrieval heads, and real dynamic range):
 
 * block scores: triton_impl.block_scores == reference.block_scores in float64, to float32 rounding;
@@ -30,8 +30,9 @@ import torch
 
 import reference
 import triton_impl
-from repro.differential import block_set_differences, block_sets_agree, flash_rule, mask_from_lists
-from repro.dump_activations import ACTIVATIONS_DIR, DEFAULT_LAYERS, load_activations
+from reference import lists_to_mask
+from repro.capture import ACTIVATIONS_DIR, DEFAULT_LAYERS, load_activations
+from tools.oracle import block_set_differences, block_sets_agree, flash_rule
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -107,7 +108,7 @@ def test_flash_prefill_selects_the_reference_block_set(case):
     ref_scores = reference.block_scores(q.double(), reference.mean_pool_keys(k.double(), bs), bs)
     net = {key: value for key, value in sel.items() if key != "block_size"}
     ref_mask = reference.select_blocks(ref_scores, ALPHA, **net)
-    mask = mask_from_lists(stats.counts, stats.indices)
+    mask = lists_to_mask(stats.counts, stats.indices)
     n_differ, n_off_tie = block_set_differences(mask, ref_mask, ref_scores, ALPHA)
     assert n_off_tie == 0, f"{n_off_tie} blocks differ off a threshold tie"
     assert block_sets_agree(mask, ref_mask, ref_scores, ALPHA), f"{n_differ} threshold ties: too many"
@@ -121,6 +122,6 @@ def test_flash_prefill_output_on_its_own_block_set(case):
     q, k, v, out, stats = triton_run(case)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert not out.isnan().any(), "kernel left NaN (unwritten or invalid) elements"
-    mask = mask_from_lists(stats.counts, stats.indices)
+    mask = lists_to_mask(stats.counts, stats.indices)
     ok, err, pt_err = flash_rule(out, q, k, v, mask, case[3]["block_size"])
     assert ok, f"max error {err:.3g} > 2 x PyTorch's {pt_err:.3g} + 1e-5"

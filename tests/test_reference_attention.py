@@ -5,15 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (
-    ATOL,
-    causal_block_mask,
-    naive_attention_fp64,
-    naive_block_sparse_attention_fp64,
-    num_blocks,
-    random_block_mask,
-    random_qkv,
-)
+from helpers import causal_block_mask, random_block_mask, random_qkv
 
 from reference import (
     block_sparse_attention,
@@ -23,6 +15,7 @@ from reference import (
     dense_attention,
     flash_prefill,
 )
+from tools.oracle import ATOL, naive_attention, num_blocks
 
 
 # (B, L, Hq, Hkv, D, block_size): odd lengths 1/127/128/129/1000, GQA groups 1/3/4/8, D 64/128, batch 1-3.
@@ -68,7 +61,7 @@ def test_dense_attention_matches_naive_fp64(shape):
     q, k, v = random_qkv(B, L, Hq, Hkv, D, torch.float32, seed=seed_of(shape))
     out = dense_attention(q, k, v)
     assert out.shape == (B, L, Hq, D) and out.dtype == torch.float32
-    assert_close64(out, naive_attention_fp64(q, k, v), ATOL[torch.float32])
+    assert_close64(out, naive_attention(q, k, v), ATOL[torch.float32])
 
 
 @pytest.mark.parametrize("shape", [SHAPE_PARAMS[i] for i in (1, 4, 6)])
@@ -77,7 +70,7 @@ def test_dense_attention_float64_is_exact(shape):
     q, k, v = random_qkv(B, L, Hq, Hkv, D, torch.float64, seed=seed_of(shape))
     out = dense_attention(q, k, v)
     assert out.dtype == torch.float64
-    assert_close64(out, naive_attention_fp64(q, k, v), 1e-12)
+    assert_close64(out, naive_attention(q, k, v), 1e-12)
 
 
 def test_dense_attention_first_token_sees_only_itself():
@@ -143,7 +136,7 @@ def test_physical_and_logical_skip_agree(shape, keep):
     logical, log_visits = block_sparse_attention_logical(q, k, v, mask, Bs, return_visits=True)
 
     torch.testing.assert_close(physical, logical, atol=1e-6, rtol=0)
-    assert_close64(physical, naive_block_sparse_attention_fp64(q, k, v, mask, Bs), ATOL[torch.float32])
+    assert_close64(physical, naive_attention(q, k, v, mask, Bs), ATOL[torch.float32])
 
     assert phys_visits.dtype == torch.int32 and log_visits.dtype == torch.int32
     assert torch.equal(phys_visits, counts)
@@ -189,7 +182,7 @@ def test_diagonal_only_mask_is_local_attention():
     mask = torch.eye(M, dtype=torch.bool).expand(B, Hq, M, M).contiguous()
     pos = torch.arange(L)
     token_mask = (pos.view(-1, 1) >= pos.view(1, -1)) & (pos.view(-1, 1) // Bs == pos.view(1, -1) // Bs)
-    expected = naive_attention_fp64(q, k, v, token_mask=token_mask.expand(B, Hq, L, L))
+    expected = naive_attention(q, k, v, token_mask=token_mask.expand(B, Hq, L, L))
     counts, indices = compact_blocks(mask)
     assert_close64(block_sparse_attention(q, k, v, counts, indices, Bs), expected, 1e-12)
     assert_close64(block_sparse_attention_logical(q, k, v, mask, Bs), expected, 1e-12)
@@ -212,7 +205,7 @@ def test_flash_prefill_equals_attention_on_its_block_set(alpha):
     mask = torch.zeros(B, Hq, M, M, dtype=torch.bool)
     for b, h, I in torch.nonzero(torch.ones(B, Hq, M)).tolist():
         mask[b, h, I, stats.indices[b, h, I, : stats.counts[b, h, I]].long()] = True
-    assert_close64(out, naive_block_sparse_attention_fp64(q, k, v, mask, Bs), ATOL[torch.float32])
+    assert_close64(out, naive_attention(q, k, v, mask, Bs), ATOL[torch.float32])
     expected_density = int(stats.counts.sum()) / (B * Hq * M * (M + 1) / 2)
     assert stats.density.dim() == 0
     assert float(stats.density) == pytest.approx(expected_density, rel=1e-6)
@@ -235,8 +228,8 @@ def test_custom_softmax_scale():
     M = num_blocks(L, Bs)
     scale = 0.37
     q, k, v = random_qkv(B, L, Hq, Hkv, D, torch.float32, seed=15)
-    expected = naive_attention_fp64(q, k, v, softmax_scale=scale)
-    default = naive_attention_fp64(q, k, v)
+    expected = naive_attention(q, k, v, softmax_scale=scale)
+    default = naive_attention(q, k, v)
     assert (expected - default).abs().max() > 1e-2  # the scale matters for this input
     counts, indices = full_lists(B, Hq, L, Bs)
     outs = {
@@ -252,7 +245,7 @@ def test_custom_softmax_scale():
     mask = random_block_mask(B, Hq, M, keep=0.4, seed=15)
     c, i = compact_blocks(mask)
     assert_close64(block_sparse_attention(q, k, v, c, i, Bs, scale),
-                   naive_block_sparse_attention_fp64(q, k, v, mask, Bs, scale), ATOL[torch.float32])
+                   naive_attention(q, k, v, mask, Bs, scale), ATOL[torch.float32])
 
 
 def test_softmax_scale_is_used_by_flash_prefill_selection():
@@ -274,10 +267,10 @@ def test_output_dtype_follows_q(dtype):
     B, L, Hq, Hkv, D, Bs = 2, 77, 4, 1, 64, 16
     M = num_blocks(L, Bs)
     q, k, v = random_qkv(B, L, Hq, Hkv, D, dtype, seed=17)
-    expected_dense = naive_attention_fp64(q, k, v)
+    expected_dense = naive_attention(q, k, v)
     mask = random_block_mask(B, Hq, M, keep=0.5, seed=17)
     counts, indices = compact_blocks(mask)
-    expected_sparse = naive_block_sparse_attention_fp64(q, k, v, mask, Bs)
+    expected_sparse = naive_attention(q, k, v, mask, Bs)
     outs = {
         "dense": (dense_attention(q, k, v), expected_dense),
         "flash_prefill_alpha0": (flash_prefill(q, k, v, alpha=0.0, block_size=Bs), expected_dense),

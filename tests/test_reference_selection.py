@@ -9,14 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import (
-    assert_lists_match_mask,
-    naive_block_scores_fp64,
-    naive_mean_pool_fp64,
-    naive_select_blocks,
-    num_blocks,
-    random_qkv,
-)
+from helpers import random_qkv
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -25,10 +18,19 @@ from reference import (
     causal_block_density,
     compact_blocks,
     flash_prefill,
+    lists_to_mask,
     mean_pool_keys,
+    select_and_compact,
     select_blocks,
 )
 from reference.synthetic import PlantedPatterns, planted_qkv
+from tools.oracle import (
+    assert_lists_match_mask,
+    naive_block_scores_fp64,
+    naive_mean_pool_fp64,
+    naive_select_blocks,
+    num_blocks,
+)
 
 
 # --- stage 1: mean_pool_keys ------------------------------------------------------------------------------------
@@ -328,6 +330,36 @@ def test_compact_blocks_properties(seed, B, Hq, M, keep):
         row = indices[b, h, I, : counts[b, h, I]]
         assert (row[1:] > row[:-1]).all(), "list not strictly ascending"
         assert ((row >= 0) & (row < M)).all()
+
+
+@given(seed=st.integers(0, 2**16), B=st.integers(1, 3), Hq=st.integers(1, 3), M=st.integers(1, 16),
+       keep=st.floats(0.0, 1.0))
+def test_lists_to_mask_inverts_compact_blocks(seed, B, Hq, M, keep):
+    """lists_to_mask(compact_blocks(mask)) == mask for causal masks; what lies past counts is never read."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(B, Hq, M, M, generator=gen) < keep) & torch.ones(M, M, dtype=torch.bool).tril()
+    counts, indices = compact_blocks(mask)
+    assert torch.equal(lists_to_mask(counts, indices), mask)
+    junk = torch.where(torch.arange(M) < counts.unsqueeze(-1), indices, 0)  # 0 past counts: ignored
+    assert torch.equal(lists_to_mask(counts, junk), mask)
+
+
+def test_lists_to_mask_reads_narrow_lists():
+    """Lists narrower than the block grid (C < M, as block_sparse_attention admits) give an (M, M) mask."""
+    counts = torch.tensor([[[1, 1, 2, 1]]], dtype=torch.int32)
+    indices = torch.tensor([[[[0, -1], [1, -1], [0, 2], [3, -1]]]], dtype=torch.int32)
+    expected = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    for I, row in enumerate([[0], [1], [0, 2], [3]]):
+        expected[0, 0, I, row] = True
+    assert torch.equal(lists_to_mask(counts, indices), expected)
+
+
+def test_select_and_compact_is_select_then_compact():
+    q, k, _ = random_qkv(2, 300, 4, 2, 16, seed=5)
+    scores = block_scores(q, mean_pool_keys(k, 32), 32)
+    expected = compact_blocks(select_blocks(scores, 0.2, 1, 2, 1))
+    for got, want in zip(select_and_compact(scores, 0.2, 1, 2, 1), expected):
+        assert torch.equal(got, want)
 
 
 # --- density -----------------------------------------------------------------------------------------------------

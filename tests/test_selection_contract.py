@@ -15,11 +15,12 @@ import importlib
 
 import pytest
 import torch
-from helpers import DEVICE, KERNEL_TEST_DTYPES, dtype_id, naive_select_blocks, random_block_mask, random_qkv
+from helpers import DEVICE, KERNEL_TEST_DTYPES, dtype_id, random_block_mask, random_qkv
 
 import reference
 import triton_impl
 import triton_impl.common
+from tools.oracle import naive_select_blocks
 
 NAN, INF = float("nan"), float("inf")
 B, HQ, M = 2, 1, 11

@@ -21,15 +21,15 @@ from helpers import (
     case_params,
     causal_block_mask,
     dtype_id,
-    num_blocks,
     random_block_mask,
     random_qkv,
 )
 
 import reference
 import triton_impl
+from reference import lists_to_mask
 from reference.synthetic import planted_qkv
-from repro.differential import flash_rule, mask_from_lists
+from tools.oracle import flash_rule, num_blocks
 from triton_impl.common import BLOCK_SIZES, GPU_DTYPES, HEAD_DIMS
 
 DTYPES = KERNEL_TEST_DTYPES
@@ -200,7 +200,7 @@ def test_flash_prefill_on_its_own_block_set(case, dtype):
     q, k, v = inputs(case, dtype, seed=9, planted=True)
     out, stats = triton_impl.flash_prefill(q, k, v, alpha=0.1, block_size=bs, return_stats=True)
     M = num_blocks(L, bs)
-    mask = mask_from_lists(stats.counts, stats.indices)
+    mask = lists_to_mask(stats.counts, stats.indices)
     assert torch.equal(mask.sum(-1, dtype=torch.int32), stats.counts)
     assert_flash_rule(out, q, k, v, mask, bs)
     assert 0 < stats.density.item() <= 1
@@ -246,7 +246,7 @@ def test_every_supported_block_size_head_dim_and_dtype_runs(block_size, head_dim
     B, L, Hq, Hkv, D, bs = case
     q, k, v = inputs(case, dtype, seed=13, planted=True)
     out, stats = triton_impl.flash_prefill(q, k, v, alpha=0.1, block_size=bs, return_stats=True)
-    mask = mask_from_lists(stats.counts, stats.indices)
+    mask = lists_to_mask(stats.counts, stats.indices)
     assert_flash_rule(out, q, k, v, mask, bs)
     logical = triton_impl.block_sparse_attention_logical(q, k, v, mask, bs)
     torch.testing.assert_close(logical, out, rtol=0, atol=0)

@@ -1,7 +1,7 @@
 """The Triton kernels compile for Hopper (sm_90) with the real compiler, on any machine (no GPU needed).
 
 The CPU tests run the kernels under the interpreter, which accepts code the compiler rejects (for example a kernel
-reading a global that is not a tl.constexpr). `python -m triton_impl.hopper_compile` compiles every kernel exactly
+reading a global that is not a tl.constexpr). `python -m tools.hopper_compile` compiles every kernel exactly
 as the Python wrappers launch it; here it runs for every dtype, head dim and block size the public API admits on
 a GPU (bf16, fp16; triton_impl.common) and every attention mode, in a subprocess without TRITON_INTERPRET (this
 process has it set, see conftest.py), and checks shared memory against an H200's limit. Skipped, with the tool's
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CANNOT_COMPILE_HERE = 3  # triton_impl.hopper_compile's exit status when this machine cannot compile for sm_90
+CANNOT_COMPILE_HERE = 3  # tools.hopper_compile's exit status when this machine cannot compile for sm_90
 DTYPES = ("bf16", "fp16")  # every dtype the kernels admit on a GPU (triton_impl.common.GPU_DTYPES)
 
 
@@ -29,7 +29,7 @@ def report(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     result = subprocess.run(
-        [sys.executable, "-m", "triton_impl.hopper_compile", "--dtypes", ",".join(DTYPES), "--json", str(out)],
+        [sys.executable, "-m", "tools.hopper_compile", "--dtypes", ",".join(DTYPES), "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     if result.returncode == CANNOT_COMPILE_HERE:

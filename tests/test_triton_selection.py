@@ -9,23 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (
-    DEVICE,
-    KERNEL_TEST_DTYPES,
-    assert_lists_match_mask,
-    case_id,
-    case_params,
-    dtype_id,
-    naive_mean_pool_fp64,
-    random_block_mask,
-    random_qkv,
-)
+from helpers import DEVICE, KERNEL_TEST_DTYPES, case_id, case_params, dtype_id, random_block_mask, random_qkv
 
 import reference
 import triton_impl
+from reference import lists_to_mask
 from reference.synthetic import planted_qkv
-from repro.differential import block_set_differences, block_sets_agree, mask_from_lists
 from triton_impl.flash_prefill import query_block_chunks
+from tools.oracle import assert_lists_match_mask, block_set_differences, block_sets_agree, naive_mean_pool_fp64
 
 DTYPES = KERNEL_TEST_DTYPES
 
@@ -99,6 +90,8 @@ def test_select_and_compact_match_reference_exactly_on_the_same_scores(case, alp
     assert_lists_match_mask(counts.cpu(), indices.cpu(), ref_mask.cpu())
     counts, indices = triton_impl.select_and_compact(scores, alpha, **params)
     assert_lists_match_mask(counts.cpu(), indices.cpu(), ref_mask.cpu())
+    ref_counts, ref_indices = reference.select_and_compact(scores, alpha, **params)  # the twin: the same lists
+    assert torch.equal(counts.cpu(), ref_counts.cpu()) and torch.equal(indices.cpu(), ref_indices.cpu())
 
 
 @pytest.mark.parametrize("keep", [0.0, 0.3, 1.0])
@@ -119,7 +112,7 @@ def test_flash_prefill_selects_the_reference_block_set(case, dtype):
     ref_scores = reference.block_scores(q.double(), reference.mean_pool_keys(k.double(), bs), bs)
     ref_mask = reference.select_blocks(ref_scores, alpha)
     M = ref_mask.shape[-1]
-    mask = mask_from_lists(stats.counts, stats.indices)
+    mask = lists_to_mask(stats.counts, stats.indices)
     assert_same_blocks_except_ties(mask, ref_mask, ref_scores, alpha)
     assert torch.equal(mask.sum(-1, dtype=torch.int32), stats.counts)
     assert torch.isclose(stats.density, reference.causal_block_density(stats.counts))
@@ -138,7 +131,7 @@ def test_flash_prefill_in_chunks_of_query_blocks_equals_one_piece(budget_rows):
     out, stats = triton_impl.flash_prefill(q, k, v, alpha=0.1, block_size=bs, return_stats=True,
                                            max_selection_bytes=budget)
     assert torch.equal(stats.counts, one_stats.counts)
-    assert torch.equal(mask_from_lists(stats.counts, stats.indices), mask_from_lists(one_stats.counts,
+    assert torch.equal(lists_to_mask(stats.counts, stats.indices), lists_to_mask(one_stats.counts,
                                                                                     one_stats.indices))
     assert torch.equal(out, one)
 
@@ -168,5 +161,5 @@ def test_wide_offsets_give_the_same_results(monkeypatch):
     wide, wide_stats = triton_impl.flash_prefill(q, k, v, alpha=0.1, block_size=32, return_stats=True)
     assert torch.equal(wide, narrow)
     assert torch.equal(wide_stats.counts, narrow_stats.counts)
-    assert torch.equal(mask_from_lists(wide_stats.counts, wide_stats.indices),
-                       mask_from_lists(narrow_stats.counts, narrow_stats.indices))
+    assert torch.equal(lists_to_mask(wide_stats.counts, wide_stats.indices),
+                       lists_to_mask(narrow_stats.counts, narrow_stats.indices))

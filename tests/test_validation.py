@@ -23,7 +23,9 @@ from reference import (
     compact_blocks,
     dense_attention,
     flash_prefill,
+    lists_to_mask,
     mean_pool_keys,
+    select_and_compact,
     select_blocks,
 )
 
@@ -77,6 +79,12 @@ ENTRY_POINTS: dict[str, tuple[Callable[[dict], object], set[str]]] = {
         {"scores", "alpha", "sink_blocks", "window_blocks", "last_dense_blocks"},
     ),
     "compact_blocks": (lambda a: compact_blocks(a["mask"]), {"mask"}),
+    "select_and_compact": (
+        lambda a: select_and_compact(a["scores"], a["alpha"], a["sink_blocks"], a["window_blocks"],
+                                     a["last_dense_blocks"]),
+        {"scores", "alpha", "sink_blocks", "window_blocks", "last_dense_blocks"},
+    ),
+    "lists_to_mask": (lambda a: lists_to_mask(a["counts"], a["indices"]), {"counts", "indices"}),
 }
 QKV = {"flash_prefill", "dense_attention", "block_sparse_attention", "block_sparse_attention_logical"}
 
@@ -204,6 +212,9 @@ CASES = [
          r"^indices must have shape \(B=2, Hq=4, M=3, C\) with 1 <= C <= N=3"),
     Case("indices-too-wide", lambda a: {"indices": torch.zeros(B, HQ, M, M + 1, dtype=torch.int32)}, ValueError,
          r"^indices must have shape .* got \(2, 4, 3, 4\)"),
+    Case("lists-rows-differ", lambda a: {"counts": torch.ones(B, HQ, M + 1, dtype=torch.int32)}, ValueError,
+         r"^indices must have shape \(B=2, Hq=4, M=4, C\) with 1 <= C <= N=4, got \(2, 4, 3, 3\)",
+         only={"lists_to_mask"}),
     # --- list values that compact_blocks never produces (would read the wrong block, or a block twice)
     Case("counts-negative", lambda a: {"counts": a["counts"] - 2}, ValueError, r"^counts must satisfy 0 <= counts"),
     Case("counts-above-diagonal", lambda a: {"counts": a["counts"] + 1}, ValueError,
@@ -258,9 +269,15 @@ CASES = [
 ]
 
 
+# Lists that do not fit q's blocks: lists_to_mask has no q, it reads M from counts (its own cases are below).
+FIT_Q = {"counts-blocks", "counts-heads"}
+
+
 def applicable(case: Case, entry: str) -> bool:
     takes = ENTRY_POINTS[entry][1]
     changed = set(case.change(valid_args()))
+    if entry == "lists_to_mask" and case.id in FIT_Q:
+        return False
     return changed <= takes and (case.only is None or entry in case.only)
 
 

@@ -2,7 +2,14 @@
 
 Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set before
 triton is imported; float16 and float32 only there: the interpreter computes tl.dot on bfloat16 wrongly). Each stage
-lives in the file that mirrors its reference twin.
+lives in the file that mirrors its reference twin (pooling, scoring, selection, attention, flash_prefill), and
+common.py holds what the kernels share (what they admit: dtypes, head dims, block sizes; the checks of it).
+
+Two entry points per stage: the public function (`mean_pool_keys`, `block_scores`, `select_and_compact`,
+`block_sparse_attention`, ...) checks its inputs and raises a clear error, as the reference does; its `launch_*` twin
+in the same file (`launch_mean_pool`, `launch_block_scores`, `launch_select_and_compact`, `launch_attention`)
+launches the kernel without any check, for callers that have checked once already (`flash_prefill`, the
+benchmarks). Bad input to a `launch_*` function is undefined behaviour; use the public functions.
 
 Inference-only: the kernels have no backward, so every entry point raises a RuntimeError when autograd would track an
 input (use torch.no_grad() / torch.inference_mode(), or the differentiable `reference`). NaN and inf propagate as in
@@ -10,7 +17,7 @@ dense attention, as in the reference (docs/DESIGN.md section 2).
 """
 
 from reference.flash_prefill import PAPER_ALPHA, FlashPrefillStats
-from reference.selection import causal_block_density
+from reference.selection import causal_block_density, lists_to_mask
 
 from .attention import block_sparse_attention, block_sparse_attention_logical, dense_attention
 from .flash_prefill import flash_prefill
@@ -30,5 +37,6 @@ __all__ = [
     "flash_prefill",
     "FlashPrefillStats",
     "causal_block_density",
+    "lists_to_mask",
     "PAPER_ALPHA",
 ]

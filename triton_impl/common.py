@@ -14,7 +14,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # all of them; w
 GPU_DTYPES = (torch.float16, torch.bfloat16)  # compiled and tested for sm_90
 INTERPRETER_DTYPES = (torch.float16, torch.float32)  # the CPU interpreter computes tl.dot on bfloat16 wrongly
 HEAD_DIMS = (64, 128)  # the head dims the differential tests cover; others get a clear error
-BLOCK_SIZES = (16, 32, 64, 128, 256)  # compiled for sm_90 by hopper_compile.py and tested; others: an error
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # compiled for sm_90 by tools/hopper_compile.py and tested; others: an error
 LOG2E = 1.4426950408889634
 
 
@@ -39,7 +39,7 @@ def check_kernel_dtype(**tensors) -> None:
 
     bfloat16 is refused under the interpreter, which computes tl.dot on bfloat16 wrongly; float32 is refused on a
     GPU, where its full-precision dots would run without tensor cores (nothing is tuned or tested for it there).
-    Reads TRITON_INTERPRET itself rather than calling `interpreting()`: hopper_compile patches that to True while it
+    Reads TRITON_INTERPRET itself rather than calling `interpreting()`: tools.hopper_compile patches that to True while it
     compiles the bfloat16 kernels for a GPU in a process without the interpreter, where bfloat16 is fine."""
     interpreter = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     for name, x in tensors.items():

@@ -18,10 +18,10 @@
 #                  --sweep-lengths 1024 --error-lengths 1024 --error-layers 0 29" TESTS=0
 #   FLASHPREFILL_COMMIT  the commit the tree was copied from (a copy without .git cannot tell); goes in the stamps
 #
-# Writes at most 8 files into $OUT: accuracy_gpu_{samples.csv, layer_error.csv, summary.md} (essential: the
-# figures can be redrawn from them with `python -m repro.accuracy.run --report-only --in-dir DIR --out-dir DIR
-# --prefix accuracy_gpu_`), accuracy_gpu_{niah_heatmap, alpha_sweep, layer_error}.png, accuracy_gpu_log.txt (the
-# run's console) and accuracy_gpu_tests.log (pytest -v).
+# Writes at most 9 files into $OUT: accuracy_gpu_{samples.csv, layer_error.csv, run.json, summary.md} (essential:
+# the summary and figures can be redrawn from the CSVs and run.json with `python -m repro.accuracy.run --report-only
+# --in-dir DIR --out-dir DIR --prefix accuracy_gpu_`), accuracy_gpu_{niah_heatmap, alpha_sweep, layer_error}.png,
+# accuracy_gpu_log.txt (the run's console) and accuracy_gpu_tests.log (pytest -v).
 #
 # What runs (repro/accuracy/run.py; the order puts the cheapest, most needed parts first):
 #   1. per-layer error of the Triton kernels vs exact float32 attention on real activations, all 30 layers, 4K and

@@ -11,13 +11,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .attention import block_sparse_attention, block_sparse_attention_logical, dense_attention
-from .plotting import DROPPED, keep_reasons
-from .pooling import compute_dtype, mean_pool_keys
-from .scoring import block_scores
-from .selection import causal_block_density, compact_blocks, select_blocks
-from .synthetic import PlantedPatterns, planted_qkv
-from .validation import check_block_layout, check_qkv, num_blocks, resolve_scale
+from reference.attention import block_sparse_attention, block_sparse_attention_logical, dense_attention
+from reference.pooling import compute_dtype, mean_pool_keys
+from reference.scoring import block_scores
+from reference.selection import causal_block_density, compact_blocks, select_blocks
+from reference.synthetic import PlantedPatterns, planted_qkv
+from reference.validation import check_block_layout, check_qkv, num_blocks, resolve_scale
+
+from .panels import DROPPED, keep_reasons
 
 # One head that looks at the sinks and at one stripe, and has a slash. The stripe is a run of tokens: mean pooling
 # divides a single-token stripe by Bs, and the block scores would not see it at all.

@@ -1,4 +1,4 @@
-"""Pictures of FlashPrefill's selection on one head, shared by `python -m reference` and the notebooks.
+"""Pictures of FlashPrefill's selection on one head, drawn by `python -m reference` and notebook 01.
 
 Every function draws one panel into a matplotlib Axes and takes plain 2-D data of one (batch, head) pair:
 scores (M, N), a reason map (M, N), counts (M,) and indices (M, N), as torch tensors or numpy arrays. Rows are
@@ -12,7 +12,7 @@ query blocks I (top to bottom), columns key blocks J, so that every panel lines 
     plot_visits            key blocks visited per row: logical skip (I + 1) vs physical jump (counts)
     draw_walkthrough       all six panels in one figure
 
-Matplotlib is imported here only, so `import reference` does not need it.
+This module imports numpy, torch and matplotlib only: it draws plain arrays, so any selector's output can be shown.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Compile every Triton kernel of triton_impl for Hopper (sm_90) on any machine, GPU or not, and report its resources.
 
-    python -m triton_impl.hopper_compile            # every variant: dtypes, head dims, block sizes, modes
-    python -m triton_impl.hopper_compile --quick    # D=128, Bs=128 only: every kernel and attention mode
-    python -m triton_impl.hopper_compile --dtypes bf16,fp16 --json report.json
+    python -m tools.hopper_compile            # every variant: dtypes, head dims, block sizes, modes
+    python -m tools.hopper_compile --quick    # D=128, Bs=128 only: every kernel and attention mode
+    python -m tools.hopper_compile --dtypes bf16,fp16 --json report.json
 
 Why: the CPU tests run the kernels under the Triton interpreter (TRITON_INTERPRET=1), which accepts code that the
 real compiler rejects (a kernel reading a global that is not a tl.constexpr, for one), and says nothing about
@@ -49,7 +49,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import common
+from triton_impl import common
 
 CANNOT_COMPILE_HERE = 3  # exit status when this machine has no NVIDIA backend / ptxas
 
@@ -88,7 +88,7 @@ def jit_kernels() -> dict[str, "triton.runtime.jit.JITFunction"]:  # noqa: F821
     """Every @triton.jit kernel of triton_impl (the functions named *_kernel; the others are device helpers)."""
     import triton.runtime.jit as jit
 
-    from . import attention, pooling, scoring, selection
+    from triton_impl import attention, pooling, scoring, selection
 
     found = {}
     for module in (pooling, scoring, selection, attention):
@@ -410,11 +410,11 @@ def preflight() -> str | None:
 
 def _rerun_without_interpreter() -> int:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.call([sys.executable, "-m", "triton_impl.hopper_compile", *sys.argv[1:]], env=env)
+    return subprocess.call([sys.executable, "-m", "tools.hopper_compile", *sys.argv[1:]], env=env)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m triton_impl.hopper_compile", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.hopper_compile", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="D=128, Bs=128 only (every kernel and mode)")
     parser.add_argument("--dtypes", default=",".join(DTYPES),
                         help=f"comma-separated q/k/v dtypes to compile for (default {','.join(DTYPES)})")
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, errors = compile_variants(selected, args.arch)
     covered = {r.kernel for r in rows}
     if not args.only:  # every kernel must have been compiled at least once
-        errors += [f"{name}: no variant launches this kernel (add one to triton_impl/hopper_compile.py)"
+        errors += [f"{name}: no variant launches this kernel (add one to tools/hopper_compile.py)"
                    for name in jit_kernels() if name not in covered]
     errors += check_limits(rows)
     elapsed = time.perf_counter() - start

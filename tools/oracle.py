@@ -1,0 +1,204 @@
+"""The oracle: FlashPrefill's contract (docs/DESIGN.md section 2) restated independently of `reference/`, and the
+rules by which an implementation is compared with it. The tests and `python -m repro.check_triton` import this.
+
+Restatements (float64, explicit masks, plain loops where the formula reads best that way; keep sizes small):
+
+    naive_mean_pool_fp64      step 1: the mean of the valid tokens of each key block
+    naive_block_scores_fp64   step 2: Score_IJ (Eq. 1-2) with Python loops and math.exp
+    naive_select_blocks       step 3: the alpha * max threshold (Eq. 3) and the safety net, with Python loops
+    list_mismatch             step 4: are (counts, indices) exactly the ascending lists of a mask?
+    naive_attention           step 5: softmax(scale q k^T) v over the causal tokens of the kept blocks, in any dtype
+
+Rules (docs/DESIGN.md section 4), stated here once:
+
+* Outputs follow FlashAttention's rule (`flash_rule`): with the float64 oracle `ref` and a PyTorch result `pt` in
+  the input's own precision, on the same inputs and the same block set, max |out - ref| <= 2 max |pt - ref| + 1e-5.
+* Block sets must be identical except at threshold ties (`block_sets_agree`): |Score - alpha * row max| <=
+  TIE_TOLERANCE * row max, and at most MAX_TIE_FRACTION of the blocks (+ 1).
+* ATOL: what an output in a dtype may differ from a float64 ground truth on the same inputs (reference tests).
+
+This module imports torch only, so that comparing against it compares against the formulas, not the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+TIE_TOLERANCE = 1e-4
+MAX_TIE_FRACTION = 0.01
+FLASH_RULE_FACTOR, FLASH_RULE_SLACK = 2.0, 1e-5
+ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def num_blocks(L: int, block_size: int) -> int:
+    return -(-L // block_size)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Restatements of steps 1-5
+# --------------------------------------------------------------------------------------------------------------
+def naive_mean_pool_fp64(k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, L, Hkv, D) -> (B, N, Hkv, D) float64: mean over the valid tokens of each key block."""
+    L = k.shape[1]
+    return torch.stack(
+        [k[:, s : min(s + block_size, L)].double().mean(dim=1) for s in range(0, L, block_size)], dim=1
+    )
+
+
+def naive_block_scores_fp64(q: torch.Tensor, kbar: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """Step 2 with plain Python loops and math.exp in float64 (keep sizes tiny).
+
+    Query i of block I contributes to key block J iff i >= (J+1)*Bs - 1 (and i < L).
+    m_IJ = max s_iJ, S_IJ = sum exp(s_iJ - m_IJ), M_I = max_J m_IJ,
+    Score_IJ = S_IJ exp(m_IJ - M_I) / (sum_J' S_IJ' exp(m_IJ' - M_I) + 1e-9); 0 where nobody contributes.
+    """
+    B, L, Hq, D = q.shape
+    Hkv = kbar.shape[2]
+    group = Hq // Hkv
+    M = N = num_blocks(L, block_size)
+    qd = q.double().tolist()
+    kd = kbar.double().tolist()
+    out = torch.zeros(B, Hq, M, N, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            hk = h // group
+            for I in range(M):
+                m, S = {}, {}
+                for J in range(N):
+                    s = [
+                        scale * sum(a * c for a, c in zip(qd[b][i][h], kd[b][J][hk]))
+                        for i in range(I * block_size, min((I + 1) * block_size, L))
+                        if i >= (J + 1) * block_size - 1
+                    ]
+                    if s:
+                        m[J] = max(s)
+                        S[J] = sum(math.exp(x - m[J]) for x in s)
+                if not m:
+                    continue
+                M_I = max(m.values())
+                total = sum(S[J] * math.exp(m[J] - M_I) for J in m)
+                for J in m:
+                    out[b, h, I, J] = S[J] * math.exp(m[J] - M_I) / (total + 1e-9)
+    return out
+
+
+def naive_select_blocks(scores: torch.Tensor, alpha: float, sink_blocks: int, window_blocks: int,
+                        last_dense_blocks: int) -> torch.Tensor:
+    """Step 3 with plain loops (exact for float64 scores, and for float32 scores whose products with alpha are
+    exact): m_I = max over the causal J <= I, NaN if one of them is NaN; keep iff causal and
+    (NOT(Score < alpha * m_I) or forced)."""
+    B, Hq, M, N = scores.shape
+    s = scores.tolist()
+    out = torch.zeros(B, Hq, M, N, dtype=torch.bool)
+    for b in range(B):
+        for h in range(Hq):
+            for I in range(M):
+                causal = s[b][h][I][: I + 1]
+                row_max = math.nan if any(math.isnan(x) for x in causal) else max(causal)
+                threshold = alpha * row_max
+                for J in range(min(I + 1, N)):
+                    out[b, h, I, J] = (
+                        not s[b][h][I][J] < threshold
+                        or J < sink_blocks
+                        or I - J < window_blocks
+                        or I >= M - last_dense_blocks
+                    )
+    return out
+
+
+def list_mismatch(counts: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor) -> str:
+    """"" when counts == the row sums of mask and indices[..., :counts] == its kept J in ascending order (int32
+    both, nothing past counts read); otherwise what differs, for an assertion message."""
+    if counts.dtype != torch.int32 or indices.dtype != torch.int32:
+        return f"dtypes {counts.dtype} / {indices.dtype}, not int32"
+    if counts.shape != mask.shape[:-1] or indices.shape[:-1] != mask.shape[:-1]:
+        return f"shapes {tuple(counts.shape)} / {tuple(indices.shape)} for a mask of {tuple(mask.shape)}"
+    expected = mask.sum(dim=-1, dtype=torch.int32)
+    if not torch.equal(counts.cpu(), expected.cpu()):
+        row = torch.nonzero(counts.cpu() != expected.cpu())[0].tolist()
+        return f"counts differ first at row {row}: {int(counts[tuple(row)])} vs {int(expected[tuple(row)])}"
+    counts, indices, mask = counts.cpu(), indices.cpu(), mask.cpu()
+    for row in torch.nonzero(torch.ones(mask.shape[:-1], dtype=torch.bool)).tolist():
+        listed = indices[tuple(row)][: int(counts[tuple(row)])].tolist()
+        kept = torch.nonzero(mask[tuple(row)]).flatten().tolist()
+        if listed != kept:
+            return f"row {row} lists {listed}, the mask keeps {kept}"
+    return ""
+
+
+def assert_lists_match_mask(counts: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor) -> None:
+    problem = list_mismatch(counts, indices, mask)
+    assert not problem, problem
+
+
+def token_mask_from_blocks(block_mask: torch.Tensor, L: int, block_size: int) -> torch.Tensor:
+    """(B, Hq, M, N) block mask -> (B, Hq, L, L) token mask: causal and inside a kept block."""
+    token = block_mask.repeat_interleave(block_size, dim=-2).repeat_interleave(block_size, dim=-1)[..., :L, :L]
+    causal = torch.ones(L, L, dtype=torch.bool, device=block_mask.device).tril()
+    return token & causal
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor | None = None,
+                    block_size: int | None = None, softmax_scale: float | None = None, *,
+                    token_mask: torch.Tensor | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """softmax(scale q k^T) v over the visible keys, computed entirely in `dtype` (GQA by repeat_interleave).
+
+    q (B, L, Hq, D), k/v (B, L, Hkv, D). Visible: causal, and inside a kept block of `block_mask` (B, Hq, M, N)
+    with `block_size` when given, and where `token_mask` (B, Hq, L, L) bool is True when given. Query rows are
+    processed in chunks, so no (L, L) matrix is held (unless token_mask is one). A row with no visible key gives 0;
+    NaN and inf in q, k, v propagate as the formula has them. Returns (B, L, Hq, D) in `dtype`.
+    """
+    B, L, Hq, D = q.shape
+    group = Hq // k.shape[2]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    qd = q.to(dtype).transpose(1, 2)
+    kd = k.to(dtype).repeat_interleave(group, dim=2).transpose(1, 2)
+    vd = v.to(dtype).repeat_interleave(group, dim=2).transpose(1, 2)
+    out = torch.zeros_like(qd)
+    rows = max(1, (1 << 25) // (B * Hq * L))
+    key_pos = torch.arange(L, device=q.device)
+    for i0 in range(0, L, rows):
+        i1 = min(L, i0 + rows)
+        query_pos = torch.arange(i0, i1, device=q.device)
+        visible = (key_pos[None, :] <= query_pos[:, None]).expand(B, Hq, i1 - i0, L)
+        if block_mask is not None:
+            visible = visible & block_mask[:, :, query_pos // block_size][..., key_pos // block_size]
+        if token_mask is not None:
+            visible = visible & token_mask[:, :, i0:i1]
+        s = (qd[:, :, i0:i1] @ kd.transpose(-1, -2)) * scale
+        p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
+        p = torch.where(visible.any(dim=-1, keepdim=True), p, 0.0)  # no visible key: 0, not the softmax's NaN
+        out[:, :, i0:i1] = p @ vd
+    return out.transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Comparison rules
+# --------------------------------------------------------------------------------------------------------------
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in float64; NaN if either has a NaN."""
+    d = (a.double() - b.double()).abs()
+    return float("nan") if d.isnan().any() else float(d.max()) if d.numel() else 0.0
+
+
+def flash_rule(out, q, k, v, block_mask, block_size: int, scale: float | None = None) -> tuple[bool, float, float]:
+    """(ok, max |out - ref64|, max |pt - ref64|) for FlashAttention's rule on the block set `block_mask`."""
+    ref = naive_attention(q, k, v, block_mask, block_size, scale, dtype=torch.float64)
+    pt = naive_attention(q, k, v, block_mask, block_size, scale, dtype=q.dtype)
+    err, pt_err = max_abs_diff(out, ref), max_abs_diff(pt, ref)
+    return err <= FLASH_RULE_FACTOR * pt_err + FLASH_RULE_SLACK, err, pt_err  # False for NaN
+
+
+def block_set_differences(mask, ref_mask, ref_scores, alpha) -> tuple[int, int]:
+    """(blocks that differ, of which not at a threshold tie)."""
+    differ = mask != ref_mask
+    row_max = ref_scores.amax(-1, keepdim=True)
+    tie = (ref_scores - alpha * row_max).abs() <= TIE_TOLERANCE * row_max
+    return int(differ.sum()), int((differ & ~tie).sum())
+
+
+def block_sets_agree(mask, ref_mask, ref_scores, alpha) -> bool:
+    n_differ, n_off_tie = block_set_differences(mask, ref_mask, ref_scores, alpha)
+    return n_off_tie == 0 and n_differ <= MAX_TIE_FRACTION * mask.numel() + 1
