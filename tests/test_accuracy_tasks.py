@@ -586,7 +586,7 @@ def test_sparsity_accuracy_matching_and_report(tmp_path):
     args = cli.parse_args(argv)
     rows = [dict(r, command=shlex.join(argv), **stamp) for r in rows]
     write_long_csv(tmp_path / "sparsity_accuracy.csv", rows)
-    # The error-matched settings of repro/sparsity.py's run named by --sparsity-csv are marked beside ours.
+    # The error-matched settings of the `python -m repro.sparsity` run named by --sparsity-csv are marked beside ours.
     write_long_csv(tmp_path / "sparsity.csv", [
         dict(what="selection", selector="XAttention", param="threshold", value=0.9, L=7554, density=0.49,
              matched=True),

@@ -10,7 +10,7 @@ paper defaults and on a grid of their own knob, matched by *task accuracy* on th
       # (the redo: those prompts depended on PYTHONHASHSEED before f0623f2; see the report's note)
     python -m repro.sparsity_accuracy --report-only   # the committed run's report and figure, into a run folder
 
-repro/sparsity.py matches the peers to FlashPrefill by attention-output error on activations; this script runs
+`python -m repro.sparsity` matches the peers to FlashPrefill by attention-output error on activations; this script runs
 each selector inside SmolLM2-135M-Instruct (flashprefill_hf backend, `FlashPrefillConfig.selector`) on long-context
 tasks (repro/accuracy/tasks.py), answers every prompt with every setting (greedy decoding, dense attention while
 decoding) and reports per setting: task score (RULER string match, percent), the fraction of prompts whose answer
@@ -26,7 +26,7 @@ rewritten with the CSV), <prefix>.md (the tables, self-contained) and <prefix>.p
 density). `--append` extends the run already in --out-dir (the committed one only when --out-dir names it).
 `--report-only` rewrites the markdown and the figure from the CSV and JSON in --in-dir (default: the committed run)
 into --out-dir (a --note there replaces the run's note, saved in --out-dir's JSON). The report marks the
-error-matched settings of repro/sparsity.py's CPU run (--sparsity-csv, default the committed
+error-matched settings of the CPU run of `python -m repro.sparsity` (--sparsity-csv, default the committed
 repro/results/sparsity/sparsity.csv).
 """
 
@@ -78,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--in-dir", type=Path, default=RESULTS_DIR / "sparsity_accuracy",
                    help="--report-only: the folder of the run to redraw (default: %(default)s)")
     p.add_argument("--sparsity-csv", type=Path, default=RESULTS_DIR / "sparsity" / "sparsity.csv",
-                   help="repro/sparsity.py's CPU run whose error-matched settings the report marks "
+                   help="the CPU run of python -m repro.sparsity whose error-matched settings the report marks "
                         "(default: %(default)s)")
     p.add_argument("--append", action="store_true",
                    help="add settings to the existing CSV: run only the (prompt, setting) pairs it lacks, on its "

@@ -90,11 +90,11 @@ def header_section(rows, args, stamp, walls, skipped) -> list[str]:
 
 
 def error_matched_section(err: dict, sparsity_md: str) -> list[str]:
-    """Which settings repro/sparsity.py matched by attention-output error, and their densities there."""
+    """Which settings `python -m repro.sparsity` matched by attention-output error, and their densities there."""
     if not err:
         return []
     L_err = next(iter(err.values()))["L"]
-    return [f"*error-matched* marks the settings that repro/sparsity.py matched by attention-output error "
+    return [f"*error-matched* marks the settings that `python -m repro.sparsity` matched by attention-output error "
             f"instead ({sparsity_md}: real SmolLM2 activations, {L_err} tokens, 5 layers; density there "
             + ", ".join(f"{selector_name(k)} {SELECTORS[k].knob} {v['value']:g} {_pct(v['density'])}"
                         for k, v in err.items()) + ").", ""]

@@ -3,7 +3,7 @@
 Accuracy-matched setting of a peer: the grid setting with the lowest realised density whose mean score is >= the
 mean score of FlashPrefill at the reference alpha on the same prompts (none if no grid setting reaches it); the same
 rule on "same" (agreement with Full) instead of the score is reported beside it. Error-matched settings come from
-repro/sparsity.py's run (attention-output error on activations), read from its CSV.
+`python -m repro.sparsity`'s run (attention-output error on activations), read from its CSV.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def matched(summary: list[dict], alpha: float, key: str = "score") -> dict[str, 
 
 
 def error_matched(path: Path) -> dict[str, dict]:
-    """The error-matched settings of a repro/sparsity.py CPU run (its sparsity.csv: attention-output error on real
+    """The error-matched settings of a CPU run of `python -m repro.sparsity` (its sparsity.csv: attention-output error on real
     SmolLM2 activations), per selector key: {value, density, L}; empty when the file or the rows are absent."""
     if not path.exists():
         return {}
