@@ -11,6 +11,18 @@ which blocks they visit:
 Both can return the number of key blocks each (batch, head, query block) visited, which is the paper's
 "logical skip -> physical jump" argument in numbers.
 
+Mean correction (FlashPrefill V2, arXiv 2608.19758, Eq. 6; opt-in, `mean_correction=True`): a pruned key block is
+not simply dropped but stands in as one extra key, its mean k_bar_J with its mean value v_bar_J, weighted by its
+size. For query row i and every pruned causal block J < I (strictly below the diagonal, so all Bs of its keys are
+visible to every row of I):
+
+    numerator   += Bs exp(s_bar_iJ) v_bar_J,    denominator += Bs exp(s_bar_iJ),    s_bar_iJ = scale q_i . k_bar_J
+
+which is one more logit, s_bar_iJ + log Bs, in the same online softmax. It is exact when every key of a pruned
+block is its mean; otherwise it replaces the block's softmax mass by the mass of its mean (by Jensen, never more).
+A pruned diagonal block (only possible with hand-made lists) gets no correction: its mean would include keys the
+row cannot see. The corrections are not block visits: `return_visits` counts the same as without them.
+
 NaN and inf behave as in dense attention (docs/DESIGN.md section 2): a row whose visible logits hold a NaN or a +inf
 is NaN, as is a row that attends to a key whose value holds a NaN or an inf; nothing is turned into 0 except the
 output of a row that sees no key at all. p @ v multiplies a whole tile of query rows with a whole block of values,
@@ -24,10 +36,14 @@ Every function here is differentiable (autograd); the selection stages feeding t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .pooling import compute_dtype, split_blocks
-from .validation import check_block_layout, check_block_lists, check_block_size, check_qkv, num_blocks, resolve_scale
+from .pooling import compute_dtype, mean_pool_keys, split_blocks
+from .selection import listed_blocks
+from .validation import (check_block_layout, check_block_lists, check_block_size, check_flag, check_qkv, num_blocks,
+                         resolve_scale)
 
 _CHUNK_ELEMENTS = 1 << 24  # attention scores held at once by `dense_attention`: about 64 MB of float32
 _TILE_ROWS = 128  # query rows of one tile of `dense_attention`, as in triton_impl.dense_attention
@@ -80,12 +96,14 @@ class _OnlineSoftmax:
         self.acc = torch.zeros_like(q_block)
         self.saw_key = torch.zeros_like(self.m, dtype=torch.bool)
 
-    def update(self, k_block: torch.Tensor, v_block: torch.Tensor, visible: torch.Tensor, scale: float) -> None:
-        """Fold in one key block; visible (B, Hq, Bs, Bs) masks causality, padding and skipped blocks.
+    def update(self, k_block: torch.Tensor, v_block: torch.Tensor, visible: torch.Tensor, scale: float,
+               bias: float = 0.0) -> None:
+        """Fold in one key block; visible (B, Hq, Bs, C) masks causality, padding and skipped blocks (C keys).
 
         Rows that see none of its keys (the (b, h) that skip this block) keep their state untouched: a block a row
-        skips must not reach it, not even as 0 * v."""
-        s = scale * (self.q @ k_block.transpose(-1, -2))
+        skips must not reach it, not even as 0 * v. bias is added to every logit (log Bs for the block means of the
+        mean correction)."""
+        s = scale * (self.q @ k_block.transpose(-1, -2)) + bias
         s = s.masked_fill(~visible, float("-inf"))
         m_new = torch.maximum(self.m, s.amax(dim=-1))  # both propagate NaN
         # Rows with no finite logit yet are shifted by 0 (exp(-inf - 0) = 0, where -inf - (-inf) would be NaN).
@@ -128,6 +146,20 @@ class _BlockedQKV:
         key_pos = (J.unsqueeze(-1) * self.block_size + self.offsets).unsqueeze(-2)  # (B, Hq, 1, Bs)
         return active[..., None, None] & (key_pos <= query_pos) & (key_pos < self.L)
 
+    def fold_pruned_means(self, state: _OnlineSoftmax, I: int, kept: torch.Tensor, scale: float) -> None:
+        """Mean correction for query block I: every causal J < I that `kept` (B, Hq, N) does not keep joins the
+        softmax as one key k_bar_J with value v_bar_J and logit scale q . k_bar_J + log Bs."""
+        if I == 0:
+            return
+        pruned = ~kept[:, :, :I]  # (B, Hq, I): only blocks strictly below the diagonal
+        visible = pruned.unsqueeze(-2).expand(*pruned.shape[:2], self.block_size, I)  # every row of block I
+        state.update(self.k_means[:, :, :I], self.v_means[:, :, :I], visible, scale, bias=math.log(self.block_size))
+
+    def prepare_means(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k_bar, v_bar (B, Hq, N, D) in the accumulation dtype: block means per query head (stage 1's pooling)."""
+        means = [mean_pool_keys(x, self.block_size).to(self.q.dtype) for x in (k, v)]  # (B, N, Hkv, D)
+        self.k_means, self.v_means = (m.permute(0, 2, 1, 3)[self.batch_idx, self.kv_head_idx] for m in means)
+
     def output(self, blocks: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """M results (B, Hq, Bs, D) -> out (B, L, Hq, D)."""
         out = torch.stack(blocks, dim=2).flatten(2, 3)[:, :, : self.L]  # (B, Hq, L, D)
@@ -151,6 +183,7 @@ def block_sparse_attention(
     *,
     return_visits: bool = False,
     validate: bool = True,
+    mean_correction: bool = False,
 ):
     """Causal attention over the kept key blocks only, walking the compacted lists (physical skip).
 
@@ -162,14 +195,19 @@ def block_sparse_attention(
         validate: check the lists (counts in range, ids ascending and causal) and raise ValueError on a malformed
             one. On by default here (the oracle; the check is small next to this loop); triton_impl checks only
             when asked, because its check costs a host synchronisation.
+        mean_correction: add every pruned causal block J < I as its mean key and value (module docstring).
     Returns:
-        out (B, L, Hq, D) in q.dtype [, visits]. A row whose list is empty gives 0.
+        out (B, L, Hq, D) in q.dtype [, visits]. A row whose list is empty gives 0 (without mean correction).
     """
     scale = _check_sparse_args(q, k, v, block_size, softmax_scale)
     check_block_layout(q, block_size=block_size, counts=counts, indices=indices)
+    check_flag("mean_correction", mean_correction)
     if validate:
         check_block_lists(counts, indices)
     blocks = _BlockedQKV(q, k, v, block_size)
+    if mean_correction:
+        blocks.prepare_means(k, v)
+        kept = listed_blocks(counts, indices)  # (B, Hq, M, M)
     M = num_blocks(q.shape[1], block_size)
     visits = torch.zeros_like(counts)
     results = []
@@ -183,6 +221,8 @@ def block_sparse_attention(
             k_J, v_J = blocks.key_block(J)
             state.update(k_J, v_J, blocks.visible(I, J, active), scale)
             visits[:, :, I] += active.int()
+        if mean_correction:
+            blocks.fold_pruned_means(state, I, kept[:, :, I], scale)
         results.append(state.result())
     out = blocks.output(results, q.dtype)
     return (out, visits) if return_visits else out
@@ -197,6 +237,7 @@ def block_sparse_attention_logical(
     softmax_scale: float | None = None,
     *,
     return_visits: bool = False,
+    mean_correction: bool = False,
 ):
     """Same output as `block_sparse_attention`, but visiting every causal block and skipping by the mask bit.
 
@@ -204,12 +245,16 @@ def block_sparse_attention_logical(
         q: (B, L, Hq, D); k, v: (B, L, Hkv, D); mask: (B, Hq, M, N) bool from `select_blocks`.
         block_size: Bs; softmax_scale: None means 1 / sqrt(D).
         return_visits: also return visits (B, Hq, M) int32: I + 1 for every row I (all causal blocks).
+        mean_correction: add every pruned causal block J < I as its mean key and value (module docstring).
     Returns:
         out (B, L, Hq, D) in q.dtype [, visits].
     """
     scale = _check_sparse_args(q, k, v, block_size, softmax_scale)
     check_block_layout(q, block_size=block_size, mask=mask)
+    check_flag("mean_correction", mean_correction)
     blocks = _BlockedQKV(q, k, v, block_size)
+    if mean_correction:
+        blocks.prepare_means(k, v)
     B, _, Hq, _ = q.shape
     M = num_blocks(q.shape[1], block_size)
     visits = torch.zeros(B, Hq, M, dtype=torch.int32, device=q.device)
@@ -224,6 +269,8 @@ def block_sparse_attention_logical(
             J_all = torch.full_like(keep, J, dtype=torch.long)
             k_J, v_J = blocks.key_block(J_all)
             state.update(k_J, v_J, blocks.visible(I, J_all, keep), scale)
+        if mean_correction:
+            blocks.fold_pruned_means(state, I, mask[:, :, I], scale)
         results.append(state.result())
     out = blocks.output(results, q.dtype)
     return (out, visits) if return_visits else out

@@ -10,7 +10,7 @@ from .attention import block_sparse_attention
 from .pooling import mean_pool_keys
 from .scoring import block_scores
 from .selection import causal_block_density, compact_blocks, select_blocks
-from .validation import check_alpha, check_block_size, check_count, check_qkv, resolve_scale
+from .validation import check_alpha, check_block_size, check_count, check_flag, check_qkv, resolve_scale
 
 # alpha per model from the official V1 code (docs/DESIGN.md section 2).
 PAPER_ALPHA = {
@@ -33,9 +33,10 @@ class FlashPrefillStats:
 
 
 def check_flash_prefill_args(q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, softmax_scale,
-                             **qkv_checks) -> float:
+                             mean_correction=False, **qkv_checks) -> float:
     """Validate every argument of `flash_prefill`; return the softmax scale."""
     D = check_qkv(q, k, v, **qkv_checks)[-1]
+    check_flag("mean_correction", mean_correction)
     check_alpha(alpha)
     check_block_size(block_size)
     check_count("sink_blocks", sink_blocks, minimum=0)
@@ -56,6 +57,7 @@ def flash_prefill(
     last_dense_blocks: int = 2,
     softmax_scale: float | None = None,
     return_stats: bool = False,
+    mean_correction: bool = False,
 ):
     """Block-sparse causal prefill attention with FlashPrefill's selection.
 
@@ -65,16 +67,19 @@ def flash_prefill(
         block_size: Bs. sink_blocks, window_blocks, last_dense_blocks: the safety net, in blocks.
         softmax_scale: None means 1 / sqrt(D).
         return_stats: also return a `FlashPrefillStats`.
+        mean_correction: FlashPrefill V2's Eq. 6 (opt-in): every pruned block below the diagonal joins the softmax as
+            its mean key and value, weighted by its size (reference/attention.py). The selection is unchanged.
     Returns:
         out (B, L, Hq, D) in q.dtype [, stats].
     """
     scale = check_flash_prefill_args(q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-                                     softmax_scale)
+                                     softmax_scale, mean_correction)
     kbar = mean_pool_keys(k, block_size)  # 1. mean proxy of each key block
     scores = block_scores(q, kbar, block_size, scale)  # 2. block scores (Eq. 1-2)
     mask = select_blocks(scores, alpha, sink_blocks, window_blocks, last_dense_blocks)  # 3. threshold (Eq. 3)
     counts, indices = compact_blocks(mask)  # 4. compacted block lists
-    out = block_sparse_attention(q, k, v, counts, indices, block_size, scale)  # 5. physical skip
+    out = block_sparse_attention(q, k, v, counts, indices, block_size, scale,  # 5. physical skip
+                                 mean_correction=mean_correction)
     if return_stats:
         return out, FlashPrefillStats(counts, indices, causal_block_density(counts))
     return out

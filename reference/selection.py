@@ -104,6 +104,11 @@ def lists_to_mask(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     selector read back, narrow ones (C < M) included. The lists must follow the rules `block_sparse_attention`
     checks (ascending, causal); a ValueError says which one is broken."""
     check_lists(counts, indices)
+    return listed_blocks(counts, indices)
+
+
+def listed_blocks(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """`lists_to_mask` without its checks, for callers that validated the lists already."""
     M, C = counts.shape[-1], indices.shape[-1]
     listed = torch.arange(C, device=counts.device) < counts.unsqueeze(-1)
     slots = torch.where(listed, indices.long(), M)  # unlisted entries go to a spare column, cut off below

@@ -85,6 +85,12 @@ def check_count(name: str, value, *, minimum: int) -> int:
     return value
 
 
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def resolve_scale(softmax_scale, head_dim: int) -> float:
     """The `softmax_scale` argument (one name across the public API, FlashAttention's), or 1/sqrt(D) when None."""
     if softmax_scale is None:

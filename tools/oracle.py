@@ -8,6 +8,8 @@ Restatements (float64, explicit masks, plain loops where the formula reads best 
     naive_select_blocks       step 3: the alpha * max threshold (Eq. 3) and the safety net, with Python loops
     list_mismatch             step 4: are (counts, indices) exactly the ascending lists of a mask?
     naive_attention           step 5: softmax(scale q k^T) v over the causal tokens of the kept blocks, in any dtype
+    naive_mean_corrected_attention_fp64   step 5 with V2's mean correction (Eq. 6): the pruned blocks below the
+                              diagonal as extra keys (their means), each with logit + log Bs
 
 Rules (docs/DESIGN.md section 4), stated here once:
 
@@ -172,6 +174,32 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mas
         p = torch.where(visible.any(dim=-1, keepdim=True), p, 0.0)  # no visible key: 0, not the softmax's NaN
         out[:, :, i0:i1] = p @ vd
     return out.transpose(1, 2)
+
+
+def naive_mean_corrected_attention_fp64(q, k, v, block_mask: torch.Tensor, block_size: int,
+                                        softmax_scale: float | None = None) -> torch.Tensor:
+    """float64, one (L + N)-column softmax per row: the L tokens (causal, in a kept block) and N extra columns, one
+    per key block J, visible to row i of block I iff J < I and J is not kept, with key k_bar_J, value v_bar_J (the
+    means of its Bs tokens) and logit scale q_i . k_bar_J + log Bs. Materialises (L, L + N): keep L small."""
+    B, L, Hq, D = q.shape
+    group = Hq // k.shape[2]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    N = num_blocks(L, block_size)
+    q64 = q.double().transpose(1, 2)  # (B, Hq, L, D)
+    k64 = k.double().repeat_interleave(group, dim=2).transpose(1, 2)
+    v64 = v.double().repeat_interleave(group, dim=2).transpose(1, 2)
+    k_bar = torch.stack([k64[:, :, J * block_size : (J + 1) * block_size].mean(dim=2) for J in range(N)], dim=2)
+    v_bar = torch.stack([v64[:, :, J * block_size : (J + 1) * block_size].mean(dim=2) for J in range(N)], dim=2)
+    token_logits = scale * q64 @ k64.transpose(-1, -2)
+    token_visible = token_mask_from_blocks(block_mask, L, block_size)
+    row_block = torch.arange(L, device=q.device) // block_size  # I of each query row
+    J = torch.arange(N, device=q.device)
+    pruned = ~block_mask[:, :, row_block] & (J.view(1, 1, 1, N) < row_block.view(1, 1, L, 1))  # (B, Hq, L, N)
+    mean_logits = scale * q64 @ k_bar.transpose(-1, -2) + math.log(block_size)
+    logits = torch.cat([token_logits, mean_logits], dim=-1).masked_fill(~torch.cat([token_visible, pruned], -1),
+                                                                        float("-inf"))
+    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with nothing visible gives 0
+    return (p @ torch.cat([v64, v_bar], dim=2)).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ import triton.language as tl
 from reference.validation import (BAD_COUNTS, BAD_INDEX, NOT_ASCENDING, check_block_layout, num_blocks,
                                   resolve_scale)
 
-from .common import (LOG2E, check_kernel_block_size, check_kernel_device, check_kernel_qkv, dot_precision,
-                     needs_wide_offsets, new_output, num_warps_for, widen)
+from .common import (LOG2E, check_kernel_block_size, check_kernel_device, check_kernel_qkv, check_no_mean_correction,
+                     dot_precision, needs_wide_offsets, new_output, num_warps_for, widen)
 
 FLOAT32_LOWEST: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
 # Which key blocks a program visits (compile-time constants of the kernel).
@@ -328,7 +328,7 @@ def _check_attention_args(q, k, v, block_size, softmax_scale):
 
 
 def block_sparse_attention(q, k, v, counts, indices, block_size: int = 128, softmax_scale: float | None = None, *,
-                           return_visits: bool = False, validate: bool = False):
+                           return_visits: bool = False, validate: bool = False, mean_correction: bool = False):
     """Causal attention over the listed key blocks only (physical skip). Same contract as the reference;
     visits (B, Hq, M) int32 counts the loop iterations of each row, measured inside the kernel.
 
@@ -337,7 +337,10 @@ def block_sparse_attention(q, k, v, counts, indices, block_size: int = 128, soft
     +21% of the call at 16K tokens on an H200 (repro/NOTES.md), so it is opt-in. Without it the lists are trusted,
     as FlashAttention trusts cu_seqlens: lists from `compact_blocks` / `select_and_compact` are valid by
     construction. A malformed list then gives wrong rows but never a read out of bounds (the kernel clamps what it
-    reads to the causal blocks)."""
+    reads to the causal blocks).
+
+    mean_correction=True is refused with NotImplementedError: the kernels do not add the pruned blocks' means yet."""
+    check_no_mean_correction(mean_correction)
     softmax_scale = _check_attention_args(q, k, v, block_size, softmax_scale)
     check_block_layout(q, block_size=block_size, counts=counts, indices=indices)
     check_kernel_device(counts=counts, indices=indices)
@@ -348,8 +351,10 @@ def block_sparse_attention(q, k, v, counts, indices, block_size: int = 128, soft
 
 
 def block_sparse_attention_logical(q, k, v, mask, block_size: int = 128, softmax_scale: float | None = None, *,
-                                   return_visits: bool = False):
-    """Same output as `block_sparse_attention`, visiting every causal block and branching on its mask bit."""
+                                   return_visits: bool = False, mean_correction: bool = False):
+    """Same output as `block_sparse_attention`, visiting every causal block and branching on its mask bit
+    (mean_correction=True: NotImplementedError, as there)."""
+    check_no_mean_correction(mean_correction)
     softmax_scale = _check_attention_args(q, k, v, block_size, softmax_scale)
     check_block_layout(q, block_size=block_size, mask=mask)
     check_kernel_device(mask=mask)

@@ -27,7 +27,7 @@ from reference.validation import check_count, num_blocks
 
 from .attention import PHYSICAL, launch_attention
 from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_kernel_block_size, check_kernel_runs_on,
-                     new_output)
+                     check_no_mean_correction, new_output)
 from .pooling import launch_mean_pool
 from .scoring import launch_block_scores
 from .selection import launch_select_and_compact
@@ -55,6 +55,7 @@ def flash_prefill(
     last_dense_blocks: int = 2,
     softmax_scale: float | None = None,
     return_stats: bool = False,
+    mean_correction: bool = False,
     max_selection_bytes: int = MAX_SELECTION_BYTES,
 ):
     """Block-sparse causal prefill attention with FlashPrefill's selection. Same contract as the reference, plus
@@ -64,7 +65,9 @@ def flash_prefill(
     -1 past counts as in the reference: the selection kernel then also writes the slots past counts, which the
     attention never reads and the path without stats leaves unwritten (up to 4 B Hq M N bytes of stores saved).
 
-    Inference-only: the kernels have no backward (RuntimeError when autograd would track q, k or v)."""
+    Inference-only: the kernels have no backward (RuntimeError when autograd would track q, k or v).
+    mean_correction=True is refused with NotImplementedError: the kernels do not add the pruned blocks' means yet."""
+    check_no_mean_correction(mean_correction)
     scale = check_flash_prefill_args(q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
                                      softmax_scale, dtypes=KERNEL_DTYPES, head_dims=HEAD_DIMS)
     check_kernel_block_size(block_size)
