@@ -15,7 +15,7 @@ PYTHON=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works without `pip install -e .` too
 export MPLBACKEND=Agg
 
-STEPS="walkthrough triton_check density_vs_alpha activations sparsity sparsity_accuracy accuracy speed"
+STEPS="walkthrough triton_check density_vs_alpha activations sparsity mean_correction sparsity_accuracy accuracy speed"
 ONLY=${RUN_ALL_STEPS:-$STEPS}
 for key in $ONLY; do
     if [[ " $STEPS " != *" $key "* ]]; then
@@ -80,6 +80,9 @@ else
     step sparsity "sparsity vs peers (CPU, 4K-32K)" "$PYTHON" -m repro.sparsity --device cpu \
         --lengths 4096 8192 16384 32768 --out-dir "$RUN_DIR/sparsity"
 fi
+# Mean correction (V2 Eq. 6) on vs off, same lists (the reference; real dumps when present, else synthetic only).
+step mean_correction "mean correction: error at equal density (reference)" "$PYTHON" -m repro.mean_correction \
+    --out-dir "$RUN_DIR/mean_correction"
 if [[ $HAS_SMOLLM == 1 ]]; then  # peers and FlashPrefill inside SmolLM2 at matched accuracy (the full run: ~70 min CPU)
     step sparsity_accuracy "selectors inside SmolLM2 (quick)" "$PYTHON" -m repro.sparsity_accuracy --quick \
         --out-dir "$RUN_DIR/sparsity_accuracy"
