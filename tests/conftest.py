@@ -47,8 +47,9 @@ def poison_outputs():
 
 @pytest.fixture(autouse=True)
 def restore_grad_mode():
-    """Scripts run in-process by some tests (their main() turns autograd off for the whole process) must not change
-    what later tests see."""
-    enabled = torch.is_grad_enabled()
+    """Every test starts with autograd on, as a fresh process does: scripts run in-process (their main() turns
+    autograd off for the whole process) must not change what later tests see, also when a module-scoped fixture
+    ran the script before this fixture could record the mode."""
+    torch.set_grad_enabled(True)
     yield
-    torch.set_grad_enabled(enabled)
+    torch.set_grad_enabled(True)
