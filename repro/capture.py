@@ -26,6 +26,8 @@ from .common import ROOT
 from .harness import build_prompt, token_counter
 
 ACTIVATIONS_DIR = ROOT / "repro" / "activations"
+NO_DUMPS = ("Skipped: no SmolLM2 activation dumps in repro/activations/ (make them with "
+            "`python -m repro.dump_activations`)")
 DEFAULT_LAYERS = (0, 7, 15, 23, 29)
 CAPTURE_NAME = "fprefill_capture"
 
@@ -99,3 +101,13 @@ def load_activations(folder: str | Path | None = None, *, max_length: int | None
             continue
         out[layer] = tuple(d[x][:, :max_length].to(dtype).contiguous() for x in ("q", "k", "v"))
     return dict(sorted(out.items()))
+
+
+def activations_or_reason(folder: str | Path | None, *, max_length: int, synthetic_only: bool = False,
+                          without_dumps: str = NO_DUMPS + ".") -> tuple[dict, str]:
+    """({layer: (q, k, v)}, "") from the dumps in `folder` (`load_activations`), or ({}, the sentence a report gives
+    for skipping its real-activation part: --synthetic-only, or `without_dumps` when nothing was dumped)."""
+    if synthetic_only:
+        return {}, "Skipped (--synthetic-only)."
+    acts = load_activations(folder, max_length=max_length)
+    return (acts, "") if acts else ({}, without_dumps)

@@ -107,6 +107,14 @@ def environment_stamp(device: str | torch.device | None = None) -> dict[str, str
     }
 
 
+STAMP_FIELDS = ("device", "device_name", "torch", "triton", "python", "date", "commit")  # environment_stamp's keys
+
+
+def stamp_of(row: Mapping[str, str]) -> dict[str, str]:
+    """The environment stamp a `write_long_csv` row carries (to redraw a report from its CSV)."""
+    return {k: row[k] for k in STAMP_FIELDS}
+
+
 def stamp_line(stamp: Mapping[str, str]) -> str:
     """One markdown line naming the machine and versions a result was measured with."""
     return (f"Measured on {stamp['device_name']} ({stamp['device']}), torch {stamp['torch']}, "
@@ -136,6 +144,18 @@ def write_long_csv(path: str | Path, rows: Iterable[Mapping], stamp: Mapping[str
 def read_long_csv(path: str | Path) -> list[dict[str, str]]:
     with Path(path).open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+def length_label(L) -> str:
+    """8192 -> "8K" (as reports name lengths); lengths that are not whole K stay in tokens."""
+    L = int(L)
+    return f"{L // 1024}K" if L % 1024 == 0 else str(L)
+
+
+def error_sums(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(||out - ref||^2, ||ref||^2) in float64: summed over layers before the square root, they give the relative
+    error of several layers together."""
+    return float((out.double() - ref.double()).pow(2).sum()), float(ref.double().pow(2).sum())
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:

@@ -56,8 +56,8 @@ from reference import (block_scores, block_sparse_attention, causal_block_densit
                        mean_pool_keys, select_blocks)
 from reference.synthetic import planted_qkv
 
-from .common import default_device, environment_stamp, markdown_table, run_dir, stamp_line, write_long_csv, \
-    write_run_json
+from .common import (default_device, environment_stamp, error_sums, length_label, markdown_table, run_dir, stamp_line,
+                     write_long_csv, write_run_json)
 
 EXPERIMENT = "mean_correction"
 ALPHAS = (0.02, 0.05, 0.08, 0.12, 0.18, 0.3, 0.5)
@@ -71,18 +71,11 @@ BLOCK = 128
 REAL = "real SmolLM2-135M"
 SYNTHETIC = "synthetic planted_qkv"
 IMPL = "reference (PyTorch)"
-NO_DUMPS = ("Skipped: no SmolLM2 activation dumps in repro/activations/ (make them with "
-            "`python -m repro.dump_activations`); synthetic inputs only.")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Measure
 # --------------------------------------------------------------------------------------------------------------
-def squared_error(out, ref) -> tuple[float, float]:
-    """(||out - ref||^2, ||ref||^2) in float64, to be summed over layers before the square root."""
-    return float((out.double() - ref.double()).pow(2).sum()), float(ref.double().pow(2).sum())
-
-
 def alphas_at(L: int, alphas, long_alphas, long_above: int) -> tuple[float, ...]:
     return tuple(long_alphas) if L > long_above else tuple(alphas)
 
@@ -102,7 +95,7 @@ def measure_input(q, k, v, alphas, *, block_size: int, common: dict, bar) -> lis
             start = time.perf_counter()
             out = block_sparse_attention(q, k, v, counts, indices, block_size, mean_correction=flag)
             seconds[name] = time.perf_counter() - start
-            errors[name] = squared_error(out, ref)
+            errors[name] = error_sums(out, ref)
             bar.update()
         rows.append(point_row(dict(common, M=M, alpha=alpha, density=density), errors, seconds))
     return rows
@@ -197,14 +190,9 @@ def compare(points) -> dict:
     return dict(compared=compared, lowered=lowered, exceptions=exceptions, unpruned=unpruned)
 
 
-def tokens(L) -> str:
-    L = int(L)
-    return f"{L // 1024}K" if L % 1024 == 0 else str(L)
-
-
 def point_name(r) -> str:
     kind = "**synthetic**" if r["input"] == SYNTHETIC else "real, all layers"
-    return f"{kind} L={tokens(r['L'])} alpha={float(r['alpha']):g}"
+    return f"{kind} L={length_label(r['L'])} alpha={float(r['alpha']):g}"
 
 
 def ratio_summary(points) -> str:
@@ -290,7 +278,7 @@ def input_table(points, lengths=None) -> str:
     lengths = lengths or sorted({int(r["L"]) for r in points})
     alphas = sorted({float(r["alpha"]) for r in points})
     d = {(int(r["L"]), float(r["alpha"])): r for r in points}
-    head = ["alpha"] + [f"{tokens(L)} {x}" for L in lengths for x in ("density", "plain", "corrected", "ratio")]
+    head = ["alpha"] + [f"{length_label(L)} {x}" for L in lengths for x in ("density", "plain", "corrected", "ratio")]
     body = []
     for a in alphas:
         cells = [f"{a:g}"]
@@ -368,7 +356,7 @@ def error_panel(ax, points, title) -> None:
         for col, style, name in ((1, "o-", "plain"), (2, "x--", "corrected")):
             xy = [(p[0], p[col]) for p in sub if p[col] > 0]
             if xy:
-                ax.plot(*zip(*xy), style, color=color, label=f"L = {tokens(L)}, {name}")
+                ax.plot(*zip(*xy), style, color=color, label=f"L = {length_label(L)}, {name}")
     ax.set_yscale("log")
     ax.set_xlabel("density (kept / causal blocks)")
     ax.set_ylabel("relative error vs dense")
@@ -442,16 +430,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def real_activations(args) -> tuple[dict, str]:
-    """({layer: (q, k, v)}, "") from the dumps, or ({}, why the real part is skipped)."""
-    if args.synthetic_only:
-        return {}, "Skipped (--synthetic-only)."
-    from .capture import load_activations  # lazily: it imports the accuracy tasks and the harness
-
-    acts = load_activations(args.activations, max_length=max(args.real_lengths))
-    return (acts, "") if acts else ({}, NO_DUMPS)
-
-
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     matplotlib.use("Agg")
@@ -461,7 +439,11 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     stamp = environment_stamp(args.device)
     grid = dict(alphas=args.alphas, long_alphas=args.long_alphas, long_above=args.long_above)
-    acts, real_note = real_activations(args)
+    from .capture import NO_DUMPS, activations_or_reason  # lazily: it imports the accuracy tasks and the harness
+
+    acts, real_note = activations_or_reason(args.activations, max_length=max(args.real_lengths),
+                                            synthetic_only=args.synthetic_only,
+                                            without_dumps=NO_DUMPS + "; synthetic inputs only.")
     rows = []
     if real_note:
         print(real_note)

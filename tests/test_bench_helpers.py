@@ -104,3 +104,12 @@ def test_plot_speed_redraws_the_committed_run_into_the_run_folder(tmp_path, monk
                                                      ("density.png", "speedup.png", "stages.png", "summary.md")]
     assert (out / "speed_h200_summary.md").read_text() == (committed / "speed_h200_summary.md").read_text()
     assert {p.name: p.stat().st_mtime_ns for p in committed.iterdir()} == before
+
+
+def test_stamp_of_reads_back_what_write_long_csv_stamped(tmp_path):
+    from repro import common
+
+    stamp = common.environment_stamp("cpu")
+    assert tuple(stamp) == common.STAMP_FIELDS
+    path = common.write_long_csv(tmp_path / "rows.csv", [dict(x=1)], stamp)
+    assert common.stamp_of(common.read_long_csv(path)[0]) == stamp

@@ -42,8 +42,8 @@ from pathlib import Path
 
 import torch
 
-from repro.common import (RESULTS_DIR, environment_stamp, read_long_csv, read_run_json, run_dir, write_long_csv,
-                          write_run_json)
+from repro.common import (RESULTS_DIR, environment_stamp, read_long_csv, read_run_json, run_dir, stamp_of,
+                          write_long_csv, write_run_json)
 from repro.harness import AttentionSwitch, load_for_run, run_device, run_samples, seed_major, token_counter
 
 from .experiments import (DEFAULT_SWEEP, NIAH_TASKS, alpha_setting, calibrate, layer_errors, niah_samples,
@@ -161,7 +161,7 @@ def report_only(args) -> None:
     run_args.note = args.note or info["note"]
     if args.note:  # the new note is the run's from now on
         write_run_json(out / f"{prefix}run.json", dict(info, note=args.note))
-    stamp = {k: rows[0][k] for k in ("device", "device_name", "torch", "triton", "python", "date", "commit")}
+    stamp = stamp_of(rows[0])
     default_alpha = float(rows[0]["default_alpha"])
     name = rows[0]["model"]
     calibrated = {int(L): a for L, a in info["calibrated_alpha"].items()}

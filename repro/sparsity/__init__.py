@@ -17,21 +17,21 @@ Dependencies run one way: settings <- measure <- report; settings <- figures; cl
 from .cli import main
 from .figures import (density_figure, error_figure, error_panel, plot_density, plot_error, real_density_panel,
                       real_rows, selection_time_panel, synthetic_density_panel, synthetic_rows)
-from .measure import density_check, match_errors, measure_real, measure_synthetic, relative_error
+from .measure import density_check, match_errors, measure_real, measure_synthetic
 from .report import render_markdown, write_markdown
 from .settings import (BLOCK, COLORS, CPU_LENGTHS, CPU_SHAPE, DEFAULT_SETTINGS, DENSITY_TOLERANCE, GPU_LENGTHS,
                        GPU_SHAPE, MATCH_GRID, PEER_SETTINGS, PYTORCH, REAL, REAL_LENGTHS, REFERENCE, SYNTHETIC,
                        TRITON, TRITON_SETTINGS, V1_ALPHA, impl_label, impl_of, line_style, output_tag, pct,
-                       settings_for, sweep_settings, tokens)
+                       settings_for, sweep_settings)
 
 __all__ = [
     "main",
     "density_figure", "error_figure", "error_panel", "plot_density", "plot_error", "real_density_panel", "real_rows",
     "selection_time_panel", "synthetic_density_panel", "synthetic_rows",
-    "density_check", "match_errors", "measure_real", "measure_synthetic", "relative_error",
+    "density_check", "match_errors", "measure_real", "measure_synthetic",
     "render_markdown", "write_markdown",
     "BLOCK", "COLORS", "CPU_LENGTHS", "CPU_SHAPE", "DEFAULT_SETTINGS", "DENSITY_TOLERANCE", "GPU_LENGTHS",
     "GPU_SHAPE", "MATCH_GRID", "PEER_SETTINGS", "PYTORCH", "REAL", "REAL_LENGTHS", "REFERENCE", "SYNTHETIC",
     "TRITON", "TRITON_SETTINGS", "V1_ALPHA", "impl_label", "impl_of", "line_style", "output_tag", "pct",
-    "settings_for", "sweep_settings", "tokens",
+    "settings_for", "sweep_settings",
 ]

@@ -83,19 +83,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def real_activations(args) -> tuple[dict, str]:
-    """({layer: (q, k, v)}, "") from the dumps, or ({}, why the real-activation part is skipped)."""
-    if args.synthetic_only:
-        return {}, "Skipped (--synthetic-only)."
-    from ..capture import load_activations  # lazily: it imports the accuracy tasks and the harness
-
-    acts = load_activations(args.activations, max_length=max(args.real_lengths))
-    if not acts:
-        return {}, ("Skipped: no SmolLM2 activation dumps in repro/activations/ (make them with "
-                    "`python -m repro.dump_activations`).")
-    return acts, ""
-
-
 def measure_real_part(acts, args) -> list[dict]:
     """The default settings at every real length, then (unless --no-match) the sweep at the longest and its
     error-matched settings."""
@@ -131,7 +118,10 @@ def main(argv=None) -> None:
           f"; writing {out_dir / tag}.*")
 
     rows = measure_synthetic(lengths, settings, shape, args.device, repeats, args.seed)
-    acts, real_note = real_activations(args)
+    from ..capture import activations_or_reason  # lazily: it imports the accuracy tasks and the harness
+
+    acts, real_note = activations_or_reason(args.activations, max_length=max(args.real_lengths),
+                                            synthetic_only=args.synthetic_only)
     if real_note:
         print(real_note)
     else:
@@ -150,7 +140,7 @@ def main(argv=None) -> None:
     text = write_markdown(md_path, rows, stamp, settings=settings, shape=shape, repeats=repeats, layers=list(acts),
                           real_note=real_note)
     png1 = out_dir / f"{tag}_density.png"
-    plot_density(png1, rows, stamp, settings, shape)
+    plot_density(png1, rows, stamp)
     png2 = out_dir / f"{tag}_error.png"
     wrote_err = plot_error(png2, rows, stamp)
     print(text)

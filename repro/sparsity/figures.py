@@ -179,10 +179,9 @@ def _stamped(rows, stamp):
     return [dict(r, **stamp) for r in rows] if stamp else list(rows)
 
 
-def density_figure(rows, stamp=None, settings=None, shape=None) -> Figure:
+def density_figure(rows, stamp=None) -> Figure:
     """The run's synthetic_density_panel, real_density_panel and selection_time_panel side by side. `stamp`
-    defaults to the rows' own columns (rows read from a CSV); `settings` and `shape` are unused (the rows carry
-    both), accepted for the CLI's call."""
+    defaults to the rows' own columns (rows read from a CSV); the rows carry the settings and the shape."""
     rows = _stamped(rows, stamp)
     fig = Figure(figsize=(15, 4.8), layout="constrained")
     axes = fig.subplots(1, 3)
@@ -206,8 +205,8 @@ def error_figure(rows, stamp=None) -> Figure | None:
     return fig
 
 
-def plot_density(path: Path, rows, stamp=None, settings=None, shape=None) -> None:
-    density_figure(rows, stamp, settings, shape).savefig(path, dpi=110)
+def plot_density(path: Path, rows, stamp=None) -> None:
+    density_figure(rows, stamp).savefig(path, dpi=110)
 
 
 def plot_error(path: Path, rows, stamp=None) -> bool:

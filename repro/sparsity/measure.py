@@ -23,14 +23,10 @@ from block_selectors import SELECTORS
 from reference import block_sparse_attention, causal_block_density, dense_attention
 from reference.synthetic import planted_qkv
 
+from ..common import error_sums
 from ..timing import measure_call
 from .settings import (BLOCK, DENSITY_TOLERANCE, MATCH_GRID, REAL, REFERENCE, SYNTHETIC, TRITON, V1_ALPHA, impl_label,
                        pct)
-
-
-def relative_error(out, ref) -> tuple[float, float]:
-    """(||out - ref||^2, ||ref||^2) in float64, to be summed over layers before the square root."""
-    return float((out.double() - ref.double()).pow(2).sum()), float(ref.double().pow(2).sum())
 
 
 def measure_synthetic(lengths, settings, shape, device, repeats, seed) -> list[dict]:
@@ -79,7 +75,7 @@ def measure_real(acts, lengths, settings, device, repeats, desc) -> list[dict]:
             for s in settings:
                 (counts, indices), ms, _ = measure_call(lambda: s.select(q, k), device, repeats)
                 out = block_sparse_attention(q, k, v, counts, indices, BLOCK)
-                err2, ref2 = relative_error(out, ref)
+                err2, ref2 = error_sums(out, ref)
                 density = float(causal_block_density(counts))
                 a = agg[s]
                 a[0] += err2

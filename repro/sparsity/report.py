@@ -18,11 +18,11 @@ from pathlib import Path
 
 from block_selectors import SELECTORS
 
-from ..common import markdown_table, stamp_line
+from ..common import length_label, markdown_table, stamp_line
 from ..paper import PAPER_DENSITY_256K
 from .measure import density_check
 from .settings import (BLOCK, DEFAULT_SETTINGS, DENSITY_TOLERANCE, MATCH_GRID, PYTORCH, REFERENCE, SYNTHETIC, TRITON,
-                       V1_ALPHA, impl_label, pct, tokens)
+                       V1_ALPHA, impl_label, pct)
 
 TITLE = "# Block density: FlashPrefill vs FlexPrefill vs XAttention (same inputs, same sparse attention)"
 
@@ -70,7 +70,8 @@ def setting_table(syn, settings, cell, extra_head=(), extra=lambda s: []) -> str
     d = {(r["setting"], r["L"]): r for r in syn}
     body = [[s.label, impl_label(s)] + [cell(d[s.label, L]) if (s.label, L) in d else "-" for L in Ls] + extra(s)
             for s in settings]
-    return markdown_table(["selector (setting)", "implementation"] + [tokens(L) for L in Ls] + list(extra_head), body)
+    head = ["selector (setting)", "implementation"] + [length_label(L) for L in Ls] + list(extra_head)
+    return markdown_table(head, body)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -85,7 +86,7 @@ def synthetic_density_section(syn, settings, shape, device) -> list[str]:
                           lambda s: [paper_cell(s)]), "",
             f"Synthetic planted-pattern Q/K (sinks, local decay, slashes, vertical stripes; no model), B=1, "
             f"Hq={shape['q_heads']}, Hkv={shape['kv_heads']}, D={shape['head_dim']}, Bs={BLOCK}, "
-            f"{syn[0]['dtype']}, on {device}. Lengths {', '.join(tokens(L) for L in Ls)}"
+            f"{syn[0]['dtype']}, on {device}. Lengths {', '.join(length_label(L) for L in Ls)}"
             + ("" if max(Ls) >= 262144 else " (256K was not run here: it needs a GPU; "
                "`python -m repro.sparsity --device cuda` runs it)") + ". The **paper** column quotes the "
             "paper's 256K densities on a real model (docs/DESIGN.md section 7); synthetic densities show how "
@@ -112,7 +113,7 @@ def density_check_section(syn) -> list[str]:
     worst = max(abs(a - b) for _, a, b in pairs)
     return ["Triton vs reference stages (FlashPrefill alpha 0.12): densities "
             + ("**DIFFER** beyond " if bad else "agree within ") + f"{DENSITY_TOLERANCE:g} at "
-            f"{', '.join(tokens(L) for L, _, _ in pairs)} (largest difference {worst:.2g}).", ""]
+            f"{', '.join(length_label(L) for L, _, _ in pairs)} (largest difference {worst:.2g}).", ""]
 
 
 def selection_time_section(syn, settings, stamp, repeats) -> list[str]:
@@ -151,7 +152,7 @@ def real_section(real, layers, device, real_note) -> list[str]:
         return ["## Real SmolLM2-135M activations", "", real_note, ""] if real_note else []
     Ls = sorted({r["L"] for r in real})
     d = {(r["setting"], r["L"]): r for r in real}
-    head = ["selector (setting)"] + [f"{tokens(L)} density / error" for L in Ls]
+    head = ["selector (setting)"] + [f"{length_label(L)} density / error" for L in Ls]
     table = [[s.label] + [f"{pct(d[s.label, L]['density'])} / {d[s.label, L]['rel_error']:.3f}"
                           if (s.label, L) in d else "-" for L in Ls] for s in DEFAULT_SETTINGS]
     return ["## Real SmolLM2-135M activations: density and attention-output error vs dense", "",
@@ -173,7 +174,7 @@ def error_matched_section(matched) -> list[str]:
               "yes" if r["matched"] else "no (lowest error in the grid)"] for r in matched]
     grids = "; ".join(f"{SELECTORS[key].name}: {SELECTORS[key].knob} in {list(values)}"
                       for key, values in MATCH_GRID.items())
-    return [f"## Error-matched settings (real SmolLM2 activations, {tokens(L)})", "",
+    return [f"## Error-matched settings (real SmolLM2 activations, {length_label(L)})", "",
             markdown_table(["selector", "setting", "density", "rel. error", "error <= target"], table), "",
             f"Target: FlashPrefill's error at alpha = 0.12, {matched[0]['target_rel_error']:.4f}. For each "
             "selector, the sparsest setting of its grid " + grids

@@ -104,7 +104,3 @@ def output_tag(stamp) -> str:
 def pct(x) -> str:
     return "-" if x == "" or x is None else f"{100 * x:.1f}%"
 
-
-def tokens(L: int) -> str:
-    """8192 -> "8K"; lengths that are not whole K stay in tokens."""
-    return f"{L // 1024}K" if L % 1024 == 0 else str(L)

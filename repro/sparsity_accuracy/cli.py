@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 
 from ..accuracy.tasks import GENERATORS
-from ..common import (RESULTS_DIR, environment_stamp, read_long_csv, read_run_json, run_dir, write_long_csv,
-                      write_run_json)
+from ..common import (RESULTS_DIR, environment_stamp, read_long_csv, read_run_json, run_dir, stamp_of,
+                      write_long_csv, write_run_json)
 from ..harness import AttentionSwitch, load_for_run, run_device, seed_major, selector_columns, token_counter
 from .experiment import SEEDS, extend, make_samples, prompt_key, run_prompts, settings_for
 from .figure import plot
@@ -141,7 +141,7 @@ def write_outputs(out: Path, prefix: str, rows: list[dict], walls: dict[str, flo
     args = parse_args(shlex.split(rows[0]["command"]))
     args.note = note or args.note
     args.sparsity_csv = sparsity_csv or args.sparsity_csv
-    stamp = {k: rows[0][k] for k in ("device", "device_name", "torch", "triton", "python", "date", "commit")}
+    stamp = stamp_of(rows[0])
     args.plot_written = plot(rows, out / f"{prefix}.png", args.alpha)
     write_report(out / f"{prefix}.md", rows, args, stamp, walls, skipped)
     print((out / f"{prefix}.md").read_text())
