@@ -10,7 +10,7 @@ import torch
 
 import peers
 import reference
-from reference.validation import check_alpha, check_block_size, check_count
+from reference.validation import check_selection_params
 
 FULL = "full"  # a Setting's selector for exact dense attention (no selection)
 REFERENCE, TRITON = "reference", "triton"
@@ -42,13 +42,8 @@ def flashprefill_select_triton(q: torch.Tensor, k: torch.Tensor, *, alpha: float
 
 def check_flashprefill_params(*, alpha=0.12, sink_blocks=2, window_blocks=4, last_dense_blocks=2,
                               block_size=128) -> float:
-    """Validate FlashPrefill's parameters (without tensors); return alpha as a float."""
-    alpha = check_alpha(alpha)
-    check_block_size(block_size)
-    check_count("sink_blocks", sink_blocks, minimum=0)
-    check_count("window_blocks", window_blocks, minimum=1)
-    check_count("last_dense_blocks", last_dense_blocks, minimum=0)
-    return alpha
+    """Validate FlashPrefill's parameters (without tensors), as its entry points do; return alpha as a float."""
+    return check_selection_params(alpha, sink_blocks, window_blocks, last_dense_blocks, block_size)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from .attention import block_sparse_attention
 from .pooling import mean_pool_keys
 from .scoring import block_scores
 from .selection import causal_block_density, compact_blocks, select_blocks
-from .validation import check_alpha, check_block_size, check_count, check_flag, check_qkv, resolve_scale
+from .validation import check_flag, check_qkv, check_selection_params, resolve_scale
 
 # alpha per model from the official V1 code (docs/DESIGN.md section 2).
 PAPER_ALPHA = {
@@ -37,11 +37,7 @@ def check_flash_prefill_args(q, k, v, alpha, block_size, sink_blocks, window_blo
     """Validate every argument of `flash_prefill`; return the softmax scale."""
     D = check_qkv(q, k, v, **qkv_checks)[-1]
     check_flag("mean_correction", mean_correction)
-    check_alpha(alpha)
-    check_block_size(block_size)
-    check_count("sink_blocks", sink_blocks, minimum=0)
-    check_count("window_blocks", window_blocks, minimum=1)
-    check_count("last_dense_blocks", last_dense_blocks, minimum=0)
+    check_selection_params(alpha, sink_blocks, window_blocks, last_dense_blocks, block_size)
     return resolve_scale(softmax_scale, D)
 
 

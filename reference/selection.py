@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import check_alpha, check_count, check_lists, check_mask, check_scores
+from .validation import check_lists, check_mask, check_scores, check_selection_params
 
 
 def safety_net_mask(M: int, sink_blocks: int = 2, window_blocks: int = 4, last_dense_blocks: int = 2,
@@ -50,10 +50,7 @@ def select_blocks(
         mask (B, Hq, M, N) bool, never above the diagonal. A row with a NaN score keeps all its causal blocks.
     """
     check_scores(scores)
-    alpha = check_alpha(alpha)
-    check_count("sink_blocks", sink_blocks, minimum=0)
-    check_count("window_blocks", window_blocks, minimum=1)
-    check_count("last_dense_blocks", last_dense_blocks, minimum=0)
+    alpha = check_selection_params(alpha, sink_blocks, window_blocks, last_dense_blocks)
     M = scores.shape[-1]
     causal = torch.ones(M, M, dtype=torch.bool, device=scores.device).tril()
 

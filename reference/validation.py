@@ -85,6 +85,18 @@ def check_count(name: str, value, *, minimum: int) -> int:
     return value
 
 
+def check_selection_params(alpha, sink_blocks, window_blocks, last_dense_blocks, block_size=None) -> float:
+    """FlashPrefill's selection parameters, without tensors: the threshold alpha (Eq. 3), the block size when given,
+    and the safety net (sink_blocks, last_dense_blocks >= 0, window_blocks >= 1). Returns alpha as a float."""
+    alpha = check_alpha(alpha)
+    if block_size is not None:
+        check_block_size(block_size)
+    check_count("sink_blocks", sink_blocks, minimum=0)
+    check_count("window_blocks", window_blocks, minimum=1)
+    check_count("last_dense_blocks", last_dense_blocks, minimum=0)
+    return alpha
+
+
 def check_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

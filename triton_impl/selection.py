@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from reference.validation import check_alpha, check_count, check_mask, check_scores
+from reference.validation import check_mask, check_scores, check_selection_params
 
 from .common import check_inference_only, check_kernel_device, needs_wide_offsets, new_output, widen
 
@@ -136,10 +136,7 @@ def _check_selection_args(scores, alpha, sink_blocks, window_blocks, last_dense_
     check_scores(scores)
     check_kernel_device(scores=scores)
     check_inference_only(scores=scores)
-    check_count("sink_blocks", sink_blocks, minimum=0)
-    check_count("window_blocks", window_blocks, minimum=1)
-    check_count("last_dense_blocks", last_dense_blocks, minimum=0)
-    return check_alpha(alpha), scores.float().contiguous()
+    return check_selection_params(alpha, sink_blocks, window_blocks, last_dense_blocks), scores.float().contiguous()
 
 
 def select_blocks(scores: torch.Tensor, alpha: float = 0.12, sink_blocks: int = 2, window_blocks: int = 4,
