@@ -21,7 +21,8 @@ visible to every row of I):
 which is one more logit, s_bar_iJ + log Bs, in the same online softmax. It is exact when every key of a pruned
 block is its mean; otherwise it replaces the block's softmax mass by the mass of its mean (by Jensen, never more).
 A pruned diagonal block (only possible with hand-made lists) gets no correction: its mean would include keys the
-row cannot see. The corrections are not block visits: `return_visits` counts the same as without them.
+row cannot see. The corrections are not block visits: `return_visits` counts the same as without them. k_bar is
+stage 1's `mean_pool_keys(k)`: `flash_prefill` passes the one it pooled for the scores as `key_means`.
 
 NaN and inf behave as in dense attention (docs/DESIGN.md section 2): a row whose visible logits hold a NaN or a +inf
 is NaN, as is a row that attends to a key whose value holds a NaN or an inf; nothing is turned into 0 except the
@@ -42,8 +43,8 @@ import torch
 
 from .pooling import compute_dtype, mean_pool_keys, split_blocks
 from .selection import listed_blocks
-from .validation import (check_block_layout, check_block_lists, check_block_size, check_flag, check_qkv, num_blocks,
-                         resolve_scale)
+from .validation import (ATTENTION_DTYPES, check_block_layout, check_block_lists, check_block_size, check_flag,
+                         check_qkv, check_same_device, check_tensor, num_blocks, resolve_scale)
 
 _CHUNK_ELEMENTS = 1 << 24  # attention scores held at once by `dense_attention`: about 64 MB of float32
 _TILE_ROWS = 128  # query rows of one tile of `dense_attention`, as in triton_impl.dense_attention
@@ -155,15 +156,34 @@ class _BlockedQKV:
         visible = pruned.unsqueeze(-2).expand(*pruned.shape[:2], self.block_size, I)  # every row of block I
         state.update(self.k_means[:, :, :I], self.v_means[:, :, :I], visible, scale, bias=math.log(self.block_size))
 
-    def prepare_means(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k_bar, v_bar (B, Hq, N, D) in the accumulation dtype: block means per query head (stage 1's pooling)."""
-        means = [mean_pool_keys(x, self.block_size).to(self.q.dtype) for x in (k, v)]  # (B, N, Hkv, D)
+    def prepare_means(self, k: torch.Tensor, v: torch.Tensor, key_means: torch.Tensor | None = None) -> None:
+        """k_bar, v_bar (B, Hq, N, D) in the accumulation dtype: block means per query head (stage 1's pooling;
+        k_bar is key_means when given, stage 1's output, rather than pooled again)."""
+        k_bar = mean_pool_keys(k, self.block_size) if key_means is None else key_means
+        means = [x.to(self.q.dtype) for x in (k_bar, mean_pool_keys(v, self.block_size))]  # (B, N, Hkv, D)
         self.k_means, self.v_means = (m.permute(0, 2, 1, 3)[self.batch_idx, self.kv_head_idx] for m in means)
 
     def output(self, blocks: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """M results (B, Hq, Bs, D) -> out (B, L, Hq, D)."""
         out = torch.stack(blocks, dim=2).flatten(2, 3)[:, :, : self.L]  # (B, Hq, L, D)
         return out.transpose(1, 2).to(dtype).contiguous()
+
+
+def check_mean_correction(k, block_size: int, mean_correction, key_means=None) -> None:
+    """mean_correction must be a bool; key_means None or, with mean_correction=True only, k's block means
+    (B, N, Hkv, D) as `mean_pool_keys(k, block_size)` returns them."""
+    check_flag("mean_correction", mean_correction)
+    if key_means is None:
+        return
+    if not mean_correction:
+        raise ValueError("key_means is read only with mean_correction=True")
+    check_tensor("key_means", key_means, ndim=4, dtypes=ATTENTION_DTYPES)
+    check_same_device(k=k, key_means=key_means)
+    B, L, Hkv, D = k.shape
+    expected = (B, num_blocks(L, block_size), Hkv, D)
+    if tuple(key_means.shape) != expected:
+        raise ValueError(f"key_means must have shape (B, N, Hkv, D) = {expected} (mean_pool_keys(k, {block_size})), "
+                         f"got {tuple(key_means.shape)}")
 
 
 def _check_sparse_args(q, k, v, block_size, softmax_scale):
@@ -184,6 +204,7 @@ def block_sparse_attention(
     return_visits: bool = False,
     validate: bool = True,
     mean_correction: bool = False,
+    key_means: torch.Tensor | None = None,
 ):
     """Causal attention over the kept key blocks only, walking the compacted lists (physical skip).
 
@@ -196,17 +217,19 @@ def block_sparse_attention(
             one. On by default here (the oracle; the check is small next to this loop); triton_impl checks only
             when asked, because its check costs a host synchronisation.
         mean_correction: add every pruned causal block J < I as its mean key and value (module docstring).
+        key_means: with mean_correction, k_bar = mean_pool_keys(k, block_size) (B, N, Hkv, D) when the caller has
+            it already (flash_prefill's stage 1); None pools k here.
     Returns:
         out (B, L, Hq, D) in q.dtype [, visits]. A row whose list is empty gives 0 (without mean correction).
     """
     scale = _check_sparse_args(q, k, v, block_size, softmax_scale)
     check_block_layout(q, block_size=block_size, counts=counts, indices=indices)
-    check_flag("mean_correction", mean_correction)
+    check_mean_correction(k, block_size, mean_correction, key_means)
     if validate:
         check_block_lists(counts, indices)
     blocks = _BlockedQKV(q, k, v, block_size)
     if mean_correction:
-        blocks.prepare_means(k, v)
+        blocks.prepare_means(k, v, key_means)
         kept = listed_blocks(counts, indices)  # (B, Hq, M, M)
     M = num_blocks(q.shape[1], block_size)
     visits = torch.zeros_like(counts)
@@ -238,6 +261,7 @@ def block_sparse_attention_logical(
     *,
     return_visits: bool = False,
     mean_correction: bool = False,
+    key_means: torch.Tensor | None = None,
 ):
     """Same output as `block_sparse_attention`, but visiting every causal block and skipping by the mask bit.
 
@@ -246,15 +270,16 @@ def block_sparse_attention_logical(
         block_size: Bs; softmax_scale: None means 1 / sqrt(D).
         return_visits: also return visits (B, Hq, M) int32: I + 1 for every row I (all causal blocks).
         mean_correction: add every pruned causal block J < I as its mean key and value (module docstring).
+        key_means: as in `block_sparse_attention`.
     Returns:
         out (B, L, Hq, D) in q.dtype [, visits].
     """
     scale = _check_sparse_args(q, k, v, block_size, softmax_scale)
     check_block_layout(q, block_size=block_size, mask=mask)
-    check_flag("mean_correction", mean_correction)
+    check_mean_correction(k, block_size, mean_correction, key_means)
     blocks = _BlockedQKV(q, k, v, block_size)
     if mean_correction:
-        blocks.prepare_means(k, v)
+        blocks.prepare_means(k, v, key_means)
     B, _, Hq, _ = q.shape
     M = num_blocks(q.shape[1], block_size)
     visits = torch.zeros(B, Hq, M, dtype=torch.int32, device=q.device)

@@ -64,7 +64,8 @@ def flash_prefill(
         softmax_scale: None means 1 / sqrt(D).
         return_stats: also return a `FlashPrefillStats`.
         mean_correction: FlashPrefill V2's Eq. 6 (opt-in): every pruned block below the diagonal joins the softmax as
-            its mean key and value, weighted by its size (reference/attention.py). The selection is unchanged.
+            its mean key and value, weighted by its size (reference/attention.py), k_bar being stage 1's kbar. The
+            selection is unchanged.
     Returns:
         out (B, L, Hq, D) in q.dtype [, stats].
     """
@@ -75,7 +76,7 @@ def flash_prefill(
     mask = select_blocks(scores, alpha, sink_blocks, window_blocks, last_dense_blocks)  # 3. threshold (Eq. 3)
     counts, indices = compact_blocks(mask)  # 4. compacted block lists
     out = block_sparse_attention(q, k, v, counts, indices, block_size, scale,  # 5. physical skip
-                                 mean_correction=mean_correction)
+                                 mean_correction=mean_correction, key_means=kbar if mean_correction else None)
     if return_stats:
         return out, FlashPrefillStats(counts, indices, causal_block_density(counts))
     return out

@@ -2,17 +2,16 @@
 the diagonal joins the softmax as its mean key and value, with logit scale q . k_bar + log Bs.
 
 Checked against the float64 restatement of tools/oracle.py, against dense attention where the correction is exact
-(keys and values constant inside each block), and between the physical and logical walks. The Triton kernels
-refuse the option up front until they implement it."""
+(keys and values constant inside each block), and between the physical and logical walks. The Triton kernels are
+checked against both in tests/test_triton_mean_correction.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, random_block_mask, random_qkv
+from helpers import random_block_mask, random_qkv
 
 import reference
-import triton_impl
 from reference import block_sparse_attention, block_sparse_attention_logical, compact_blocks, dense_attention
 from reference.synthetic import planted_qkv
 from tools.oracle import ATOL, naive_attention, naive_mean_corrected_attention_fp64, num_blocks
@@ -117,19 +116,4 @@ def test_the_option_must_be_a_bool(call):
           "block_sparse_attention_logical": lambda: block_sparse_attention_logical(q, k, v, mask, 16,
                                                                                    mean_correction=None)}[call]
     with pytest.raises(TypeError, match="^mean_correction must be a bool"):
-        fn()
-
-
-@pytest.mark.parametrize("call", ["flash_prefill", "block_sparse_attention", "block_sparse_attention_logical"])
-def test_triton_refuses_the_option_before_any_launch(call):
-    dtype = torch.float16
-    q, k, v = random_qkv(1, 64, 2, 1, 64, dtype, seed=0, device=DEVICE)
-    mask = random_block_mask(1, 2, 4, seed=0, device=DEVICE)
-    counts, indices = triton_impl.compact_blocks(mask)
-    fn = {"flash_prefill": lambda: triton_impl.flash_prefill(q, k, v, block_size=16, mean_correction=True),
-          "block_sparse_attention": lambda: triton_impl.block_sparse_attention(q, k, v, counts, indices, 16,
-                                                                               mean_correction=True),
-          "block_sparse_attention_logical": lambda: triton_impl.block_sparse_attention_logical(
-              q, k, v, mask, 16, mean_correction=True)}[call]
-    with pytest.raises(NotImplementedError, match="runs in `reference` only so far"):
         fn()

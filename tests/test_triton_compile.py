@@ -3,8 +3,9 @@
 The CPU tests run the kernels under the interpreter, which accepts code the compiler rejects (for example a kernel
 reading a global that is not a tl.constexpr). `python -m tools.hopper_compile` compiles every kernel exactly
 as the Python wrappers launch it; here it runs for every dtype, head dim and block size the public API admits on
-a GPU (bf16, fp16; triton_impl.common) and every attention mode, in a subprocess without TRITON_INTERPRET (this
-process has it set, see conftest.py), and checks shared memory against an H200's limit. Skipped, with the tool's
+a GPU (bf16, fp16; triton_impl.common) and every attention mode (with and without the mean correction), in a
+subprocess without TRITON_INTERPRET (this process has it set, see conftest.py), and checks shared memory against an
+H200's limit. Skipped, with the tool's
 reason, where Triton has no NVIDIA backend or no working ptxas. Registers, spills and shared memory reported this way matched a native launch on an H200.
 """
 
@@ -65,10 +66,12 @@ def test_every_block_size_and_head_dim_the_api_admits_is_compiled(report, dtype)
                 if all(r["constexprs"].get(k) == v for k, v in constexprs.items())}
 
     wanted = {(D, bs) for D in HEAD_DIMS for bs in BLOCK_SIZES}
-    assert compiled("_mean_pool_kernel") >= wanted
+    assert compiled("_mean_pool_kernel", POOL_V=False) >= wanted
+    assert compiled("_mean_pool_kernel", POOL_V=True) >= wanted  # K and V in one pass (mean correction)
     assert compiled("_block_scores_kernel") >= wanted
     for mode in (0, 1):  # physical, logical
-        assert compiled("_attention_kernel", MODE=mode) >= wanted
+        for mean_correction in (False, True):
+            assert compiled("_attention_kernel", MODE=mode, MEAN_CORRECTION=mean_correction) >= wanted
 
 
 def test_shared_memory_fits_an_h200_sm(report):
@@ -81,10 +84,13 @@ def test_shared_memory_fits_an_h200_sm(report):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_attention_compiles_with_both_kv_loads(report, dtype):
-    """K/V through TMA descriptors (the default from 8K tokens) and through pointer loads, in every mode."""
+    """K/V through TMA descriptors (the default from 8K tokens) and through pointer loads, in every mode; with the
+    mean correction, the means the same way as K/V."""
     tiles = rows(report, "_attention_kernel", dtype)
     for tma in (False, True):
         assert {r["constexprs"]["MODE"] for r in tiles if r["constexprs"]["KV_DESCRIPTORS"] == tma} == {0, 1, 2}
+        assert {r["constexprs"]["MODE"] for r in tiles if r["constexprs"]["MEAN_CORRECTION"]
+                and r["constexprs"]["MEAN_DESCRIPTORS"] == tma == r["constexprs"]["KV_DESCRIPTORS"]} == {0, 1}
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -103,8 +109,20 @@ def test_block_scores_use_wgmma(report, dtype):
 def test_standard_shape_attention_does_not_spill(report):
     """bf16, D=128, Bs=128 (the benchmark shape): the physical-skip kernel, with TMA or pointer K/V loads, keeps
     everything in registers."""
-    found = [r for r in rows(report, "_attention_kernel", "bf16 D=128 Bs=128 physical") if "visits" not in r["variant"]]
+    found = [r for r in rows(report, "_attention_kernel", "bf16 D=128 Bs=128 physical")
+             if "visits" not in r["variant"] and "+mean" not in r["variant"]]
     assert len(found) == 2  # pointer loads, TMA
     for row in found:
+        assert row["registers"] is not None and row["registers"] <= 255
+        assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
+
+
+def test_standard_shape_mean_correction_does_not_spill(report):
+    """The same with the mean correction (the means walk after the list walk): at the register limit (255; one CTA
+    per SM anyway, shared memory allows no second) but no spills, with pointer or TMA loads (repro/NOTES.md)."""
+    found = [r for r in rows(report, "_attention_kernel", "bf16 D=128 Bs=128 physical") if "+mean" in r["variant"]]
+    assert len(found) == 2  # pointer loads, TMA
+    for row in found:
+        assert row["constexprs"]["MEAN_CORRECTION"] and row["constexprs"]["MEAN_CHUNK"] == 128
         assert row["registers"] is not None and row["registers"] <= 255
         assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row

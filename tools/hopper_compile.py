@@ -274,6 +274,15 @@ def variants(quick: bool = False, dtypes: list[str] | None = None) -> list[Varia
                     ti.block_sparse_attention, q, k, v, counts, indices, bs)
                 add(f"{label} logical TMA", "block_sparse_attention_logical", _with_kv_descriptors,
                     ti.block_sparse_attention_logical, q, k, v, mask, bs)
+                # Mean correction (V2, Eq. 6): the means walk after the kept blocks, and the pooling of K and V.
+                add(f"{label} physical +mean", "block_sparse_attention", ti.block_sparse_attention, q, k, v, counts,
+                    indices, bs, mean_correction=True)
+                add(f"{label} logical +mean", "block_sparse_attention_logical", ti.block_sparse_attention_logical,
+                    q, k, v, mask, bs, mean_correction=True)
+                add(f"{label} physical TMA +mean", "block_sparse_attention", _with_kv_descriptors,
+                    ti.block_sparse_attention, q, k, v, counts, indices, bs, mean_correction=True)
+                add(f"{label} logical TMA +mean", "block_sparse_attention_logical", _with_kv_descriptors,
+                    ti.block_sparse_attention_logical, q, k, v, mask, bs, mean_correction=True)
                 if dt == "bf16" and D == 128 and bs == 128:
                     add(f"{label} physical +visits", "block_sparse_attention", ti.block_sparse_attention, q, k, v,
                         counts, indices, bs, return_visits=True)
@@ -286,10 +295,16 @@ def variants(quick: bool = False, dtypes: list[str] | None = None) -> list[Varia
                     add(f"{dt} D={D} dense TMA", "dense_attention", _with_kv_descriptors, ti.dense_attention, q, k,
                         v)
                 add(label, "flash_prefill", ti.flash_prefill, q, k, v, block_size=bs)
+                add(f"{label} +mean", "flash_prefill", ti.flash_prefill, q, k, v, block_size=bs, mean_correction=True)
+                if dt == "bf16" and D == 128 and bs == 128:  # key_means given: only V is pooled (unsplit, bf16)
+                    add(f"{label} physical +mean key_means", "block_sparse_attention", ti.block_sparse_attention, q,
+                        k, v, counts, indices, bs, mean_correction=True, key_means=torch.zeros(1, M, k.shape[2], D))
                 if dt == "bf16" and D == 128 and bs == 128:  # the int64-offset kernels of 1M-token inputs (TMA there)
                     add(f"{label} int64 offsets", "flash_prefill", _with_wide_offsets, ti.flash_prefill, q, k, v)
                     add(f"{label} int64 offsets TMA", "flash_prefill", _with_wide_offsets, _with_kv_descriptors,
                         ti.flash_prefill, q, k, v)
+                    add(f"{label} int64 offsets TMA +mean", "flash_prefill", _with_wide_offsets,
+                        _with_kv_descriptors, ti.flash_prefill, q, k, v, mean_correction=True)
     return out
 
 

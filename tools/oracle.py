@@ -10,11 +10,13 @@ Restatements (float64, explicit masks, plain loops where the formula reads best 
     naive_attention           step 5: softmax(scale q k^T) v over the causal tokens of the kept blocks, in any dtype
     naive_mean_corrected_attention_fp64   step 5 with V2's mean correction (Eq. 6): the pruned blocks below the
                               diagonal as extra keys (their means), each with logit + log Bs
+                              (`naive_mean_corrected_attention` evaluates the same formula in any dtype)
 
 Rules (docs/DESIGN.md section 4), stated here once:
 
-* Outputs follow FlashAttention's rule (`flash_rule`): with the float64 oracle `ref` and a PyTorch result `pt` in
-  the input's own precision, on the same inputs and the same block set, max |out - ref| <= 2 max |pt - ref| + 1e-5.
+* Outputs follow FlashAttention's rule (`flash_rule`; `corrected_flash_rule` with the mean correction): with the
+  float64 oracle `ref` and a PyTorch result `pt` in the input's own precision, on the same inputs and the same block
+  set, max |out - ref| <= 2 max |pt - ref| + 1e-5.
 * Block sets must be identical except at threshold ties (`block_sets_agree`): |Score - alpha * row max| <=
   TIE_TOLERANCE * row max, and at most MAX_TIE_FRACTION of the blocks (+ 1).
 * ATOL: what an output in a dtype may differ from a float64 ground truth on the same inputs (reference tests).
@@ -181,25 +183,32 @@ def naive_mean_corrected_attention_fp64(q, k, v, block_mask: torch.Tensor, block
     """float64, one (L + N)-column softmax per row: the L tokens (causal, in a kept block) and N extra columns, one
     per key block J, visible to row i of block I iff J < I and J is not kept, with key k_bar_J, value v_bar_J (the
     means of its Bs tokens) and logit scale q_i . k_bar_J + log Bs. Materialises (L, L + N): keep L small."""
+    return naive_mean_corrected_attention(q, k, v, block_mask, block_size, softmax_scale, dtype=torch.float64)
+
+
+def naive_mean_corrected_attention(q, k, v, block_mask: torch.Tensor, block_size: int,
+                                   softmax_scale: float | None = None, *, dtype: torch.dtype) -> torch.Tensor:
+    """`naive_mean_corrected_attention_fp64`'s formula computed entirely in `dtype` (the block means too: averaged,
+    then held in `dtype`), for the `pt` side of FlashAttention's rule. Returns (B, L, Hq, D) in `dtype`."""
     B, L, Hq, D = q.shape
     group = Hq // k.shape[2]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
     N = num_blocks(L, block_size)
-    q64 = q.double().transpose(1, 2)  # (B, Hq, L, D)
-    k64 = k.double().repeat_interleave(group, dim=2).transpose(1, 2)
-    v64 = v.double().repeat_interleave(group, dim=2).transpose(1, 2)
-    k_bar = torch.stack([k64[:, :, J * block_size : (J + 1) * block_size].mean(dim=2) for J in range(N)], dim=2)
-    v_bar = torch.stack([v64[:, :, J * block_size : (J + 1) * block_size].mean(dim=2) for J in range(N)], dim=2)
-    token_logits = scale * q64 @ k64.transpose(-1, -2)
+    qd = q.to(dtype).transpose(1, 2)  # (B, Hq, L, D)
+    kd = k.to(dtype).repeat_interleave(group, dim=2).transpose(1, 2)
+    vd = v.to(dtype).repeat_interleave(group, dim=2).transpose(1, 2)
+    k_bar = torch.stack([kd[:, :, J * block_size : (J + 1) * block_size].mean(dim=2) for J in range(N)], dim=2)
+    v_bar = torch.stack([vd[:, :, J * block_size : (J + 1) * block_size].mean(dim=2) for J in range(N)], dim=2)
+    token_logits = scale * qd @ kd.transpose(-1, -2)
     token_visible = token_mask_from_blocks(block_mask, L, block_size)
     row_block = torch.arange(L, device=q.device) // block_size  # I of each query row
     J = torch.arange(N, device=q.device)
     pruned = ~block_mask[:, :, row_block] & (J.view(1, 1, 1, N) < row_block.view(1, 1, L, 1))  # (B, Hq, L, N)
-    mean_logits = scale * q64 @ k_bar.transpose(-1, -2) + math.log(block_size)
+    mean_logits = scale * qd @ k_bar.transpose(-1, -2) + math.log(block_size)
     logits = torch.cat([token_logits, mean_logits], dim=-1).masked_fill(~torch.cat([token_visible, pruned], -1),
                                                                         float("-inf"))
     p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with nothing visible gives 0
-    return (p @ torch.cat([v64, v_bar], dim=2)).transpose(1, 2)
+    return (p @ torch.cat([vd, v_bar], dim=2)).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -215,6 +224,16 @@ def flash_rule(out, q, k, v, block_mask, block_size: int, scale: float | None = 
     """(ok, max |out - ref64|, max |pt - ref64|) for FlashAttention's rule on the block set `block_mask`."""
     ref = naive_attention(q, k, v, block_mask, block_size, scale, dtype=torch.float64)
     pt = naive_attention(q, k, v, block_mask, block_size, scale, dtype=q.dtype)
+    err, pt_err = max_abs_diff(out, ref), max_abs_diff(pt, ref)
+    return err <= FLASH_RULE_FACTOR * pt_err + FLASH_RULE_SLACK, err, pt_err  # False for NaN
+
+
+def corrected_flash_rule(out, q, k, v, block_mask, block_size: int,
+                         scale: float | None = None) -> tuple[bool, float, float]:
+    """`flash_rule` for the mean-corrected attention: (ok, max |out - ref64|, max |pt - ref64|), ref64 and pt the
+    corrected formula in float64 and in q's dtype, on the block set `block_mask`."""
+    ref = naive_mean_corrected_attention_fp64(q, k, v, block_mask, block_size, scale)
+    pt = naive_mean_corrected_attention(q, k, v, block_mask, block_size, scale, dtype=q.dtype)
     err, pt_err = max_abs_diff(out, ref), max_abs_diff(pt, ref)
     return err <= FLASH_RULE_FACTOR * pt_err + FLASH_RULE_SLACK, err, pt_err  # False for NaN
 

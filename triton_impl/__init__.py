@@ -11,6 +11,9 @@ in the same file (`launch_mean_pool`, `launch_block_scores`, `launch_select_and_
 launches the kernel without any check, for callers that have checked once already (`flash_prefill`, the
 benchmarks). Bad input to a `launch_*` function is undefined behaviour; use the public functions.
 
+`mean_correction=True` (FlashPrefill V2, Eq. 6: the pruned blocks below the diagonal as their means) runs in the
+attention kernel as in the reference: `block_sparse_attention`, `block_sparse_attention_logical`, `flash_prefill`.
+
 Inference-only: the kernels have no backward, so every entry point raises a RuntimeError when autograd would track an
 input (use torch.no_grad() / torch.inference_mode(), or the differentiable `reference`). NaN and inf propagate as in
 dense attention, as in the reference (docs/DESIGN.md section 2).

@@ -18,9 +18,25 @@ Inner step in base 2: logits are scaled by scale * log2(e) and exponentiated wit
 K/V tiles: fetched by TMA (a tensor descriptor over k / v viewed as (B, L, Hkv * D)) when the layout allows it
 (heads packed, 16-byte aligned), else by per-thread pointer loads; `tests/test_triton_attention.py` checks that
 both give the same output to the bit. The H200 timings of both are in repro/NOTES.md.
+
+Mean correction (MEAN_CORRECTION; FlashPrefill V2, Eq. 6, formula in reference/attention.py), PHYSICAL and LOGICAL:
+after its kept blocks, a program walks the block means k_bar_J, v_bar_J of every J < I in chunks of MEAN_CHUNK,
+one (BLOCK_M x MEAN_CHUNK) logit tile and one PV dot per chunk, folded into the same online softmax with the bias
+log2(Bs); the columns of the blocks the row keeps (and J >= I) get -inf, so each causal block is attended exactly
+or stands in as its mean, never both. Which columns a row keeps: LOGICAL reads the chunk's mask bits; PHYSICAL
+reads the window of its ascending list that can fall into the chunk (MEAN_CHUNK slots from the first one not yet
+consumed) and turns it into a bit mask (`_listed_columns`), loading the next chunk's window one chunk ahead (its
+start depends on this chunk's count). k_bar arrives pre-scaled by scale x log2(e) in q's dtype (the score kernel's
+hi part of stage 1, reused), v_bar in q's dtype; both (B, N, Hkv, D), pointer loads (a kv head's means are
+2 x 512 KiB at 256K tokens: L2-resident).
+Work: ceil(I / MEAN_CHUNK) chunk tiles per query tile, each the FLOPs and exp2s of one 128 x 128 key block at
+MEAN_CHUNK = 128 but with no HBM traffic: in all 1 / (rho Bs) of the sparse walk's FLOPs at density rho (22% at
+3.5%, 8% at 10%); the counts and the H200 measurement are in repro/NOTES.md ("Mean correction").
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -29,8 +45,12 @@ import triton.language as tl
 from reference.validation import (BAD_COUNTS, BAD_INDEX, NOT_ASCENDING, check_block_layout, num_blocks,
                                   resolve_scale)
 
-from .common import (LOG2E, check_kernel_block_size, check_kernel_device, check_kernel_qkv, check_no_mean_correction,
+from reference.attention import check_mean_correction
+
+from .common import (LOG2E, check_inference_only, check_kernel_block_size, check_kernel_device, check_kernel_qkv,
                      dot_precision, needs_wide_offsets, new_output, num_warps_for, widen)
+from .pooling import launch_mean_pool
+from .scoring import split_kbar
 
 FLOAT32_LOWEST: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
 # Which key blocks a program visits (compile-time constants of the kernel).
@@ -110,17 +130,78 @@ def _listed_block(list_row, slot, n_off_diagonal, I, WIDE: tl.constexpr, CLAMP: 
 
 
 @triton.jit
+def _list_window(list_row, first, n_off_diagonal, WIDTH: tl.constexpr):
+    """List slots first .. first + WIDTH - 1 of a row, -1 past its off-diagonal entries."""
+    slot = first + tl.arange(0, WIDTH)
+    return tl.load(list_row + slot, mask=slot < n_off_diagonal, other=-1)
+
+
+@triton.jit
+def _listed_columns(window, c0, MEAN_CHUNK: tl.constexpr):
+    """(kept, consumed): kept (MEAN_CHUNK,) bool, True where block c0 + j is in `window` (a slice of an ascending
+    list); consumed, how many window entries fall into the chunk. Each entry inside sets one bit of a MEAN_CHUNK-bit
+    mask (int32 words; the ids are distinct, so the sum of their bits is their OR): one reduction of MEAN_CHUNK
+    elements per word instead of a MEAN_CHUNK x MEAN_CHUNK comparison (int32 rather than int64 words: fewer
+    registers in the columns' layout, which holds 32 columns per thread). Shift amounts stay in [0, 31] whatever
+    the list holds (a malformed list gives a wrong row, never undefined arithmetic)."""
+    rel = window - c0
+    inside = (window >= 0) & (rel >= 0) & (rel < MEAN_CHUNK)  # -1 pads the window; c0 may be negative
+    bit = tl.full(rel.shape, 1, tl.int32) << (rel & 31)
+    col = tl.arange(0, MEAN_CHUNK)
+    word = tl.zeros([MEAN_CHUNK], dtype=tl.int32)
+    for w in tl.static_range(MEAN_CHUNK // 32 if MEAN_CHUNK >= 32 else 1):
+        bits = tl.sum(tl.where(inside & ((rel >> 5) == w), bit, 0), axis=0)
+        word = tl.where((col >> 5) == w, bits, word)
+    kept = ((word >> (col & 31)) & 1) != 0
+    return kept, tl.sum(inside.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _attend_means(acc, m_i, l_i, q, KBAR, VBAR, b, kv_col, c0, stride_mn, kept, mean_bias,
+                  MEAN_CHUNK: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  MEAN_DESCRIPTORS: tl.constexpr):
+    """Fold block means c0 .. c0 + MEAN_CHUNK - 1 (c0 + MEAN_CHUNK <= I; c0 may be negative) into the running
+    softmax state: every J >= 0 that the row does not keep joins as one key k_bar_J (pre-scaled, so the dot is
+    already a base-2 logit) with value v_bar_J and the bias log2(Bs) (its Bs keys). Rows J < 0 read as 0 (TMA
+    zero-fills them) and are masked; no row J >= I is ever read, so a non-finite value there cannot reach the row
+    through 0 x NaN."""
+    J = c0 + tl.arange(0, MEAN_CHUNK)
+    real = J >= 0
+    if MEAN_DESCRIPTORS:  # (B, N, Hkv * D) views, box (1, MEAN_CHUNK, D)
+        kbar = KBAR.load([tl.cast(b, tl.int32), tl.cast(c0, tl.int32), kv_col]).reshape(MEAN_CHUNK, D)
+        vbar = VBAR.load([tl.cast(b, tl.int32), tl.cast(c0, tl.int32), kv_col]).reshape(MEAN_CHUNK, D)
+    else:  # KBAR, VBAR point at the (b, kv head) slice
+        offs_d = tl.arange(0, D)
+        kbar = tl.load(KBAR + J[:, None] * stride_mn + offs_d[None, :], mask=real[:, None], other=0.0)
+        vbar = tl.load(VBAR + J[:, None] * stride_mn + offs_d[None, :], mask=real[:, None], other=0.0)
+    # Excluded columns get the bias -inf (added, which makes it the dot's initial accumulator: no extra where over
+    # the tile). A kept block's NaN or +inf mean therefore still makes the row NaN, as the block itself does.
+    bias = tl.where(real & ~kept, mean_bias, float("-inf"))
+    s = tl.dot(q, tl.trans(kbar), input_precision=DOT_PRECISION) + bias[None, :]
+    # As in _attend_tile: m starts finite, so an all -inf tile gives p = 0 and correction 1 (the row is unchanged
+    # to the bit when the row keeps every block of the chunk).
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    correction = tl.exp2(m_i - m_new)
+    l_i = l_i * correction + tl.sum(p, axis=1)
+    acc = acc * correction[:, None] + tl.dot(p.to(vbar.dtype), vbar, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attention_kernel(
-    Q, K, V, OUT, COUNTS, INDICES, MASK, VISITS,
+    Q, K, V, OUT, COUNTS, INDICES, MASK, VISITS, KBAR, VBAR,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
     stride_ob, stride_ol, stride_oh,
     stride_lb, stride_lh, stride_lm,  # INDICES (or MASK) rows; COUNTS and VISITS are contiguous (B, Hq, M)
-    L, M, HQ, GROUP, qk_scale, ROW0, CAPACITY,
+    stride_mb, stride_mn, stride_mh,  # KBAR and VBAR (B, N, Hkv, D), one layout
+    L, M, HQ, GROUP, qk_scale, mean_bias, ROW0, CAPACITY,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, HEADS_FASTEST: tl.constexpr,
     PREFETCH_INDEX: tl.constexpr, WIDE: tl.constexpr, KV_DESCRIPTORS: tl.constexpr,
+    MEAN_CORRECTION: tl.constexpr, MEAN_CHUNK: tl.constexpr, MEAN_DESCRIPTORS: tl.constexpr,
 ):
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_M
     if HEADS_FASTEST:  # consecutive programs = the heads of one query tile: a GQA group shares K/V in L2
@@ -192,6 +273,29 @@ def _attention_kernel(
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, start, stride_kl, stride_vl, L,
                                          qk_scale, BLOCK_N, D, True, DOT_PRECISION, KV_DESCRIPTORS)
 
+    # Mean correction: the blocks J < I that the row does not keep, as their means (module docstring). Not visits.
+    # The chunks end at I (the first one starts below 0 unless MEAN_CHUNK divides I): no chunk reaches J >= I.
+    if MEAN_CORRECTION:
+        if not MEAN_DESCRIPTORS:
+            KBAR = KBAR + b * stride_mb + (h // GROUP) * stride_mh
+            VBAR = VBAR + b * stride_mb + (h // GROUP) * stride_mh
+        chunks_start = I - tl.cdiv(I, MEAN_CHUNK) * MEAN_CHUNK
+        if MODE == PHYSICAL:
+            first = 0
+            window = _list_window(INDICES + row, first, n_off_diagonal, MEAN_CHUNK)
+            for c0 in range(chunks_start, I, MEAN_CHUNK):
+                kept, consumed = _listed_columns(window, c0, MEAN_CHUNK)
+                first += consumed
+                window = _list_window(INDICES + row, first, n_off_diagonal, MEAN_CHUNK)  # next chunk's, early
+                acc, m_i, l_i = _attend_means(acc, m_i, l_i, q, KBAR, VBAR, b, kv_col, c0, stride_mn, kept,
+                                              mean_bias, MEAN_CHUNK, D, DOT_PRECISION, MEAN_DESCRIPTORS)
+        else:
+            for c0 in range(chunks_start, I, MEAN_CHUNK):
+                columns = c0 + tl.arange(0, MEAN_CHUNK)
+                kept = tl.load(MASK + row + columns, mask=columns >= 0, other=0) != 0
+                acc, m_i, l_i = _attend_means(acc, m_i, l_i, q, KBAR, VBAR, b, kv_col, c0, stride_mn, kept,
+                                              mean_bias, MEAN_CHUNK, D, DOT_PRECISION, MEAN_DESCRIPTORS)
+
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows that saw no key give 0, as in the reference
     out = acc / l_i[:, None]
     tl.store(OUT + b * stride_ob + h * stride_oh + q_pos[:, None] * stride_ol + offs_d[None, :],
@@ -203,7 +307,8 @@ def _attention_kernel(
 
 # Launch configuration, tuned on an H200 (repro/NOTES.md): keys per tile, warps, pipeline stages, program order.
 ATTENTION_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, num_warps=None, num_stages=3, heads_fastest=True,
-                        prefetch_index=True, kv_descriptors=True, kv_descriptors_min_length=8192)
+                        prefetch_index=True, kv_descriptors=True, kv_descriptors_min_length=8192, mean_chunk=128)
+MEAN_CHUNKS = (16, 32, 64, 128)  # means per chunk tile: at most a key tile (128), the registers of one
 
 
 def kv_descriptor(x: torch.Tensor, block_n: int):
@@ -224,12 +329,25 @@ def attention_tile_sizes(block_size: int, config=None) -> tuple[int, int]:
     return min(block_size, config["BLOCK_M"]), min(block_size, config["BLOCK_N"])
 
 
+def attention_means(k, v, block_size: int, scale: float, dtype: torch.dtype, key_means=None):
+    """(kbar, vbar), the means the mean correction reads: (B, N, Hkv, D) in `dtype` (q's), kbar scaled by
+    scale x log2(e) (the score kernel's hi part: `split_kbar`). One pooling launch reads K and V once; with
+    key_means (mean_pool_keys' float32 kbar) only V is pooled."""
+    if key_means is None:
+        (kbar, _), vbar = launch_mean_pool(k, block_size, out_scale=scale * LOG2E, split_dtype=dtype, values=v)
+        return kbar, vbar
+    return split_kbar(key_means.float(), scale, dtype)[0], launch_mean_pool(v, block_size, out_dtype=dtype)
+
+
 def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask=None,
-                     return_visits=False, config=None, rows=None, out=None):
+                     return_visits=False, config=None, rows=None, out=None, means=None):
     """The attention kernel without the input checks of the public functions (`flash_prefill`, the benchmarks and
     the tests call it directly). Launches over query blocks rows=(I0, I1) (default all M), writing into `out`
     (allocated when None). With rows, indices (or mask) hold the lists of those query blocks only, as rows
-    0 .. I1 - I0 - 1; counts stays the whole (B, Hq, M)."""
+    0 .. I1 - I0 - 1; counts stays the whole (B, Hq, M).
+
+    means: None, or (kbar, vbar) from `attention_means` for the same softmax scale: add the mean correction
+    (PHYSICAL and LOGICAL)."""
     B, L, Hq, Hkv, D = q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]
     M = num_blocks(L, block_size)
     I0, I1 = rows or (0, M)
@@ -255,24 +373,36 @@ def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=N
     row_strides = lists.stride()[:3] if mode == PHYSICAL else bits.stride()[:3] if mode == LOGICAL else (0, 0, 0)
     counts = counts.contiguous() if mode == PHYSICAL else out
     grid = (B * Hq, tiles) if config["heads_fastest"] else (tiles, B * Hq)
+    if means is not None:
+        assert mode != DENSE and config["mean_chunk"] in MEAN_CHUNKS
+        assert means[0].stride() == means[1].stride() and means[0].stride(-1) == 1
+    kbar, vbar = means if means is not None else (out, out)  # placeholders when unused, as above
+    mean_strides = kbar.stride()[:3] if means is not None else (0, 0, 0)
     kv = (k, v)
     # Host side, a descriptor costs ~30 us a launch (encoded by the launcher): more than it saves below 8K tokens,
     # where a call is bound by the host, not the GPU (repro/NOTES.md).
     if config["kv_descriptors"] and L >= config["kv_descriptors_min_length"]:
         descriptors = (kv_descriptor(k, BLOCK_N), kv_descriptor(v, BLOCK_N))
         kv = descriptors if None not in descriptors else kv
+    mean_descriptors = means is not None and kv[0] is not k  # the means the same way as K/V (registers: NOTES.md)
+    if mean_descriptors:
+        descriptors = (kv_descriptor(kbar, config["mean_chunk"]), kv_descriptor(vbar, config["mean_chunk"]))
+        mean_descriptors = None not in descriptors
+        kbar, vbar = descriptors if mean_descriptors else (kbar, vbar)
     _attention_kernel[grid](
-        q, *kv, out, counts, lists, bits, visits,
+        q, *kv, out, counts, lists, bits, visits, kbar, vbar,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *row_strides,
-        L, M, Hq, Hq // Hkv, scale * LOG2E, I0, lists.shape[-1] if mode == PHYSICAL else M,
+        *mean_strides,
+        L, M, Hq, Hq // Hkv, scale * LOG2E, math.log2(block_size), I0, lists.shape[-1] if mode == PHYSICAL else M,
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
         MODE=mode.value, DOT_PRECISION=dot_precision(q.dtype), COUNT_VISITS=return_visits,
         HEADS_FASTEST=config["heads_fastest"], PREFETCH_INDEX=config["prefetch_index"],
-        WIDE=needs_wide_offsets(q, k, v, out, lists, bits), KV_DESCRIPTORS=kv[0] is not k,
+        WIDE=needs_wide_offsets(q, k, v, out, lists, bits, *(means or ())), KV_DESCRIPTORS=kv[0] is not k,
+        MEAN_CORRECTION=means is not None, MEAN_CHUNK=config["mean_chunk"], MEAN_DESCRIPTORS=mean_descriptors,
         num_warps=config["num_warps"] or num_warps_for(BLOCK_M, D), num_stages=config["num_stages"],
     )
     return (out, visits) if return_visits else out
@@ -327,8 +457,20 @@ def _check_attention_args(q, k, v, block_size, softmax_scale):
     return resolve_scale(softmax_scale, D)
 
 
+def _checked_means(q, k, v, block_size, softmax_scale, mean_correction, key_means):
+    """Check the mean-correction arguments; the kernel's means (attention_means) with it, None without."""
+    check_mean_correction(k, block_size, mean_correction, key_means)
+    if not mean_correction:
+        return None
+    if key_means is not None:
+        check_kernel_device(key_means=key_means)
+        check_inference_only(key_means=key_means)
+    return attention_means(k, v, block_size, softmax_scale, q.dtype, key_means)
+
+
 def block_sparse_attention(q, k, v, counts, indices, block_size: int = 128, softmax_scale: float | None = None, *,
-                           return_visits: bool = False, validate: bool = False, mean_correction: bool = False):
+                           return_visits: bool = False, validate: bool = False, mean_correction: bool = False,
+                           key_means: torch.Tensor | None = None):
     """Causal attention over the listed key blocks only (physical skip). Same contract as the reference;
     visits (B, Hq, M) int32 counts the loop iterations of each row, measured inside the kernel.
 
@@ -339,26 +481,30 @@ def block_sparse_attention(q, k, v, counts, indices, block_size: int = 128, soft
     construction. A malformed list then gives wrong rows but never a read out of bounds (the kernel clamps what it
     reads to the causal blocks).
 
-    mean_correction=True is refused with NotImplementedError: the kernels do not add the pruned blocks' means yet."""
-    check_no_mean_correction(mean_correction)
+    mean_correction: add every pruned causal block J < I as its mean key and value (V2's Eq. 6, as the reference);
+    the means are pooled here (K and V in one pass), or only V when key_means, mean_pool_keys' kbar
+    (B, N, Hkv, D), is given."""
     softmax_scale = _check_attention_args(q, k, v, block_size, softmax_scale)
     check_block_layout(q, block_size=block_size, counts=counts, indices=indices)
     check_kernel_device(counts=counts, indices=indices)
+    means = _checked_means(q, k, v, block_size, softmax_scale, mean_correction, key_means)
     if validate:
         check_block_lists(counts, indices)
     return launch_attention(q, k, v, block_size, softmax_scale, PHYSICAL, counts=counts, indices=indices,
-                            return_visits=return_visits)
+                            return_visits=return_visits, means=means)
 
 
 def block_sparse_attention_logical(q, k, v, mask, block_size: int = 128, softmax_scale: float | None = None, *,
-                                   return_visits: bool = False, mean_correction: bool = False):
-    """Same output as `block_sparse_attention`, visiting every causal block and branching on its mask bit
-    (mean_correction=True: NotImplementedError, as there)."""
-    check_no_mean_correction(mean_correction)
+                                   return_visits: bool = False, mean_correction: bool = False,
+                                   key_means: torch.Tensor | None = None):
+    """Same output as `block_sparse_attention` (to the bit, mean correction included), visiting every causal block
+    and branching on its mask bit."""
     softmax_scale = _check_attention_args(q, k, v, block_size, softmax_scale)
     check_block_layout(q, block_size=block_size, mask=mask)
     check_kernel_device(mask=mask)
-    return launch_attention(q, k, v, block_size, softmax_scale, LOGICAL, mask=mask, return_visits=return_visits)
+    means = _checked_means(q, k, v, block_size, softmax_scale, mean_correction, key_means)
+    return launch_attention(q, k, v, block_size, softmax_scale, LOGICAL, mask=mask, return_visits=return_visits,
+                            means=means)
 
 
 def dense_attention(q, k, v, softmax_scale: float | None = None):

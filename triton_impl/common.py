@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from reference.validation import check_block_size, check_flag, check_qkv
+from reference.validation import check_block_size, check_qkv
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # all of them; which ones where:
 GPU_DTYPES = (torch.float16, torch.bfloat16)  # compiled and tested for sm_90
@@ -70,17 +70,6 @@ def check_inference_only(**tensors: torch.Tensor) -> None:
                 "torch.no_grad() or torch.inference_mode(), or detach the inputs; the `reference` package is "
                 "differentiable"
             )
-
-
-def check_no_mean_correction(mean_correction) -> None:
-    """Mean correction (FlashPrefill V2, Eq. 6) runs in `reference` only so far: refuse it before any launch rather
-    than return uncorrected attention."""
-    check_flag("mean_correction", mean_correction)
-    if mean_correction:
-        raise NotImplementedError(
-            "mean_correction=True runs in `reference` only so far: the Triton kernels do not yet add the pruned "
-            "blocks' means (use reference.flash_prefill / reference.block_sparse_attention)"
-        )
 
 
 def check_kernel_qkv(q, k, v):

@@ -3,6 +3,9 @@
 Four launches per chunk of query blocks, no host synchronisation, no sort, no torch.compile:
 pool (stage 1) -> score (stage 2) -> fused threshold + compaction (stages 3-4) -> block-sparse attention (5).
 
+Mean correction (opt-in): stage 1 pools V in the same pass as K (one launch, K read once), and the attention reads
+the score kernel's scaled kbar (its hi part) as k_bar: nothing is pooled twice. Selection is unchanged.
+
 Selection memory, in bytes, for B=1, Hq=32, Hkv=4, D=128, Bs=128 (M = N = L / 128), if done in one piece:
 
     intermediate                          formula              256K (M=2048)    1M (M=8192)
@@ -26,8 +29,7 @@ from reference.selection import causal_block_density
 from reference.validation import check_count, num_blocks
 
 from .attention import PHYSICAL, launch_attention
-from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_kernel_block_size, check_kernel_runs_on,
-                     check_no_mean_correction, new_output)
+from .common import HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_kernel_block_size, check_kernel_runs_on, new_output
 from .pooling import launch_mean_pool
 from .scoring import launch_block_scores
 from .selection import launch_select_and_compact
@@ -66,18 +68,24 @@ def flash_prefill(
     attention never reads and the path without stats leaves unwritten (up to 4 B Hq M N bytes of stores saved).
 
     Inference-only: the kernels have no backward (RuntimeError when autograd would track q, k or v).
-    mean_correction=True is refused with NotImplementedError: the kernels do not add the pruned blocks' means yet."""
-    check_no_mean_correction(mean_correction)
+    mean_correction: as the reference (V2's Eq. 6); costs one more read of V in stage 1 and the means walk in the
+    attention kernel (triton_impl/attention.py)."""
     scale = check_flash_prefill_args(q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-                                     softmax_scale, dtypes=KERNEL_DTYPES, head_dims=HEAD_DIMS)
+                                     softmax_scale, mean_correction, dtypes=KERNEL_DTYPES, head_dims=HEAD_DIMS)
     check_kernel_block_size(block_size)
     check_kernel_runs_on(q, k, v)
     check_count("max_selection_bytes", max_selection_bytes, minimum=1)
     B, L, Hq, D = q.shape
     M = num_blocks(L, block_size)
     # Inputs are checked once, above; the stages launch their kernels directly (no per-stage re-checks).
-    # 1. mean proxy, scaled by scale x log2(e) and split into the score kernel's (hi, lo) pair
-    kbar_parts = launch_mean_pool(k, block_size, out_scale=scale * LOG2E, split_dtype=q.dtype)
+    # 1. mean proxy, scaled by scale x log2(e) and split into the score kernel's (hi, lo) pair; with mean correction
+    #    the values' means too, and the attention reuses hi as k_bar (attention.attention_means makes the same pair)
+    if mean_correction:
+        kbar_parts, vbar = launch_mean_pool(k, block_size, out_scale=scale * LOG2E, split_dtype=q.dtype, values=v)
+        means = (kbar_parts[0], vbar)
+    else:
+        kbar_parts = launch_mean_pool(k, block_size, out_scale=scale * LOG2E, split_dtype=q.dtype)
+        means = None
     counts = new_output(B, Hq, M, dtype=torch.int32, device=q.device)
     out = new_output(B, L, Hq, D, dtype=q.dtype, device=q.device)
     all_indices = new_output(B, Hq, M, M, dtype=torch.int32, device=q.device) if return_stats else None
@@ -87,7 +95,7 @@ def flash_prefill(
                                                row0=rows[0], counts=counts, pad_lists=return_stats)  # 3-4
         del scores
         launch_attention(q, k, v, block_size, scale, PHYSICAL, counts=counts, indices=indices, rows=rows,
-                         out=out)  # 5. physical skip
+                         out=out, means=means)  # 5. physical skip
         if all_indices is not None:
             all_indices[:, :, rows[0]:rows[1]] = indices
         del indices  # before the next chunk allocates its own
