@@ -164,6 +164,8 @@ class FlashPrefillConfig:
 
     alpha: dynamic threshold (0 = dense). block_size, sink_blocks, window_blocks, last_dense_blocks: the block
     size and the safety net, in blocks. dense_layers: the first N layers keep exact dense attention.
+    mean_correction: FlashPrefill V2's Eq. 6 (opt-in): every pruned causal block below the diagonal joins the
+    softmax as its mean key and value (reference/attention.py); it applies to the peers' lists as well.
     impl: "auto" (Triton on CUDA, reference elsewhere), "reference" or "triton".
     recorder: a `DensityRecorder` (by default it records prefill calls, not decoding steps), or None to record
     nothing.
@@ -185,6 +187,7 @@ class FlashPrefillConfig:
     window_blocks: int = 4
     last_dense_blocks: int = 2
     dense_layers: int = 0
+    mean_correction: bool = False
     impl: str = "auto"
     recorder: DensityRecorder | None = field(default_factory=DensityRecorder)
     cpu_threads: int | None = 1
@@ -192,10 +195,11 @@ class FlashPrefillConfig:
     selector_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from reference.validation import check_count
+        from reference.validation import check_count, check_flag
 
         SELECTORS["flashprefill"].check(**self.kernel_kwargs())
         check_count("dense_layers", self.dense_layers, minimum=0)
+        check_flag("mean_correction", self.mean_correction)
         if self.impl not in ("auto", "reference", "triton"):
             raise ValueError(f"impl must be 'auto', 'reference' or 'triton', got {self.impl!r}")
         self._check_selector()
@@ -228,10 +232,11 @@ class FlashPrefillConfig:
 
     def describe(self) -> str:
         """The selection in words, e.g. "flashprefill alpha=0.12" or "xattention threshold=0.95"."""
+        correction = " +mean correction" if self.mean_correction else ""
         if self.selector == "flashprefill":
-            return f"flashprefill alpha={self.alpha:g}"
+            return f"flashprefill alpha={self.alpha:g}{correction}"
         return " ".join([self.selector] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                                           for k, v in self.selector_params.items()])
+                                           for k, v in self.selector_params.items()]) + correction
 
     def replace(self, **changes) -> "FlashPrefillConfig":
         """A copy with some fields changed (the recorder is shared unless replaced)."""
@@ -441,13 +446,15 @@ def _sparse_prefill(config: FlashPrefillConfig, impl_name: str, q, k, v, scaling
         impl = reference
     # Functions are looked up on the module at call time (not bound at import), so tests can wrap or forbid them.
     if config.selector == "flashprefill":
-        out, stats = impl.flash_prefill(q, k, v, softmax_scale=scaling, return_stats=True, **config.kernel_kwargs())
+        out, stats = impl.flash_prefill(q, k, v, softmax_scale=scaling, return_stats=True,
+                                        mean_correction=config.mean_correction, **config.kernel_kwargs())
         return out, stats.density
     counts, indices = config.select_peer(q, k, scaling)
     # The peers' lists come from compact_blocks (valid by construction): the Triton call skips re-checking them,
     # which would cost a host synchronisation per layer.
     checks = dict(validate=False) if impl_name == "triton" else {}
-    out = impl.block_sparse_attention(q, k, v, counts, indices, config.block_size, scaling, **checks)
+    out = impl.block_sparse_attention(q, k, v, counts, indices, config.block_size, scaling,
+                                      mean_correction=config.mean_correction, **checks)
     return out, reference.causal_block_density(counts)
 
 
