@@ -132,9 +132,10 @@ def main(argv=None) -> int:
                                        f"{args.time_budget:.0f} s)")
                 break
             t0 = time.time()
-            rows += run_arm(model, tokenizer, switch, arm, batches)
+            # Each row keeps the stamp of the run that answered it (an --append run adds rows with its own).
+            rows += [dict(r, **stamp) for r in run_arm(model, tokenizer, switch, arm, batches)]
             print(f"{arm.name}: {time.time() - t0:.0f} s", flush=True)
-            write_long_csv(out["samples.csv"], rows, stamp)
+            write_long_csv(out["samples.csv"], rows)
             info["wall_seconds_so_far"] = round(time.time() - start)
             write_run_json(out["run.json"], info)
     info["wall_seconds"].append(round(time.time() - start))
