@@ -122,7 +122,8 @@ def stamp_line(stamp: Mapping[str, str]) -> str:
 
 
 def write_long_csv(path: str | Path, rows: Iterable[Mapping], stamp: Mapping[str, str] | None = None) -> Path:
-    """Write one measurement per row; every row gets the environment stamp's columns appended.
+    """Write one measurement per row; every row gets the environment stamp's columns appended. A path ending in
+    .gz is written gzip-compressed.
 
     Columns: the union of the rows' keys in first-seen order, then the stamp's; missing values are left empty.
     """
@@ -134,7 +135,7 @@ def write_long_csv(path: str | Path, rows: Iterable[Mapping], stamp: Mapping[str
     columns += [key for key in (stamp or {}) if key not in columns]
     rows = [dict(r, **(stamp or {})) for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with _open_text(path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
@@ -142,8 +143,20 @@ def write_long_csv(path: str | Path, rows: Iterable[Mapping], stamp: Mapping[str
 
 
 def read_long_csv(path: str | Path) -> list[dict[str, str]]:
-    with Path(path).open(newline="") as f:
+    """The rows `write_long_csv` wrote (a path ending in .gz is read through gzip)."""
+    with _open_text(Path(path), "r") as f:
         return list(csv.DictReader(f))
+
+
+def _open_text(path: Path, mode: str):
+    """A text file for the csv module; gzip-compressed when the name ends in .gz (large per-prompt CSVs are
+    committed that way), with a zero timestamp so that the same rows give the same bytes."""
+    if path.suffix == ".gz":
+        import gzip
+        import io
+
+        return io.TextIOWrapper(gzip.GzipFile(path, mode + "b", mtime=0), encoding="utf-8", newline="")
+    return path.open(mode, newline="")
 
 
 def length_label(L) -> str:

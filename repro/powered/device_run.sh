@@ -28,8 +28,8 @@ args=(--device cuda --out-dir "$OUT")
     | tee "$OUT/powered_log.txt"
 status=${PIPESTATUS[0]}
 echo "powered run exit status $status"
-if [ "${LOSS:-1}" = 1 ] && [ -f "$OUT/powered_samples.csv" ]; then
-    "$PYTHON" -m repro.loss_analysis --samples "$OUT/powered_samples.csv" --device cuda \
+if [ "${LOSS:-1}" = 1 ] && [ -f "$OUT/powered_samples.csv.gz" ]; then
+    "$PYTHON" -m repro.loss_analysis --samples "$OUT/powered_samples.csv.gz" --device cuda --time-budget 200 \
         ${MODEL:+--model "$MODEL"} --out-dir "$OUT/loss_analysis" 2>&1 | tr '\r' '\n' | tail -n 40
 fi
 exit "$status"

@@ -14,7 +14,7 @@ length, family and task. The noise floor is the arm "dense_kernels" (alpha 0 thr
 attention that differs from sdpa only in rounding).
 
 Outputs in --out-dir (default: the run folder repro/runs/<date>-<device>/powered/; the committed GPU run is in
-repro/results/powered/), named by --prefix (powered_, or powered_quick_ with --quick): samples.csv (one row per
+repro/results/powered/), named by --prefix (powered_, or powered_quick_ with --quick): samples.csv.gz (one row per
 prompt and arm, with the environment stamp; rewritten after every arm), run.json (command lines, wall times,
 what the time budget skipped, the note), summary.md, pareto.png and depth.png.
 """
@@ -72,7 +72,8 @@ def parse_args(argv=None):
 
 
 def files(directory: Path, prefix: str) -> dict[str, Path]:
-    return {name: directory / f"{prefix}{name}" for name in ("samples.csv", "run.json", "summary.md", "pareto.png",
+    # samples.csv.gz: one row per prompt and arm (~28,000 rows in the full run, 8 MB as plain text).
+    return {name: directory / f"{prefix}{name}" for name in ("samples.csv.gz", "run.json", "summary.md", "pareto.png",
                                                               "depth.png")}
 
 
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     command = "python -m repro.powered " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     if args.report_only:
         src, out_dir = files(args.in_dir, args.prefix), args.out_dir or run_dir("powered")
-        rows, info = read_long_csv(src["samples.csv"]), read_run_json(src["run.json"])
+        rows, info = read_long_csv(src["samples.csv.gz"]), read_run_json(src["run.json"])
         if args.note is not None:
             info["note"] = args.note
             write_run_json(files(out_dir, args.prefix)["run.json"], info)
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
     arms = check_arms(args.arms)
     rows, info = [], dict(commands=[], wall_seconds=[], skipped=[], note=args.note or "")
     if args.append:
-        rows, info = read_long_csv(out["samples.csv"]), read_run_json(out["run.json"])
+        rows, info = read_long_csv(out["samples.csv.gz"]), read_run_json(out["run.json"])
         done = {r["arm"] for r in rows}
         arms = [a for a in arms if a.name not in done]
         if args.note is not None:
@@ -135,12 +136,12 @@ def main(argv=None) -> int:
             # Each row keeps the stamp of the run that answered it (an --append run adds rows with its own).
             rows += [dict(r, **stamp) for r in run_arm(model, tokenizer, switch, arm, batches)]
             print(f"{arm.name}: {time.time() - t0:.0f} s", flush=True)
-            write_long_csv(out["samples.csv"], rows)
+            write_long_csv(out["samples.csv.gz"], rows)
             info["wall_seconds_so_far"] = round(time.time() - start)
             write_run_json(out["run.json"], info)
     info["wall_seconds"].append(round(time.time() - start))
     info.pop("wall_seconds_so_far", None)
     write_run_json(out["run.json"], info)
-    report(read_long_csv(out["samples.csv"]), info, out)
+    report(read_long_csv(out["samples.csv.gz"]), info, out)
     print(f"wrote {out_dir}")
     return 0
