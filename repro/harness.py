@@ -34,15 +34,20 @@ def token_counter(tokenizer) -> Callable[[str], int]:
     return count
 
 
-def build_prompt(tokenizer, sample: Sample) -> torch.Tensor:
-    """Chat-formatted prompt ids (1, L): the user message, the generation prompt, then the answer prefix."""
+def chat_text(tokenizer, sample: Sample) -> str:
+    """The prompt as text: the chat template around the user message, the generation prompt, then the answer
+    prefix (a tokenizer without a chat template gets the user message and a blank line)."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": sample.user_message}], tokenize=False,
                                              add_generation_prompt=True)
     else:
         text = sample.user_message + "\n\n"
-    text += sample.answer_prefix
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return text + sample.answer_prefix
+
+
+def build_prompt(tokenizer, sample: Sample) -> torch.Tensor:
+    """Chat-formatted prompt ids (1, L) of `chat_text`."""
+    return tokenizer(chat_text(tokenizer, sample), return_tensors="pt", add_special_tokens=False).input_ids
 
 
 @torch.no_grad()

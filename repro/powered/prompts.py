@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from ..accuracy.tasks import NOISE, CountTokens, Sample, generate, prose_sentences
+from ..harness import chat_text
 
 FAMILIES: dict[str, tuple[str, ...]] = {
     "needle": ("niah_single", "niah_single_noise", "niah_multikey"),
@@ -121,14 +122,8 @@ def _filler_text(task: str, n_tokens: int) -> str:
 
 
 def prompt_text(tokenizer, sample: Sample) -> tuple[str, str]:
-    """The chat-formatted prompt split where the context ends: (head, tail); head + tail is what
-    repro.harness.build_prompt tokenizes."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": sample.user_message}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        text = sample.user_message + "\n\n"
-    text += sample.answer_prefix
+    """The chat-formatted prompt (repro.harness.chat_text) split where the context ends: (head, tail)."""
+    text = chat_text(tokenizer, sample)
     start = text.find(sample.context)
     if start < 0:
         raise ValueError(f"the chat template changed the context of {sample.uid}")
