@@ -561,3 +561,22 @@ def test_real_activations_when_present():
         qc, kc, vc = (t.cuda() for t in (q, k, v))
         tout = triton_impl.flash_prefill(qc, kc, vc, alpha=0.0)
         torch.testing.assert_close(tout.cpu(), dense, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("selector", ["flashprefill", "xattention"])
+def test_mean_correction_reaches_the_attention(selector):
+    """FlashPrefillConfig(mean_correction=True) is passed to the attention for FlashPrefill's lists and for a peer's:
+    the logits change where blocks are pruned and stay those of the same lists without it in the first block."""
+    model = tiny_model("llama")
+    ids = tokens(512)
+    config = fp_config(0.5) if selector == "flashprefill" else peer_config(selector, PEER_PRUNE[selector])
+    flashprefill_hf.configure(model, config)
+    plain = logits(model, ids)
+    corrected_cfg = flashprefill_hf.configure(model, config.replace(mean_correction=True))
+    corrected = logits(model, ids)
+    assert "+mean correction" in corrected_cfg.describe()
+    assert torch.isfinite(corrected).all()
+    torch.testing.assert_close(corrected[:, :BLOCK], plain[:, :BLOCK], atol=2e-4, rtol=2e-4)  # nothing pruned there
+    assert (corrected - plain).abs().max() > 1e-4  # the pruned blocks' means joined the softmax
+    with pytest.raises(TypeError, match="mean_correction must be a bool"):
+        FlashPrefillConfig(mean_correction=1)
