@@ -18,9 +18,8 @@ GROUP_STYLE = {"flipped": dict(color="tab:red", marker="x"), "control": dict(col
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
+    # The caller's backend: a notebook keeps its inline one (forcing Agg here blanked its later figures); headless
+    # runs get Agg from matplotlib itself or from MPLBACKEND (run_all.sh sets it).
     import matplotlib.pyplot as plt
 
     return plt
