@@ -1,6 +1,6 @@
 """A powered, held-out accuracy evaluation of FlashPrefill against Full attention on SmolLM2-135M-Instruct.
 
-    python -m repro.powered --quick                  # CPU, ~3 minutes: 2K, needle family, 2 prompts per split
+    python -m repro.powered --quick                  # CPU, a few minutes: 2K, needle family, 2 prompts per split
     python -m repro.powered --device cuda            # the full grid (GPU): 2K/4K/8K, dev 90 + test 300 prompts
                                                      # per family and length, every arm of arms.PRIORITY
     python -m repro.powered --append --arms ...      # more arms on the run already in --out-dir
