@@ -75,8 +75,8 @@ def selector_columns(setting: Setting) -> dict:
 
 class AttentionSwitch:
     """Switches one loaded model between settings (`block_selectors.Setting`); `columns(setting)` names the setting
-    in a result row (the columns that follow `task`). `config` is the backend's config the settings change (set
-    fields such as dense_layers on it before the first `use`)."""
+    in a result row (the columns that follow `task`). `config` is the base the settings change (set fields such as
+    dense_layers on it before the first `use`); each `use` configures a copy, so the base stays as it is."""
 
     def __init__(self, model, cpu_threads: int | None, columns: Callable[[Setting], dict] = alpha_columns):
         import flashprefill_hf
@@ -86,14 +86,15 @@ class AttentionSwitch:
         self.config = flashprefill_hf.FlashPrefillConfig(cpu_threads=cpu_threads)
         self.columns = columns
 
-    def use(self, setting: Setting):
-        """Switch the model to `setting`; returns the backend's (cleared) recorder, None for Full."""
+    def use(self, setting: Setting, **knobs):
+        """Switch the model to `setting`, with further FlashPrefillConfig fields `knobs` for this call only (e.g.
+        mean_correction=True, dense_layers=4); returns the backend's (cleared) recorder, None for Full."""
         if setting.selector == FULL:
             self.fh.use_dense(self.model, "sdpa")
             return None
-        self.config = self.fh.configure(self.model, self.config, **setting.config_changes())
-        self.config.recorder.clear()
-        return self.config.recorder
+        config = self.fh.configure(self.model, self.config, **setting.config_changes(), **knobs)
+        config.recorder.clear()  # the copies share the base's recorder
+        return config.recorder
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -189,7 +189,8 @@ def test_batched_run_through_the_backend_on_a_tiny_model():
     the sparse arm records its density and implementation, and never silently falls back to dense."""
     transformers = pytest.importorskip("transformers")
     import flashprefill_hf
-    from repro.powered.arms import ARMS, ArmSwitch
+    from repro.harness import AttentionSwitch
+    from repro.powered.arms import ARMS
     from repro.powered.experiment import run_arm
 
     config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
@@ -203,7 +204,7 @@ def test_batched_run_through_the_backend_on_a_tiny_model():
              if p.sample.task == "niah_single"]
     (batch,) = make_batches(pairs, 1 << 16)
     assert isinstance(batch, Batch) and batch.ids.shape == (2, 768)
-    switch = ArmSwitch(model)
+    switch = AttentionSwitch(model, cpu_threads=1)
     with torch.inference_mode():
         full = run_arm(model, tok, switch, ARMS["full"], [batch])
         sparse = run_arm(model, tok, switch, ARMS["fp_a0.3"], [batch])

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from block_selectors import FULL, Setting
+
 from ..common import (RESULTS_DIR, environment_stamp, read_long_csv, read_run_json, run_dir, write_long_csv,
                       write_run_json)
 from ..powered.arms import DEFAULT_ALPHA
@@ -145,7 +147,7 @@ def analyse_prompt(model, tokenizer, switch, impl, prompt, args, device) -> tupl
     needle = locate_needle(tokenizer, s)
     seconds = {}
     t0 = time.perf_counter()
-    switch.full()
+    switch.use(Setting(FULL))
     with capture_qkv(model, set(args.layers) if args.layers else None, dtype=model.dtype) as store:
         full = forward(model, ids, answer_ids(tokenizer, s.answers[0]))
     seconds["full"] = time.perf_counter() - t0
@@ -200,8 +202,7 @@ def main(argv=None) -> int:
 
     from tqdm.auto import tqdm
 
-    from ..harness import load_for_run, run_device
-    from .in_model import AlphaSwitch
+    from ..harness import AttentionSwitch, load_for_run, run_device
     from .operator_level import implementation
 
     start = time.time()
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
         write_long_csv(out["samples_used.csv"], sample_rows)  # rows keep the powered run's own stamp
     tables = {t: [] for t in TABLES}
     phase_seconds = {"full": 0.0, "operator": 0.0, "in_model": 0.0}
-    switch = AlphaSwitch(model)
+    switch = AttentionSwitch(model, cpu_threads=1 if model.device.type == "cpu" else None)
     bar = tqdm(chosen, desc="prompts", unit="prompt", dynamic_ncols=True)
     for n, prompt in enumerate(bar):
         if args.time_budget is not None and time.time() - start > args.time_budget:

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from block_selectors import Setting
+from block_selectors import FULL, Setting
 
-from ..powered.arms import Arm, ArmSwitch
+from ..harness import AttentionSwitch
 
 
 @dataclass
@@ -106,21 +106,7 @@ def margins(result: Forward, answer: torch.Tensor, blank: list[bool]) -> dict:
                 answer_greedy=min(per_token) > 0, answer_tokens=len(per_token))
 
 
-class AlphaSwitch:
-    """Full (sdpa) or FlashPrefill at an alpha through the backend, as repro/powered's ArmSwitch does."""
-
-    def __init__(self, model):
-        self.switch = ArmSwitch(model, cpu_threads=1 if model.device.type == "cpu" else None)
-
-    def full(self) -> None:
-        self.switch.fh.use_dense(self.switch.model, "sdpa")
-
-    def alpha(self, alpha: float):
-        """Switch to FlashPrefill at `alpha`; returns the backend's cleared recorder."""
-        return self.switch.use(Arm(f"alpha {alpha:g}", Setting("flashprefill", alpha), "loss_analysis"))
-
-
-def measure(model, tokenizer, switch: AlphaSwitch, ids: torch.Tensor, answer: str, full: Forward,
+def measure(model, tokenizer, switch: AttentionSwitch, ids: torch.Tensor, answer: str, full: Forward,
             alphas) -> tuple[list[dict], list[dict]]:
     """(drift rows, one per alpha and layer; answer rows, Full's then one per alpha) for one prompt whose Full
     forward is `full` (made with the same `answer`)."""
@@ -135,9 +121,9 @@ def measure(model, tokenizer, switch: AlphaSwitch, ids: torch.Tensor, answer: st
 
     drifts, answers = [], [answer_row("full", "", full, full_cols)]
     for alpha in alphas:
-        result = forward(model, ids, target, switch.alpha(alpha))
+        result = forward(model, ids, target, switch.use(Setting("flashprefill", alpha)))
         drifts += [dict(alpha=alpha, density=result.density, **r) for r in drift_rows(full, result)]
         answers.append(answer_row("flashprefill", alpha, result, margins(result, target, blank)))
         del result
-    switch.full()
+    switch.use(Setting(FULL))
     return drifts, answers

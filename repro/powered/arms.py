@@ -1,5 +1,6 @@
 """The arms of the powered evaluation: Full (the model's sdpa), a second dense path (the noise floor) and the sparse
-settings, each a `block_selectors.Setting` plus the backend knobs the issue asks about.
+settings, each a `block_selectors.Setting` plus the backend knobs the issue asks about (run through
+`repro.harness.AttentionSwitch.use(arm.setting, **arm.knobs)`).
 
     ARMS["full"]            Full attention, transformers' sdpa: the reference arm every other arm is paired with
     ARMS["dense_kernels"]   FlashPrefill at alpha 0 (every block kept) through the backend: dense attention that
@@ -94,22 +95,3 @@ def check_arms(names) -> list[Arm]:
         raise ValueError(f"unknown arm(s) {unknown}; expected some of {list(PRIORITY)}")
     wanted = set(names) | {"full"}
     return [ARMS[n] for n in PRIORITY if n in wanted]
-
-
-class ArmSwitch:
-    """Switches one loaded model between arms; `use(arm)` returns the backend's cleared recorder (None for Full)."""
-
-    def __init__(self, model, cpu_threads: int | None = 1):
-        import flashprefill_hf
-
-        self.fh = flashprefill_hf
-        self.model = model
-        self.base = flashprefill_hf.FlashPrefillConfig(cpu_threads=cpu_threads)
-
-    def use(self, arm: Arm):
-        if arm.selector == FULL:
-            self.fh.use_dense(self.model, "sdpa")
-            return None
-        config = self.fh.configure(self.model, self.base.replace(**arm.setting.config_changes(), **arm.knobs))
-        config.recorder.clear()
-        return config.recorder

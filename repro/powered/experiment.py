@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 
 from ..accuracy import scoring
-from .arms import Arm, ArmSwitch
+from ..harness import AttentionSwitch
+from .arms import Arm
 from .prompts import Prompt, family_prompts, prompt_ids, prompt_length
 
 
@@ -98,14 +99,14 @@ def answer_batch(model, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> li
     return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
 
 
-def run_arm(model, tokenizer, switch: ArmSwitch, arm: Arm, batches: list[Batch],
+def run_arm(model, tokenizer, switch: AttentionSwitch, arm: Arm, batches: list[Batch],
             on_batch: Callable[[], None] | None = None) -> list[dict]:
     """One row per prompt: the arm's answer, its score (0-100) and the batch's density."""
     from tqdm.auto import tqdm
 
     rows = []
     for batch in tqdm(batches, desc=arm.name, unit="batch", dynamic_ncols=True):
-        recorder = switch.use(arm)
+        recorder = switch.use(arm.setting, **arm.knobs)
         t0 = time.perf_counter()
         answers = answer_batch(model, tokenizer, batch.ids, batch.max_new_tokens)
         seconds = time.perf_counter() - t0

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..common import length_label, markdown_table, stamp_line, stamp_of
 from ..stats import format_interval, prompts_needed
 from .arms import ARMS
-from .summary import (GOAL_LOSS, GOAL_LOW, arms_in, choose_on_dev, compare, depth_profile, discordant_rate, overall,
+from .summary import (GOAL_LOSS, GOAL_LOW, arms_in, choose_on_dev, compare, depth_profile, discordant_rate,
                       splits_in)
 
 MIN_PROMPTS = 300  # test prompts per (family, length) before the report calls the goal met or not

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from ..common import RESULTS_DIR, environment_stamp, read_long_csv, read_run_json, run_dir, write_long_csv, write_run_json
-from ..harness import load_for_run, run_device
-from .arms import PRIORITY, ArmSwitch, check_arms
+from ..harness import AttentionSwitch, load_for_run, run_device
+from .arms import PRIORITY, check_arms
 from .experiment import build_prompts, make_batches, run_arm
 from .prompts import FAMILIES
 
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
             raise SystemExit("error: --append needs the prompts of the run in --out-dir (same --lengths, --families, "
                              f"--n-dev, --n-test): {len(expected ^ have)} prompts differ")
     stamp = environment_stamp(device)
-    switch = ArmSwitch(model, cpu_threads=1 if device.type == "cpu" else None)
+    switch = AttentionSwitch(model, cpu_threads=1 if device.type == "cpu" else None)
     with torch.inference_mode():
         for n, arm in enumerate(arms):
             if args.time_budget is not None and time.time() - start > args.time_budget:
