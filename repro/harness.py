@@ -51,12 +51,18 @@ def build_prompt(tokenizer, sample: Sample) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_answer(model, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> str:
+def greedy_answers(model, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> list[str]:
+    """Greedy answers of a (B, L) batch of prompts of equal length (no padding: the attention mask is all ones)."""
     ids = ids.to(model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, temperature=None, top_p=None,
                          top_k=None)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+
+
+def greedy_answer(model, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> str:
+    """The greedy answer of one prompt (1, L)."""
+    return greedy_answers(model, tokenizer, ids, max_new_tokens)[0]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from ..accuracy import scoring
-from ..harness import AttentionSwitch
+from ..harness import AttentionSwitch, greedy_answers
 from .arms import Arm
 from .prompts import Prompt, family_prompts, prompt_ids, prompt_length
 
@@ -89,16 +89,6 @@ def make_batches(pairs: list[tuple[Prompt, list[int]]], max_batch_tokens: int) -
 # --------------------------------------------------------------------------------------------------------------
 # Answering
 # --------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def answer_batch(model, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> list[str]:
-    """Greedy answers of a (B, L) batch of prompts of equal length (no padding: the attention mask is all ones)."""
-    ids = ids.to(model.device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, temperature=None, top_p=None,
-                         top_k=None)
-    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-
-
 def run_arm(model, tokenizer, switch: AttentionSwitch, arm: Arm, batches: list[Batch],
             on_batch: Callable[[], None] | None = None) -> list[dict]:
     """One row per prompt: the arm's answer, its score (0-100) and the batch's density."""
@@ -108,7 +98,7 @@ def run_arm(model, tokenizer, switch: AttentionSwitch, arm: Arm, batches: list[B
     for batch in tqdm(batches, desc=arm.name, unit="batch", dynamic_ncols=True):
         recorder = switch.use(arm.setting, **arm.knobs)
         t0 = time.perf_counter()
-        answers = answer_batch(model, tokenizer, batch.ids, batch.max_new_tokens)
+        answers = greedy_answers(model, tokenizer, batch.ids, batch.max_new_tokens)
         seconds = time.perf_counter() - t0
         density = recorder.mean_density() if recorder is not None else 1.0
         impl = "sdpa" if recorder is None else "+".join(sorted(recorder.impls())) or "none"
