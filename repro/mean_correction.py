@@ -344,6 +344,16 @@ def render_markdown(rows, stamp, *, layers=(), real_note="") -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Figure
 # --------------------------------------------------------------------------------------------------------------
+def _log_density_axes(ax, ylabel, title) -> None:
+    """The panels' shared axes: density on x, a log y, grid, legend and title."""
+    ax.set_yscale("log")
+    ax.set_xlabel("density (kept / causal blocks)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+
+
 def error_panel(ax, points, title) -> None:
     """Error vs density, plain (solid, circles) vs corrected (dashed, crosses), one colour per length; log y. Points
     with zero error (density 100%) are left out of the log axis."""
@@ -357,12 +367,7 @@ def error_panel(ax, points, title) -> None:
             xy = [(p[0], p[col]) for p in sub if p[col] > 0]
             if xy:
                 ax.plot(*zip(*xy), style, color=color, label=f"L = {length_label(L)}, {name}")
-    ax.set_yscale("log")
-    ax.set_xlabel("density (kept / causal blocks)")
-    ax.set_ylabel("relative error vs dense")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
+    _log_density_axes(ax, "relative error vs dense", title)
 
 
 def layer_ratio_panel(ax, rows, title) -> None:
@@ -374,12 +379,7 @@ def layer_ratio_panel(ax, rows, title) -> None:
         if xy:
             ax.plot(*zip(*xy), "o", color=cmap(n), ms=4, label=f"layer {layer}")
     ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel("density (kept / causal blocks)")
-    ax.set_ylabel("corrected / plain error (< 1: correction helps)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
+    _log_density_axes(ax, "corrected / plain error (< 1: correction helps)", title)
 
 
 def plot(path: Path, rows, stamp) -> None:
