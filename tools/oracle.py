@@ -223,9 +223,7 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def flash_rule(out, q, k, v, block_mask, block_size: int, scale: float | None = None) -> tuple[bool, float, float]:
     """(ok, max |out - ref64|, max |pt - ref64|) for FlashAttention's rule on the block set `block_mask`."""
     ref = naive_attention(q, k, v, block_mask, block_size, scale, dtype=torch.float64)
-    pt = naive_attention(q, k, v, block_mask, block_size, scale, dtype=q.dtype)
-    err, pt_err = max_abs_diff(out, ref), max_abs_diff(pt, ref)
-    return err <= FLASH_RULE_FACTOR * pt_err + FLASH_RULE_SLACK, err, pt_err  # False for NaN
+    return _judge(out, naive_attention(q, k, v, block_mask, block_size, scale, dtype=q.dtype), ref)
 
 
 def corrected_flash_rule(out, q, k, v, block_mask, block_size: int,
@@ -233,9 +231,14 @@ def corrected_flash_rule(out, q, k, v, block_mask, block_size: int,
     """`flash_rule` for the mean-corrected attention: (ok, max |out - ref64|, max |pt - ref64|), ref64 and pt the
     corrected formula in float64 and in q's dtype, on the block set `block_mask`."""
     ref = naive_mean_corrected_attention_fp64(q, k, v, block_mask, block_size, scale)
-    pt = naive_mean_corrected_attention(q, k, v, block_mask, block_size, scale, dtype=q.dtype)
+    return _judge(out, naive_mean_corrected_attention(q, k, v, block_mask, block_size, scale, dtype=q.dtype), ref)
+
+
+def _judge(out, pt, ref) -> tuple[bool, float, float]:
+    """FlashAttention's rule: `out` is within FLASH_RULE_FACTOR x the error of the same formula in the input dtype
+    (`pt`) of the float64 reference, plus FLASH_RULE_SLACK. (ok, err, pt_err); ok is False for NaN."""
     err, pt_err = max_abs_diff(out, ref), max_abs_diff(pt, ref)
-    return err <= FLASH_RULE_FACTOR * pt_err + FLASH_RULE_SLACK, err, pt_err  # False for NaN
+    return err <= FLASH_RULE_FACTOR * pt_err + FLASH_RULE_SLACK, err, pt_err
 
 
 def block_set_differences(mask, ref_mask, ref_scores, alpha) -> tuple[int, int]:
