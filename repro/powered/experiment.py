@@ -90,8 +90,9 @@ def make_batches(pairs: list[tuple[Prompt, list[int]]], max_batch_tokens: int) -
 # Answering
 # --------------------------------------------------------------------------------------------------------------
 def run_arm(model, tokenizer, switch: AttentionSwitch, arm: Arm, batches: list[Batch],
-            on_batch: Callable[[], None] | None = None) -> list[dict]:
-    """One row per prompt: the arm's answer, its score (0-100) and the batch's density."""
+            on_batch: Callable[[Batch, object], None] | None = None) -> list[dict]:
+    """One row per prompt: the arm's answer, its score (0-100) and the batch's density. on_batch(batch, recorder)
+    runs after each batch (recorder: the backend's DensityRecorder, None for Full), e.g. to read per-layer densities."""
     from tqdm.auto import tqdm
 
     rows = []
@@ -115,5 +116,5 @@ def run_arm(model, tokenizer, switch: AttentionSwitch, arm: Arm, batches: list[B
                              batch_seconds=round(seconds, 3), answer=" | ".join(s.answers),
                              prediction=answer.strip().replace("\n", " ")[:160]))
         if on_batch is not None:
-            on_batch()
+            on_batch(batch, recorder)
     return rows
