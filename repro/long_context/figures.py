@@ -66,7 +66,7 @@ def difference_and_density_panels(ax_diff, ax_density, rows, powered_rows) -> No
     paper_lengths = [L for L in sorted(PAPER_V2_NIAH_DENSITY) if L <= 32768]
     ax_density.fill_between(paper_lengths, lo, hi, color="black", alpha=0.12, lw=0,
                             label=f"paper: V2, NIAH, larger models, alpha {PAPER_V2_ALPHA:g}")
-    ax_density.legend(fontsize=7)
+    ax_density.legend(fontsize=7, loc="upper right")
     scaled = sorted({int(r["length"]) for r in rows})
     ticks = sorted({int(r["length"]) for r in (*rows, *powered_rows)})
     for ax in (ax_diff, ax_density):

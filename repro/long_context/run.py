@@ -110,7 +110,9 @@ def main(argv=None) -> int:
     if args.report_only:
         src, out_dir = files(args.in_dir, args.prefix), args.out_dir or run_dir("long_context")
         info = read_run_json(src["run.json"])
-        info["note"] = args.note if args.note is not None else info.get("note", "")
+        if args.note is not None:
+            info["note"] = args.note
+            write_run_json(files(out_dir, args.prefix)["run.json"], info)
         report(read_long_csv(src["samples.csv.gz"]), read_long_csv(src["layers.csv"]), info,
                files(out_dir, args.prefix), _powered_rows())
         print(f"report in {out_dir}")

@@ -180,14 +180,23 @@ def depth_section(rows) -> list[str]:
             markdown_table(header, [[_label(a)] + [_pct(x) for x in prof[a]] for a in arms])]
 
 
-def skipped_section(info) -> list[str]:
-    return ["", "## Skipped", ""] + [f"- {s}" for s in info["skipped"]] if info.get("skipped") else []
+def skipped_section(info, rows=()) -> list[str]:
+    """What the time budget cut, in the call that cut it; with rows, arms that a later --append call ran are said
+    to be run."""
+    if not info.get("skipped"):
+        return []
+    ran = set(arms_in(rows))
+    lines = ["", "## Skipped", ""] + [f"- {s}" for s in info["skipped"]]
+    if ran:
+        never = [a for a in ARMS if a not in ran]
+        lines.append(f"- arms not run in any call: {never}" if never else "- every arm has run since (--append)")
+    return lines
 
 
 def write_report(path: Path, rows, info) -> Path:
     lines = (header_section(rows, info) + headline_section(rows) + goal_section(rows) + family_section(rows)
              + dev_section(rows) + arms_section(rows) + depth_section(rows) + power_section(rows)
-             + skipped_section(info))
+             + skipped_section(info, rows))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
