@@ -10,14 +10,15 @@ Stage by stage, in the order `flash_prefill` calls them:
 5. `block_sparse_attention` (physical skip) / `block_sparse_attention_logical` (logical skip)
 
 `dense_attention` is the exact causal ground truth. `triton_impl` exports the same names (lists_to_mask, a test
-and plotting aid, is re-exported there unchanged). The peers' selectors live in `peers/`, pictures in `viz/`.
+and plotting aid, and merge_attention_states, which combines two attentions' outputs through their log-sum-exp
+(`return_lse=True`), are re-exported there unchanged). The peers' selectors live in `peers/`, pictures in `viz/`.
 
 Everything here is differentiable (the selection, stages 3-4, is discrete and passes no gradient). NaN and inf behave
 as in dense attention; a row that sees no key at all gives 0 (reference/attention.py says which rows a non-finite
 key or value reaches).
 """
 
-from .attention import block_sparse_attention, block_sparse_attention_logical, dense_attention
+from .attention import block_sparse_attention, block_sparse_attention_logical, dense_attention, merge_attention_states
 from .flash_prefill import PAPER_ALPHA, FlashPrefillStats, flash_prefill
 from .pooling import mean_pool_keys
 from .scoring import block_scores
@@ -33,6 +34,7 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_logical",
     "dense_attention",
+    "merge_attention_states",
     "flash_prefill",
     "FlashPrefillStats",
     "causal_block_density",

@@ -32,6 +32,11 @@ query block that precede j (the tile of the block-sparse paths of both packages;
 min(Bs, 128) rows) and, in `dense_attention`, the rows of j's 128-row tile (as triton_impl.dense_attention).
 A NaN or inf in a key is masked out of the rows that cannot see it and reaches only rows i >= j.
 
+Log-sum-exp (`return_lse=True`, every attention entry point): lse_i = log sum_{j in V_i} exp(scale q_i . k_j), the
+natural log of row i's softmax denominator with the scale applied (with mean correction, each pruned block's
+Bs exp(s_bar_iJ) is part of it), (B, Hq, L), -inf for a row that sees no key. Two attentions over disjoint key sets
+of the same rows combine exactly with `merge_attention_states`, which is what split-KV and chunked prefill need.
+
 Every function here is differentiable (autograd); the selection stages feeding them are discrete.
 """
 
@@ -51,24 +56,28 @@ _TILE_ROWS = 128  # query rows of one tile of `dense_attention`, as in triton_im
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    softmax_scale: float | None = None) -> torch.Tensor:
+                    softmax_scale: float | None = None, *, return_lse: bool = False):
     """Exact causal GQA attention, softmax(scale * q k^T + causal mask) v, the ground truth.
 
     Args:
         q: (B, L, Hq, D); k, v: (B, L, Hkv, D), Hq divisible by Hkv; query head h reads kv head h // (Hq / Hkv).
         softmax_scale: None means 1 / sqrt(D).
+        return_lse: also return lse (B, Hq, L), log sum_{j <= i} exp(scale q_i . k_j) (module docstring).
     Returns:
-        out (B, L, Hq, D) in q.dtype. Computed a tile of 128 query rows at a time (fewer if they would not fit
-        in about 64 MB), against the keys up to the end of the tile: no L x L matrix. A non-finite value therefore
-        reaches the same rows as in triton_impl.dense_attention (see the module docstring).
+        out (B, L, Hq, D) in q.dtype [, lse float32 (float64 for float64 inputs)]. Computed a tile of 128 query
+        rows at a time (fewer if they would not fit in about 64 MB), against the keys up to the end of the tile: no
+        L x L matrix. A non-finite value therefore reaches the same rows as in triton_impl.dense_attention (see the
+        module docstring).
     """
     B, L, Hq, Hkv, D = check_qkv(q, k, v)
     scale = resolve_scale(softmax_scale, D)
+    check_flag("return_lse", return_lse)
     dtype = compute_dtype(q)
     group = Hq // Hkv
     k_per_q_head = k.to(dtype).repeat_interleave(group, dim=2)  # (B, L, Hq, D)
     v_per_q_head = v.to(dtype).repeat_interleave(group, dim=2)
     out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, L, dtype=dtype, device=q.device)
     rows = min(_TILE_ROWS, max(1, _CHUNK_ELEMENTS // (B * Hq * L)))
     rows = 1 << (rows.bit_length() - 1)  # a power of two: a chunk never straddles two tiles
     for i0 in range(0, L, rows):
@@ -80,7 +89,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         s = s.masked_fill(key_pos > query_pos, float("-inf"))
         p = torch.softmax(s, dim=-1)
         out[:, i0:i1] = torch.einsum("bhij,bjhd->bihd", p, v_per_q_head[:, :keys]).to(q.dtype)
-    return out
+        lse[:, :, i0:i1] = torch.logsumexp(s, dim=-1)  # the masked keys' -inf add nothing
+    return (out, lse) if return_lse else out
 
 
 class _OnlineSoftmax:
@@ -121,6 +131,11 @@ class _OnlineSoftmax:
         """acc / l; rows that saw no key at all give 0 (acc = 0 there), every other row divides, NaN included."""
         l = torch.where(self.saw_key, self.l, 1.0)
         return self.acc / l.unsqueeze(-1)
+
+    def lse(self) -> torch.Tensor:
+        """(B, Hq, Bs): m + log l, the log of the softmax denominator (l is the sum of exp(s - m)); -inf for rows
+        that saw no key. (log of 1 rather than of their l = 0 there: no inf in the branch autograd discards.)"""
+        return torch.where(self.saw_key, self.m + torch.log(torch.where(self.saw_key, self.l, 1.0)), float("-inf"))
 
 
 class _BlockedQKV:
@@ -168,6 +183,10 @@ class _BlockedQKV:
         out = torch.stack(blocks, dim=2).flatten(2, 3)[:, :, : self.L]  # (B, Hq, L, D)
         return out.transpose(1, 2).to(dtype).contiguous()
 
+    def lse(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """M row lse (B, Hq, Bs) -> lse (B, Hq, L), in the accumulation dtype (the padding rows dropped)."""
+        return torch.cat(blocks, dim=-1)[..., : self.L].contiguous()
+
 
 def check_mean_correction(k, block_size: int, mean_correction, key_means=None) -> None:
     """mean_correction must be a bool; key_means None or, with mean_correction=True only, k's block means
@@ -205,6 +224,7 @@ def block_sparse_attention(
     validate: bool = True,
     mean_correction: bool = False,
     key_means: torch.Tensor | None = None,
+    return_lse: bool = False,
 ):
     """Causal attention over the kept key blocks only, walking the compacted lists (physical skip).
 
@@ -219,12 +239,15 @@ def block_sparse_attention(
         mean_correction: add every pruned causal block J < I as its mean key and value (module docstring).
         key_means: with mean_correction, k_bar = mean_pool_keys(k, block_size) (B, N, Hkv, D) when the caller has
             it already (flash_prefill's stage 1); None pools k here.
+        return_lse: also return lse (B, Hq, L), the log of each row's softmax denominator (module docstring).
     Returns:
-        out (B, L, Hq, D) in q.dtype [, visits]. A row whose list is empty gives 0 (without mean correction).
+        out (B, L, Hq, D) in q.dtype [, lse float32 (float64 for float64 inputs)] [, visits]. A row whose list is
+        empty gives 0 and lse -inf (without mean correction).
     """
     scale = _check_sparse_args(q, k, v, block_size, softmax_scale)
     check_block_layout(q, block_size=block_size, counts=counts, indices=indices)
     check_mean_correction(k, block_size, mean_correction, key_means)
+    check_flag("return_lse", return_lse)
     if validate:
         check_block_lists(counts, indices)
     blocks = _BlockedQKV(q, k, v, block_size)
@@ -233,7 +256,7 @@ def block_sparse_attention(
         kept = listed_blocks(counts, indices)  # (B, Hq, M, M)
     M = num_blocks(q.shape[1], block_size)
     visits = torch.zeros_like(counts)
-    results = []
+    results, lses = [], []
     for I in range(M):
         state = _OnlineSoftmax(blocks.q[:, :, I])
         row_counts = counts[:, :, I]
@@ -247,8 +270,9 @@ def block_sparse_attention(
         if mean_correction:
             blocks.fold_pruned_means(state, I, kept[:, :, I], scale)
         results.append(state.result())
-    out = blocks.output(results, q.dtype)
-    return (out, visits) if return_visits else out
+        lses.append(state.lse())
+    return _outputs(blocks.output(results, q.dtype), blocks.lse(lses) if return_lse else None,
+                    visits if return_visits else None)
 
 
 def block_sparse_attention_logical(
@@ -262,6 +286,7 @@ def block_sparse_attention_logical(
     return_visits: bool = False,
     mean_correction: bool = False,
     key_means: torch.Tensor | None = None,
+    return_lse: bool = False,
 ):
     """Same output as `block_sparse_attention`, but visiting every causal block and skipping by the mask bit.
 
@@ -270,20 +295,21 @@ def block_sparse_attention_logical(
         block_size: Bs; softmax_scale: None means 1 / sqrt(D).
         return_visits: also return visits (B, Hq, M) int32: I + 1 for every row I (all causal blocks).
         mean_correction: add every pruned causal block J < I as its mean key and value (module docstring).
-        key_means: as in `block_sparse_attention`.
+        key_means, return_lse: as in `block_sparse_attention`.
     Returns:
-        out (B, L, Hq, D) in q.dtype [, visits].
+        out (B, L, Hq, D) in q.dtype [, lse (B, Hq, L)] [, visits].
     """
     scale = _check_sparse_args(q, k, v, block_size, softmax_scale)
     check_block_layout(q, block_size=block_size, mask=mask)
     check_mean_correction(k, block_size, mean_correction, key_means)
+    check_flag("return_lse", return_lse)
     blocks = _BlockedQKV(q, k, v, block_size)
     if mean_correction:
         blocks.prepare_means(k, v, key_means)
     B, _, Hq, _ = q.shape
     M = num_blocks(q.shape[1], block_size)
     visits = torch.zeros(B, Hq, M, dtype=torch.int32, device=q.device)
-    results = []
+    results, lses = [], []
     for I in range(M):
         state = _OnlineSoftmax(blocks.q[:, :, I])
         for J in range(I + 1):
@@ -297,5 +323,56 @@ def block_sparse_attention_logical(
         if mean_correction:
             blocks.fold_pruned_means(state, I, mask[:, :, I], scale)
         results.append(state.result())
-    out = blocks.output(results, q.dtype)
-    return (out, visits) if return_visits else out
+        lses.append(state.lse())
+    return _outputs(blocks.output(results, q.dtype), blocks.lse(lses) if return_lse else None,
+                    visits if return_visits else None)
+
+
+def _outputs(out: torch.Tensor, lse: torch.Tensor | None, visits: torch.Tensor | None):
+    """The return convention of every attention entry point: out, then lse, then visits, each only when asked; out
+    alone is returned bare."""
+    extra = tuple(x for x in (lse, visits) if x is not None)
+    return (out, *extra) if extra else out
+
+
+def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                           lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two attentions of the same query rows over disjoint key sets into the attention over their union.
+
+    With lse the log of each part's softmax denominator, the union's denominator is exp(lse_a) + exp(lse_b), and
+    each part's output is re-weighted by its share of it:
+
+        lse = logaddexp(lse_a, lse_b)        out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b
+
+    Exact (up to rounding): the parts may come from any entry point's return_lse (a split of the kept block list,
+    a chunk of keys); merging is associative, so any number of parts merges pairwise.
+
+    Args:
+        out_a, out_b: (..., L, Hq, D), e.g. (B, L, Hq, D), or (total, Hq, D) in a varlen layout.
+        lse_a, lse_b: (..., Hq, L): out's shape without D and with its last two dims swapped, as the entry points
+            return it ((B, Hq, L); (Hq, total) for varlen).
+    Returns:
+        (out, lse): out in out_a's dtype, lse in float32 (float64 when an input is float64); both computed in that
+        accumulation dtype. A row with lse -inf in one part (it saw no key there) takes the other part as it is;
+        with -inf in both it gives out 0 and lse -inf, no NaN. NaN and +inf propagate (a +inf lse gives NaN).
+    """
+    ndim = out_a.dim() if isinstance(out_a, torch.Tensor) and out_a.dim() >= 3 else 3  # (..., L, Hq, D)
+    for name, x, n in (("out_a", out_a, ndim), ("out_b", out_b, ndim), ("lse_a", lse_a, ndim - 1),
+                       ("lse_b", lse_b, ndim - 1)):
+        check_tensor(name, x, ndim=n, dtypes=ATTENTION_DTYPES)
+    check_same_device(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
+    rows = (*out_a.shape[:-3], out_a.shape[-2], out_a.shape[-3])  # (..., Hq, L)
+    if out_b.shape != out_a.shape or tuple(lse_a.shape) != rows or tuple(lse_b.shape) != rows:
+        raise ValueError(f"out_a, out_b must share one shape (..., L, Hq, D) and lse_a, lse_b be (..., Hq, L) = "
+                         f"{rows}; got out {tuple(out_a.shape)}, {tuple(out_b.shape)} and lse {tuple(lse_a.shape)}, "
+                         f"{tuple(lse_b.shape)}")
+    dtype = torch.float64 if torch.float64 in (out_a.dtype, out_b.dtype, lse_a.dtype, lse_b.dtype) else torch.float32
+    lse_a, lse_b = lse_a.to(dtype), lse_b.to(dtype)
+    lse = torch.logaddexp(lse_a, lse_b)
+    # Where both parts are empty, lse is -inf and lse_a - lse would be -inf - (-inf) = NaN: shift by 0 there, so that
+    # both weights are exp(-inf) = 0 and out is 0.
+    shift = torch.where(lse == float("-inf"), 0.0, lse)
+    weight_a = torch.exp(lse_a - shift).transpose(-1, -2).unsqueeze(-1)  # (..., L, Hq, 1)
+    weight_b = torch.exp(lse_b - shift).transpose(-1, -2).unsqueeze(-1)
+    out = weight_a * out_a.to(dtype) + weight_b * out_b.to(dtype)
+    return out.to(out_a.dtype), lse

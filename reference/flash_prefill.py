@@ -33,10 +33,11 @@ class FlashPrefillStats:
 
 
 def check_flash_prefill_args(q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, softmax_scale,
-                             mean_correction=False, **qkv_checks) -> float:
+                             mean_correction=False, return_lse=False, **qkv_checks) -> float:
     """Validate every argument of `flash_prefill`; return the softmax scale."""
     D = check_qkv(q, k, v, **qkv_checks)[-1]
     check_flag("mean_correction", mean_correction)
+    check_flag("return_lse", return_lse)
     check_selection_params(alpha, sink_blocks, window_blocks, last_dense_blocks, block_size)
     return resolve_scale(softmax_scale, D)
 
@@ -54,6 +55,7 @@ def flash_prefill(
     softmax_scale: float | None = None,
     return_stats: bool = False,
     mean_correction: bool = False,
+    return_lse: bool = False,
 ):
     """Block-sparse causal prefill attention with FlashPrefill's selection.
 
@@ -66,17 +68,21 @@ def flash_prefill(
         mean_correction: FlashPrefill V2's Eq. 6 (opt-in): every pruned block below the diagonal joins the softmax as
             its mean key and value, weighted by its size (reference/attention.py), k_bar being stage 1's kbar. The
             selection is unchanged.
+        return_lse: also return lse (B, Hq, L), the log of each row's softmax denominator over what it attended
+            (reference/attention.py).
     Returns:
-        out (B, L, Hq, D) in q.dtype [, stats].
+        out (B, L, Hq, D) in q.dtype [, lse float32 (float64 for float64 inputs)] [, stats].
     """
     scale = check_flash_prefill_args(q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-                                     softmax_scale, mean_correction)
+                                     softmax_scale, mean_correction, return_lse)
     kbar = mean_pool_keys(k, block_size)  # 1. mean proxy of each key block
     scores = block_scores(q, kbar, block_size, scale)  # 2. block scores (Eq. 1-2)
     mask = select_blocks(scores, alpha, sink_blocks, window_blocks, last_dense_blocks)  # 3. threshold (Eq. 3)
     counts, indices = compact_blocks(mask)  # 4. compacted block lists
-    out = block_sparse_attention(q, k, v, counts, indices, block_size, scale,  # 5. physical skip
-                                 mean_correction=mean_correction, key_means=kbar if mean_correction else None)
-    if return_stats:
-        return out, FlashPrefillStats(counts, indices, causal_block_density(counts))
-    return out
+    result = block_sparse_attention(q, k, v, counts, indices, block_size, scale,  # 5. physical skip
+                                    mean_correction=mean_correction, key_means=kbar if mean_correction else None,
+                                    return_lse=return_lse)  # out, or (out, lse)
+    if not return_stats:
+        return result
+    stats = FlashPrefillStats(counts, indices, causal_block_density(counts))
+    return (*result, stats) if return_lse else (result, stats)

@@ -234,9 +234,10 @@ def test_triton_refuses_inputs_that_require_grad(entry):
 
 
 def test_every_triton_entry_point_is_covered():
-    # compact_blocks reads a bool mask (no float input to track); lists_to_mask is the reference's own
+    # compact_blocks reads a bool mask (no float input to track); lists_to_mask and merge_attention_states are the
+    # reference's own (the merge's NaN rules: tests/test_lse.py)
     assert set(TRITON_ENTRY_POINTS) | {"compact_blocks", "FlashPrefillStats", "causal_block_density",
-                                       "PAPER_ALPHA", "lists_to_mask"} == set(triton_impl.__all__)
+                                       "PAPER_ALPHA", "lists_to_mask", "merge_attention_states"} == set(triton_impl.__all__)
 
 
 # --- bfloat16 under the Triton interpreter ----------------------------------------------------------------------------

@@ -3,10 +3,11 @@
 The CPU tests run the kernels under the interpreter, which accepts code the compiler rejects (for example a kernel
 reading a global that is not a tl.constexpr). `python -m tools.hopper_compile` compiles every kernel exactly
 as the Python wrappers launch it; here it runs for every dtype, head dim and block size the public API admits on
-a GPU (bf16, fp16; triton_impl.common) and every attention mode (with and without the mean correction), in a
-subprocess without TRITON_INTERPRET (this process has it set, see conftest.py), and checks shared memory against an
-H200's limit. Skipped, with the tool's
-reason, where Triton has no NVIDIA backend or no working ptxas. Registers, spills and shared memory reported this way matched a native launch on an H200.
+a GPU (bf16, fp16; triton_impl.common) and every attention mode (with and without the mean correction; with the
+lse store of return_lse=True at the standard shape), in a subprocess without TRITON_INTERPRET
+(this process has it set, see conftest.py), and checks shared memory against an H200's limit. Skipped, with the
+tool's reason, where Triton has no NVIDIA backend or no working ptxas. Registers, spills and shared memory reported
+this way matched a native launch on an H200.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def test_standard_shape_attention_does_not_spill(report):
     """bf16, D=128, Bs=128 (the benchmark shape): the physical-skip kernel, with TMA or pointer K/V loads, keeps
     everything in registers."""
     found = [r for r in rows(report, "_attention_kernel", "bf16 D=128 Bs=128 physical")
-             if "visits" not in r["variant"] and "+mean" not in r["variant"]]
+             if "visits" not in r["variant"] and "+mean" not in r["variant"] and "+lse" not in r["variant"]]
     assert len(found) == 2  # pointer loads, TMA
     for row in found:
         assert row["registers"] is not None and row["registers"] <= 255
@@ -120,9 +121,28 @@ def test_standard_shape_attention_does_not_spill(report):
 def test_standard_shape_mean_correction_does_not_spill(report):
     """The same with the mean correction (the means walk after the list walk): at the register limit (255; one CTA
     per SM anyway, shared memory allows no second) but no spills, with pointer or TMA loads (repro/NOTES.md)."""
-    found = [r for r in rows(report, "_attention_kernel", "bf16 D=128 Bs=128 physical") if "+mean" in r["variant"]]
+    found = [r for r in rows(report, "_attention_kernel", "bf16 D=128 Bs=128 physical")
+             if "+mean" in r["variant"] and "+lse" not in r["variant"]]
     assert len(found) == 2  # pointer loads, TMA
     for row in found:
         assert row["constexprs"]["MEAN_CORRECTION"] and row["constexprs"]["MEAN_CHUNK"] == 128
         assert row["registers"] is not None and row["registers"] <= 255
         assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
+
+
+def test_lse_variants_compile_use_wgmma_and_do_not_spill(report):
+    """return_lse=True (STORE_LSE) in every mode and with both K/V loads, with and without the mean correction, and
+    with 64-bit offsets: compiles for sm_90, fits shared memory, keeps its dots on wgmma, and spills nothing with
+    32-bit offsets (the store is a few instructions after the loop: m_i and l_i are live there anyway)."""
+    tiles = [r for r in report["kernels"] if r["kernel"] == "_attention_kernel" and r["variant"].endswith("+lse")]
+    assert tiles and all(r["constexprs"]["STORE_LSE"] for r in tiles)
+    for dtype in DTYPES:
+        mine = [r for r in tiles if r["variant"].startswith(dtype)]
+        for tma in (False, True):
+            assert {r["constexprs"]["MODE"] for r in mine if r["constexprs"]["KV_DESCRIPTORS"] == tma} == {0, 1, 2}
+    assert any(r["constexprs"]["WIDE"] and r["constexprs"]["MEAN_CORRECTION"] for r in tiles)
+    for row in tiles:
+        assert row["mma"] == "wgmma", row["variant"]
+        assert row["registers"] is not None and row["registers"] <= 255, row["variant"]
+        if not row["constexprs"]["WIDE"]:  # the int64-offset kernel with the means spills with or without the lse
+            assert row["spill_stores"] == 0 and row["spill_loads"] == 0, (row["variant"], row["spill_stores"])

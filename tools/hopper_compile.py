@@ -305,7 +305,25 @@ def variants(quick: bool = False, dtypes: list[str] | None = None) -> list[Varia
                         ti.flash_prefill, q, k, v)
                     add(f"{label} int64 offsets TMA +mean", "flash_prefill", _with_wide_offsets,
                         _with_kv_descriptors, ti.flash_prefill, q, k, v, mean_correction=True)
+                if D == 128 and bs == 128:  # the lse store (return_lse=True) in every mode, both K/V loads
+                    for tma, load in (("", _plain_call), (" TMA", _with_kv_descriptors)):
+                        add(f"{label} physical{tma} +lse", "block_sparse_attention", load, ti.block_sparse_attention,
+                            q, k, v, counts, indices, bs, return_lse=True)
+                        add(f"{label} logical{tma} +lse", "block_sparse_attention_logical", load,
+                            ti.block_sparse_attention_logical, q, k, v, mask, bs, return_lse=True)
+                        add(f"{dt} D={D} dense{tma} +lse", "dense_attention", load, ti.dense_attention, q, k, v,
+                            return_lse=True)
+                        add(f"{label} physical{tma} +mean +lse", "block_sparse_attention", load,
+                            ti.block_sparse_attention, q, k, v, counts, indices, bs, mean_correction=True,
+                            return_lse=True)
+                    if dt == "bf16":
+                        add(f"{label} int64 offsets TMA +mean +lse", "flash_prefill", _with_wide_offsets,
+                            _with_kv_descriptors, ti.flash_prefill, q, k, v, mean_correction=True, return_lse=True)
     return out
+
+
+def _plain_call(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
 
 
 def _with_kv_descriptors(fn, *args, **kwargs):

@@ -11,6 +11,7 @@ Restatements (float64, explicit masks, plain loops where the formula reads best 
     naive_mean_corrected_attention_fp64   step 5 with V2's mean correction (Eq. 6): the pruned blocks below the
                               diagonal as extra keys (their means), each with logit + log Bs
                               (`naive_mean_corrected_attention` evaluates the same formula in any dtype)
+    (return_lse=True on these: also the log-sum-exp of each row's visible logits, (B, Hq, L), -inf for none)
 
 Rules (docs/DESIGN.md section 4), stated here once:
 
@@ -146,13 +147,15 @@ def token_mask_from_blocks(block_mask: torch.Tensor, L: int, block_size: int) ->
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor | None = None,
                     block_size: int | None = None, softmax_scale: float | None = None, *,
-                    token_mask: torch.Tensor | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                    token_mask: torch.Tensor | None = None, dtype: torch.dtype = torch.float64,
+                    return_lse: bool = False):
     """softmax(scale q k^T) v over the visible keys, computed entirely in `dtype` (GQA by repeat_interleave).
 
     q (B, L, Hq, D), k/v (B, L, Hkv, D). Visible: causal, and inside a kept block of `block_mask` (B, Hq, M, N)
     with `block_size` when given, and where `token_mask` (B, Hq, L, L) bool is True when given. Query rows are
     processed in chunks, so no (L, L) matrix is held (unless token_mask is one). A row with no visible key gives 0;
-    NaN and inf in q, k, v propagate as the formula has them. Returns (B, L, Hq, D) in `dtype`.
+    NaN and inf in q, k, v propagate as the formula has them. Returns (B, L, Hq, D) in `dtype`; with return_lse
+    also lse (B, Hq, L) in `dtype`, log sum over the visible j of exp(scale q_i . k_j) (-inf with none visible).
     """
     B, L, Hq, D = q.shape
     group = Hq // k.shape[2]
@@ -161,6 +164,7 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mas
     kd = k.to(dtype).repeat_interleave(group, dim=2).transpose(1, 2)
     vd = v.to(dtype).repeat_interleave(group, dim=2).transpose(1, 2)
     out = torch.zeros_like(qd)
+    lse = torch.empty(B, Hq, L, dtype=dtype, device=q.device)
     rows = max(1, (1 << 25) // (B * Hq * L))
     key_pos = torch.arange(L, device=q.device)
     for i0 in range(0, L, rows):
@@ -171,25 +175,29 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mas
             visible = visible & block_mask[:, :, query_pos // block_size][..., key_pos // block_size]
         if token_mask is not None:
             visible = visible & token_mask[:, :, i0:i1]
-        s = (qd[:, :, i0:i1] @ kd.transpose(-1, -2)) * scale
-        p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
+        s = ((qd[:, :, i0:i1] @ kd.transpose(-1, -2)) * scale).masked_fill(~visible, float("-inf"))
+        p = torch.softmax(s, dim=-1)
         p = torch.where(visible.any(dim=-1, keepdim=True), p, 0.0)  # no visible key: 0, not the softmax's NaN
         out[:, :, i0:i1] = p @ vd
-    return out.transpose(1, 2)
+        lse[:, :, i0:i1] = torch.logsumexp(s, dim=-1)  # no visible key: -inf
+    return (out.transpose(1, 2), lse) if return_lse else out.transpose(1, 2)
 
 
 def naive_mean_corrected_attention_fp64(q, k, v, block_mask: torch.Tensor, block_size: int,
-                                        softmax_scale: float | None = None) -> torch.Tensor:
+                                        softmax_scale: float | None = None, *, return_lse: bool = False):
     """float64, one (L + N)-column softmax per row: the L tokens (causal, in a kept block) and N extra columns, one
     per key block J, visible to row i of block I iff J < I and J is not kept, with key k_bar_J, value v_bar_J (the
-    means of its Bs tokens) and logit scale q_i . k_bar_J + log Bs. Materialises (L, L + N): keep L small."""
-    return naive_mean_corrected_attention(q, k, v, block_mask, block_size, softmax_scale, dtype=torch.float64)
+    means of its Bs tokens) and logit scale q_i . k_bar_J + log Bs. Materialises (L, L + N): keep L small.
+    return_lse: also the log-sum-exp of those L + N logits per row, (B, Hq, L)."""
+    return naive_mean_corrected_attention(q, k, v, block_mask, block_size, softmax_scale, dtype=torch.float64,
+                                          return_lse=return_lse)
 
 
 def naive_mean_corrected_attention(q, k, v, block_mask: torch.Tensor, block_size: int,
-                                   softmax_scale: float | None = None, *, dtype: torch.dtype) -> torch.Tensor:
+                                   softmax_scale: float | None = None, *, dtype: torch.dtype,
+                                   return_lse: bool = False):
     """`naive_mean_corrected_attention_fp64`'s formula computed entirely in `dtype` (the block means too: averaged,
-    then held in `dtype`), for the `pt` side of FlashAttention's rule. Returns (B, L, Hq, D) in `dtype`."""
+    then held in `dtype`), for the `pt` side of FlashAttention's rule. Returns (B, L, Hq, D) in `dtype` [, lse]."""
     B, L, Hq, D = q.shape
     group = Hq // k.shape[2]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
@@ -208,7 +216,8 @@ def naive_mean_corrected_attention(q, k, v, block_mask: torch.Tensor, block_size
     logits = torch.cat([token_logits, mean_logits], dim=-1).masked_fill(~torch.cat([token_visible, pruned], -1),
                                                                         float("-inf"))
     p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with nothing visible gives 0
-    return (p @ torch.cat([vd, v_bar], dim=2)).transpose(1, 2)
+    out = (p @ torch.cat([vd, v_bar], dim=2)).transpose(1, 2)
+    return (out, torch.logsumexp(logits, dim=-1)) if return_lse else out
 
 
 # --------------------------------------------------------------------------------------------------------------

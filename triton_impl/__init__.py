@@ -13,12 +13,16 @@ benchmarks). Bad input to a `launch_*` function is undefined behaviour; use the 
 
 `mean_correction=True` (FlashPrefill V2, Eq. 6: the pruned blocks below the diagonal as their means) runs in the
 attention kernel as in the reference: `block_sparse_attention`, `block_sparse_attention_logical`, `flash_prefill`.
+`return_lse=True` (every attention entry point) stores each row's log-sum-exp from the kernel's running softmax
+state; `merge_attention_states`, which combines two partial attentions through it, is the reference's function
+(plain torch arithmetic on the outputs: no kernel of its own).
 
 Inference-only: the kernels have no backward, so every entry point raises a RuntimeError when autograd would track an
 input (use torch.no_grad() / torch.inference_mode(), or the differentiable `reference`). NaN and inf propagate as in
 dense attention, as in the reference (docs/DESIGN.md section 2).
 """
 
+from reference.attention import merge_attention_states
 from reference.flash_prefill import PAPER_ALPHA, FlashPrefillStats
 from reference.selection import causal_block_density, lists_to_mask
 
@@ -37,6 +41,7 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_logical",
     "dense_attention",
+    "merge_attention_states",
     "flash_prefill",
     "FlashPrefillStats",
     "causal_block_density",

@@ -19,6 +19,12 @@ K/V tiles: fetched by TMA (a tensor descriptor over k / v viewed as (B, L, Hkv *
 (heads packed, 16-byte aligned), else by per-thread pointer loads; `tests/test_triton_attention.py` checks that
 both give the same output to the bit. The H200 timings of both are in repro/NOTES.md.
 
+Log-sum-exp (STORE_LSE, `return_lse=True`): the program already holds each row's running max m_i and sum l_i, in
+base 2 (m_i is a max of scale x log2(e) x logits, l_i a sum of exp2(... - m_i)); the natural lse is
+(m_i + log2 l_i) x ln 2, stored as one float32 per row into (B, Hq, L); a row that saw no key (l_i = 0) stores -inf.
+The means of the mean correction are folded into the same m_i and l_i (bias log2 Bs), so the lse includes them. Off
+(the default), nothing is computed or stored.
+
 Mean correction (MEAN_CORRECTION; FlashPrefill V2, Eq. 6, formula in reference/attention.py), PHYSICAL and LOGICAL:
 after its kept blocks, a program walks the block means k_bar_J, v_bar_J of every J < I in chunks of MEAN_CHUNK,
 one (BLOCK_M x MEAN_CHUNK) logit tile and one PV dot per chunk, folded into the same online softmax with the bias
@@ -42,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from reference.validation import (BAD_COUNTS, BAD_INDEX, NOT_ASCENDING, check_block_layout, num_blocks,
+from reference.validation import (BAD_COUNTS, BAD_INDEX, NOT_ASCENDING, check_block_layout, check_flag, num_blocks,
                                   resolve_scale)
 
 from reference.attention import check_mean_correction
@@ -53,6 +59,7 @@ from .pooling import launch_mean_pool
 from .scoring import split_kbar
 
 FLOAT32_LOWEST: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # natural log = log2 x ln 2
 # Which key blocks a program visits (compile-time constants of the kernel).
 PHYSICAL, LOGICAL, DENSE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
@@ -190,7 +197,7 @@ def _attend_means(acc, m_i, l_i, q, KBAR, VBAR, b, kv_col, c0, stride_mn, kept, 
 
 @triton.jit
 def _attention_kernel(
-    Q, K, V, OUT, COUNTS, INDICES, MASK, VISITS, KBAR, VBAR,
+    Q, K, V, OUT, COUNTS, INDICES, MASK, VISITS, KBAR, VBAR, LSE,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
@@ -202,6 +209,7 @@ def _attention_kernel(
     MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, HEADS_FASTEST: tl.constexpr,
     PREFETCH_INDEX: tl.constexpr, WIDE: tl.constexpr, KV_DESCRIPTORS: tl.constexpr,
     MEAN_CORRECTION: tl.constexpr, MEAN_CHUNK: tl.constexpr, MEAN_DESCRIPTORS: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_M
     if HEADS_FASTEST:  # consecutive programs = the heads of one query tile: a GQA group shares K/V in L2
@@ -296,7 +304,12 @@ def _attention_kernel(
                 acc, m_i, l_i = _attend_means(acc, m_i, l_i, q, KBAR, VBAR, b, kv_col, c0, stride_mn, kept,
                                               mean_bias, MEAN_CHUNK, D, DOT_PRECISION, MEAN_DESCRIPTORS)
 
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows that saw no key give 0, as in the reference
+    saw_no_key = l_i == 0.0
+    l_i = tl.where(saw_no_key, 1.0, l_i)  # rows that saw no key give 0, as in the reference
+    if STORE_LSE:  # LSE is a contiguous (B, Hq, L) float32; rows past L (a partial last tile) are not stored
+        # The natural log of the denominator, from base-2 m_i and l_i; -inf for a row that saw no key.
+        lse = tl.where(saw_no_key, float("-inf"), (m_i + tl.log2(l_i)) * LN2)
+        tl.store(LSE + (b * HQ + h) * L + q_pos, lse, mask=q_pos < L)
     out = acc / l_i[:, None]
     tl.store(OUT + b * stride_ob + h * stride_oh + q_pos[:, None] * stride_ol + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=(q_pos < L)[:, None])
@@ -340,14 +353,15 @@ def attention_means(k, v, block_size: int, scale: float, dtype: torch.dtype, key
 
 
 def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask=None,
-                     return_visits=False, config=None, rows=None, out=None, means=None):
+                     return_visits=False, config=None, rows=None, out=None, means=None, return_lse=False, lse=None):
     """The attention kernel without the input checks of the public functions (`flash_prefill`, the benchmarks and
     the tests call it directly). Launches over query blocks rows=(I0, I1) (default all M), writing into `out`
     (allocated when None). With rows, indices (or mask) hold the lists of those query blocks only, as rows
     0 .. I1 - I0 - 1; counts stays the whole (B, Hq, M).
 
     means: None, or (kbar, vbar) from `attention_means` for the same softmax scale: add the mean correction
-    (PHYSICAL and LOGICAL)."""
+    (PHYSICAL and LOGICAL). return_lse: also write the rows' lse into `lse`, a contiguous (B, Hq, L) float32
+    (allocated when None; with rows, only those rows are written). Returns out [, lse] [, visits]."""
     B, L, Hq, Hkv, D = q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]
     M = num_blocks(L, block_size)
     I0, I1 = rows or (0, M)
@@ -366,6 +380,9 @@ def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=N
     if out is None:
         out = new_output(B, L, Hq, D, dtype=q.dtype, device=q.device)
     visits = new_output(B, Hq, M, dtype=torch.int32, device=q.device) if return_visits else out
+    if return_lse and lse is None:
+        lse = new_output(B, Hq, L, dtype=torch.float32, device=q.device)
+    assert not return_lse or (lse.is_contiguous() and lse.dtype == torch.float32 and lse.shape == (B, Hq, L))
     # What each row walks: its block list (PHYSICAL), its mask bits (LOGICAL), or nothing (DENSE). Pointers a mode
     # does not read are given `out` as a placeholder.
     lists = indices.contiguous() if mode == PHYSICAL else out
@@ -390,7 +407,7 @@ def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=N
         mean_descriptors = None not in descriptors
         kbar, vbar = descriptors if mean_descriptors else (kbar, vbar)
     _attention_kernel[grid](
-        q, *kv, out, counts, lists, bits, visits, kbar, vbar,
+        q, *kv, out, counts, lists, bits, visits, kbar, vbar, lse if return_lse else out,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -401,11 +418,13 @@ def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=N
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
         MODE=mode.value, DOT_PRECISION=dot_precision(q.dtype), COUNT_VISITS=return_visits,
         HEADS_FASTEST=config["heads_fastest"], PREFETCH_INDEX=config["prefetch_index"],
-        WIDE=needs_wide_offsets(q, k, v, out, lists, bits, *(means or ())), KV_DESCRIPTORS=kv[0] is not k,
-        MEAN_CORRECTION=means is not None, MEAN_CHUNK=config["mean_chunk"], MEAN_DESCRIPTORS=mean_descriptors,
+        WIDE=needs_wide_offsets(q, k, v, out, lists, bits, *(means or ()), *((lse,) if return_lse else ())),
+        KV_DESCRIPTORS=kv[0] is not k, MEAN_CORRECTION=means is not None, MEAN_CHUNK=config["mean_chunk"],
+        MEAN_DESCRIPTORS=mean_descriptors, STORE_LSE=return_lse,
         num_warps=config["num_warps"] or num_warps_for(BLOCK_M, D), num_stages=config["num_stages"],
     )
-    return (out, visits) if return_visits else out
+    extra = ((lse,) if return_lse else ()) + ((visits,) if return_visits else ())  # out, then lse, then visits
+    return (out, *extra) if extra else out
 
 
 # What a bad list is, by the bit the check kernel sets (the rules of reference.validation.check_block_lists).
@@ -470,7 +489,7 @@ def _checked_means(q, k, v, block_size, softmax_scale, mean_correction, key_mean
 
 def block_sparse_attention(q, k, v, counts, indices, block_size: int = 128, softmax_scale: float | None = None, *,
                            return_visits: bool = False, validate: bool = False, mean_correction: bool = False,
-                           key_means: torch.Tensor | None = None):
+                           key_means: torch.Tensor | None = None, return_lse: bool = False):
     """Causal attention over the listed key blocks only (physical skip). Same contract as the reference;
     visits (B, Hq, M) int32 counts the loop iterations of each row, measured inside the kernel.
 
@@ -483,31 +502,37 @@ def block_sparse_attention(q, k, v, counts, indices, block_size: int = 128, soft
 
     mean_correction: add every pruned causal block J < I as its mean key and value (V2's Eq. 6, as the reference);
     the means are pooled here (K and V in one pass), or only V when key_means, mean_pool_keys' kbar
-    (B, N, Hkv, D), is given."""
+    (B, N, Hkv, D), is given.
+
+    return_lse: also return lse (B, Hq, L) float32, the log of each row's softmax denominator, taken from the
+    kernel's running max and sum (-inf for an empty row). Returns out [, lse] [, visits], as the reference."""
     softmax_scale = _check_attention_args(q, k, v, block_size, softmax_scale)
+    check_flag("return_lse", return_lse)
     check_block_layout(q, block_size=block_size, counts=counts, indices=indices)
     check_kernel_device(counts=counts, indices=indices)
     means = _checked_means(q, k, v, block_size, softmax_scale, mean_correction, key_means)
     if validate:
         check_block_lists(counts, indices)
     return launch_attention(q, k, v, block_size, softmax_scale, PHYSICAL, counts=counts, indices=indices,
-                            return_visits=return_visits, means=means)
+                            return_visits=return_visits, means=means, return_lse=return_lse)
 
 
 def block_sparse_attention_logical(q, k, v, mask, block_size: int = 128, softmax_scale: float | None = None, *,
                                    return_visits: bool = False, mean_correction: bool = False,
-                                   key_means: torch.Tensor | None = None):
-    """Same output as `block_sparse_attention` (to the bit, mean correction included), visiting every causal block
-    and branching on its mask bit."""
+                                   key_means: torch.Tensor | None = None, return_lse: bool = False):
+    """Same output (and lse) as `block_sparse_attention` (to the bit, mean correction included), visiting every
+    causal block and branching on its mask bit."""
     softmax_scale = _check_attention_args(q, k, v, block_size, softmax_scale)
+    check_flag("return_lse", return_lse)
     check_block_layout(q, block_size=block_size, mask=mask)
     check_kernel_device(mask=mask)
     means = _checked_means(q, k, v, block_size, softmax_scale, mean_correction, key_means)
     return launch_attention(q, k, v, block_size, softmax_scale, LOGICAL, mask=mask, return_visits=return_visits,
-                            means=means)
+                            means=means, return_lse=return_lse)
 
 
-def dense_attention(q, k, v, softmax_scale: float | None = None):
-    """Exact causal GQA attention (the same kernel visiting every causal block)."""
+def dense_attention(q, k, v, softmax_scale: float | None = None, *, return_lse: bool = False):
+    """Exact causal GQA attention (the same kernel visiting every causal block); out [, lse (B, Hq, L) float32]."""
     softmax_scale = _check_attention_args(q, k, v, 128, softmax_scale)
-    return launch_attention(q, k, v, 128, softmax_scale, DENSE)
+    check_flag("return_lse", return_lse)
+    return launch_attention(q, k, v, 128, softmax_scale, DENSE, return_lse=return_lse)

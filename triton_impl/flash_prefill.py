@@ -59,6 +59,7 @@ def flash_prefill(
     return_stats: bool = False,
     mean_correction: bool = False,
     max_selection_bytes: int = MAX_SELECTION_BYTES,
+    return_lse: bool = False,
 ):
     """Block-sparse causal prefill attention with FlashPrefill's selection. Same contract as the reference, plus
     `max_selection_bytes`, the budget of the per-chunk selection buffers (see the module docstring).
@@ -69,9 +70,12 @@ def flash_prefill(
 
     Inference-only: the kernels have no backward (RuntimeError when autograd would track q, k or v).
     mean_correction: as the reference (V2's Eq. 6); costs one more read of V in stage 1 and the means walk in the
-    attention kernel (triton_impl/attention.py)."""
+    attention kernel (triton_impl/attention.py).
+    return_lse: also return lse (B, Hq, L) float32 (each chunk's attention writes its rows). Returns
+    out [, lse] [, stats], as the reference."""
     scale = check_flash_prefill_args(q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-                                     softmax_scale, mean_correction, dtypes=KERNEL_DTYPES, head_dims=HEAD_DIMS)
+                                     softmax_scale, mean_correction, return_lse, dtypes=KERNEL_DTYPES,
+                                     head_dims=HEAD_DIMS)
     check_kernel_block_size(block_size)
     check_kernel_runs_on(q, k, v)
     check_count("max_selection_bytes", max_selection_bytes, minimum=1)
@@ -88,6 +92,7 @@ def flash_prefill(
         means = None
     counts = new_output(B, Hq, M, dtype=torch.int32, device=q.device)
     out = new_output(B, L, Hq, D, dtype=q.dtype, device=q.device)
+    lse = new_output(B, Hq, L, dtype=torch.float32, device=q.device) if return_lse else None
     all_indices = new_output(B, Hq, M, M, dtype=torch.int32, device=q.device) if return_stats else None
     for rows in query_block_chunks(B, Hq, M, max_selection_bytes):
         scores = launch_block_scores(q, kbar_parts, block_size, rows=rows)  # 2. Eq. 1-2
@@ -95,10 +100,11 @@ def flash_prefill(
                                                row0=rows[0], counts=counts, pad_lists=return_stats)  # 3-4
         del scores
         launch_attention(q, k, v, block_size, scale, PHYSICAL, counts=counts, indices=indices, rows=rows,
-                         out=out, means=means)  # 5. physical skip
+                         out=out, means=means, return_lse=return_lse, lse=lse)  # 5. physical skip
         if all_indices is not None:
             all_indices[:, :, rows[0]:rows[1]] = indices
         del indices  # before the next chunk allocates its own
+    outputs = (out, lse) if return_lse else (out,)
     if return_stats:
-        return out, FlashPrefillStats(counts, all_indices, causal_block_density(counts))
-    return out
+        outputs += (FlashPrefillStats(counts, all_indices, causal_block_density(counts)),)
+    return outputs if len(outputs) > 1 else out
