@@ -23,11 +23,12 @@ MAY_IMPORT = {
     "tools": {"reference", "triton_impl"},
     "block_selectors": {"reference", "triton_impl", "peers"},
     "flashprefill_hf": {"reference", "triton_impl", "block_selectors"},
-    "repro": {"reference", "triton_impl", "peers", "viz", "tools", "block_selectors", "flashprefill_hf"},
+    "interop": {"reference"},
+    "repro": {"reference", "triton_impl", "peers", "viz", "tools", "block_selectors", "flashprefill_hf", "interop"},
 }
 PACKAGES = tuple(MAY_IMPORT)
 # The maths of the method needs no plotting library: only the picture-drawing folders and the experiments import it.
-NO_MATPLOTLIB = ("reference", "triton_impl", "peers", "block_selectors", "tools", "flashprefill_hf")
+NO_MATPLOTLIB = ("reference", "triton_impl", "peers", "block_selectors", "tools", "flashprefill_hf", "interop")
 MAX_LINES = 600
 
 
