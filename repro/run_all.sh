@@ -15,7 +15,7 @@ PYTHON=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works without `pip install -e .` too
 export MPLBACKEND=Agg
 
-STEPS="walkthrough triton_check density_vs_alpha activations sparsity mean_correction sparsity_accuracy accuracy powered speed"
+STEPS="walkthrough triton_check density_vs_alpha activations sparsity mean_correction sparsity_accuracy accuracy powered long_context speed"
 ONLY=${RUN_ALL_STEPS:-$STEPS}
 for key in $ONLY; do
     if [[ " $STEPS " != *" $key "* ]]; then
@@ -104,6 +104,15 @@ if [[ $HAS_SMOLLM == 1 && $HAS_CUDA == 1 ]]; then
 else
     step powered "powered evaluation (committed H200 run, redrawn)" "$PYTHON" -m repro.powered --report-only \
         --out-dir "$RUN_DIR/powered"
+fi
+# Past the trained 8K context (16K / 32K, RoPE scaling chosen on dev): ~7 min on an H200; without a GPU, the
+# committed H200 run is redrawn.
+if [[ $HAS_SMOLLM == 1 && $HAS_CUDA == 1 ]]; then
+    step long_context "SmolLM2 at 16K-32K with RoPE scaling (GPU)" "$PYTHON" -m repro.long_context --device cuda \
+        --out-dir "$RUN_DIR/long_context"
+else
+    step long_context "SmolLM2 at 16K-32K (committed H200 run, redrawn)" "$PYTHON" -m repro.long_context \
+        --report-only --out-dir "$RUN_DIR/long_context"
 fi
 if [[ $HAS_CUDA == 1 ]]; then
     SPEED_TAG=$("$PYTHON" -c 'import torch; from repro.bench_speed import default_tag
