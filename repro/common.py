@@ -213,3 +213,10 @@ def read_run_json(path: str | Path) -> dict:
         raise FileNotFoundError(f"{path} does not exist: it holds the run's command line, wall time, skipped work "
                                 "and note, written by the run beside its CSV")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def fill_defaults(args, preset: Mapping) -> None:
+    """Set every option of `preset` (a command's --quick or full-run defaults) that the command line left at None."""
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)

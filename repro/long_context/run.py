@@ -27,12 +27,13 @@ from pathlib import Path
 
 import torch
 
-from ..common import (RESULTS_DIR, environment_stamp, read_long_csv, read_run_json, run_dir, write_long_csv,
-                      write_run_json)
+from ..common import (RESULTS_DIR, environment_stamp, fill_defaults, read_long_csv, read_run_json, run_dir,
+                      write_long_csv, write_run_json)
 from ..harness import AttentionSwitch, load_for_run, run_device
 from ..powered.arms import ARMS, check_arms
 from ..powered.experiment import build_prompts, make_batches, run_arm
 from ..powered.prompts import FAMILIES
+from ..powered.run import add_prompt_arguments
 from .rope import CONTROL, ROPE_METHODS, scaled_rope
 from .summary import choose_methods
 
@@ -47,15 +48,8 @@ FULL_GRID = dict(lengths=[16384, 32768], families=list(FAMILIES), n_dev=30, n_te
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU-sized: 8.7K, needle family, 1 prompt per split, 2 arms")
-    p.add_argument("--model", default=None, help="GGUF file or local checkpoint (default: SmolLM2-135M GGUF)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--lengths", type=int, nargs="+", help="prompt lengths in tokens (longer than the trained context)")
-    p.add_argument("--families", nargs="+", choices=list(FAMILIES))
-    p.add_argument("--n-dev", type=int, help="dev prompts per family and length (choose the RoPE method)")
-    p.add_argument("--n-test", type=int, help="test prompts per family and length (reported)")
-    p.add_argument("--arms", nargs="+", help=f"test arms, of {list(ARMS)} ('full' always runs)")
-    p.add_argument("--max-batch-tokens", type=int, default=1 << 19, help="tokens per prefill batch")
-    p.add_argument("--workers", type=int, default=None, help="processes that generate the prompts (default: CPUs)")
+    add_prompt_arguments(p, lengths_help="prompt lengths in tokens (longer than the trained context)",
+                         dev_help="dev prompts per family and length (choose the RoPE method)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds after the model load past which no new test arm starts")
     p.add_argument("--out-dir", type=Path, default=None)
@@ -63,9 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--in-dir", type=Path, default=COMMITTED)
     p.add_argument("--note", default=None, help="a note for the report")
     args = p.parse_args(argv)
-    for name, value in (QUICK if args.quick else FULL_GRID).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    fill_defaults(args, QUICK if args.quick else FULL_GRID)
     args.prefix = "long_context_quick_" if args.quick else "long_context_"
     return args
 

@@ -33,8 +33,8 @@ import torch
 
 from block_selectors import FULL, Setting
 
-from ..common import (RESULTS_DIR, environment_stamp, read_long_csv, read_run_json, run_dir, torch_threads,
-                      write_long_csv, write_run_json)
+from ..common import (RESULTS_DIR, environment_stamp, fill_defaults, read_long_csv, read_run_json, run_dir,
+                      torch_threads, write_long_csv, write_run_json)
 from ..powered.arms import DEFAULT_ALPHA
 from .prompts import FLIP_ARM
 
@@ -69,9 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--in-dir", type=Path, default=COMMITTED)
     p.add_argument("--note", default=None, help="a note for the report")
     args = p.parse_args(argv)
-    for name, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    fill_defaults(args, QUICK if args.quick else DEFAULTS)
     if args.samples is None and not args.quick and COMMITTED_SAMPLES.exists():
         args.samples = str(COMMITTED_SAMPLES)
     if args.samples is not None and args.samples.lower() == "none":

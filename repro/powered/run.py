@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from ..common import RESULTS_DIR, environment_stamp, read_long_csv, read_run_json, run_dir, write_long_csv, write_run_json
+from ..common import (RESULTS_DIR, environment_stamp, fill_defaults, read_long_csv, read_run_json, run_dir,
+                      write_long_csv, write_run_json)
 from ..harness import AttentionSwitch, load_for_run, run_device
 from .arms import PRIORITY, check_arms
 from .experiment import build_prompts, make_batches, run_arm
@@ -41,19 +42,25 @@ QUICK = dict(lengths=[2048], families=["needle"], n_dev=2, n_test=2, arms=["full
 FULL_GRID = dict(lengths=[2048, 4096, 8192], families=list(FAMILIES), n_dev=90, n_test=300, arms=list(PRIORITY))
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CPU-sized: 2K, needle family, 2 prompts per split, 3 arms")
+def add_prompt_arguments(p: argparse.ArgumentParser, lengths_help: str = "prompt lengths in tokens",
+                         dev_help: str = "dev prompts per family and length") -> None:
+    """The model, the prompt grid, the arms and the batching: the options every run over these prompts shares."""
     p.add_argument("--model", default=None, help="GGUF file or local checkpoint (default: SmolLM2-135M GGUF)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--lengths", type=int, nargs="+", help="prompt lengths in tokens")
+    p.add_argument("--lengths", type=int, nargs="+", help=lengths_help)
     p.add_argument("--families", nargs="+", choices=list(FAMILIES))
-    p.add_argument("--n-dev", type=int, help="dev prompts per family and length")
+    p.add_argument("--n-dev", type=int, help=dev_help)
     p.add_argument("--n-test", type=int, help="test prompts per family and length")
     p.add_argument("--arms", nargs="+", help=f"arms to run, of {list(PRIORITY)} ('full' always runs)")
     p.add_argument("--max-batch-tokens", type=int, default=1 << 19,
                    help="tokens per prefill batch (default 524288: 64 prompts at 8K)")
     p.add_argument("--workers", type=int, default=None, help="processes that generate the prompts (default: CPUs)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CPU-sized: 2K, needle family, 2 prompts per split, 3 arms")
+    add_prompt_arguments(p)
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds after the model load past which no new arm starts")
     p.add_argument("--out-dir", type=Path, default=None)
@@ -63,10 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--in-dir", type=Path, default=COMMITTED)
     p.add_argument("--note", default=None, help="a note for the report (replaces the run's note)")
     args = p.parse_args(argv)
-    preset = QUICK if args.quick else FULL_GRID
-    for name, value in preset.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    fill_defaults(args, QUICK if args.quick else FULL_GRID)
     args.prefix = args.prefix or ("powered_quick_" if args.quick else "powered_")
     return args
 
