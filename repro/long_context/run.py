@@ -1,6 +1,6 @@
 """Longer real contexts: SmolLM2-135M-Instruct (trained for 8K tokens) at 16K and 32K with RoPE scaling.
 
-    python -m repro.long_context --device cuda      # GPU, ~6 min on an H200: dev 60 + test 300 prompts per length
+    python -m repro.long_context --device cuda      # GPU, ~7 min on an H200: dev 60 + test 300 prompts per length
     python -m repro.long_context --quick            # CPU, a few minutes: one 8.7K prompt per split, 2 arms
     python -m repro.long_context --report-only      # the committed run's report and figures, into a run folder
 
@@ -86,7 +86,7 @@ def answer(model, tokenizer, switch, arm, batches, method: str, layers: list[dic
     for L in sorted({b.ids.shape[1] for b in batches}):
         same = [b for b in batches if b.ids.shape[1] == L]
         with scaled_rope(model, method, L) as factor:
-            def on_batch(batch, recorder, factor=factor):
+            def on_batch(batch, recorder):
                 if recorder is not None:
                     layers.extend(dict(arm=arm.name, split=batch.prompts[0].split, length=L, rope=method,
                                        layer=layer, density=d, batch=len(batch.prompts))
