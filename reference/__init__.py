@@ -9,6 +9,10 @@ Stage by stage, in the order `flash_prefill` calls them:
                         `lists_to_mask`: the inverse of compact_blocks)
 5. `block_sparse_attention` (physical skip) / `block_sparse_attention_logical` (logical skip)
 
+`flash_prefill_varlen` (varlen.py) runs the same stages on serving-style calls: packed variable-length batches
+(FlashAttention's cu_seqlens layout) and chunked prefill over a cached prefix (docs/DESIGN.md section 9); it has
+no Triton twin yet.
+
 `dense_attention` is the exact causal ground truth. `triton_impl` exports the same names (lists_to_mask, a test
 and plotting aid, and merge_attention_states, which combines two attentions' outputs through their log-sum-exp
 (`return_lse=True`), are re-exported there unchanged). The peers' selectors live in `peers/`, pictures in `viz/`.
@@ -23,6 +27,7 @@ from .flash_prefill import PAPER_ALPHA, FlashPrefillStats, flash_prefill
 from .pooling import mean_pool_keys
 from .scoring import block_scores
 from .selection import causal_block_density, compact_blocks, lists_to_mask, select_and_compact, select_blocks
+from .varlen import VarlenStats, flash_prefill_varlen
 
 __all__ = [
     "mean_pool_keys",
@@ -39,4 +44,6 @@ __all__ = [
     "FlashPrefillStats",
     "causal_block_density",
     "PAPER_ALPHA",
+    "flash_prefill_varlen",
+    "VarlenStats",
 ]

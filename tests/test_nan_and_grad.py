@@ -169,11 +169,14 @@ def test_reference_attention_is_differentiable():
     mask[0, 0, 2, 1] = False
     mask[0, 1, 1] = False  # an empty row
     counts, indices = reference.compact_blocks(mask)
+    cu = torch.tensor([0, 40], dtype=torch.int32)  # flash_prefill_varlen, one sequence (chunks: tests/test_varlen.py)
     functions = {
         "dense": lambda q, k, v: reference.dense_attention(q, k, v),
         "physical": lambda q, k, v: reference.block_sparse_attention(q, k, v, counts, indices, bs),
         "logical": lambda q, k, v: reference.block_sparse_attention_logical(q, k, v, mask, bs),
         "flash_prefill": lambda q, k, v: reference.flash_prefill(q, k, v, alpha=0.3, block_size=bs),
+        "flash_prefill_varlen": lambda q, k, v: reference.flash_prefill_varlen(q[0], k[0], v[0], cu, cu, 40, 40,
+                                                                               alpha=0.3, block_size=bs),
     }
     for name, fn in functions.items():
         assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True), name

@@ -303,9 +303,10 @@ def test_every_case_applies_somewhere():
 
 def test_every_entry_point_is_exercised():
     assert {p.values[0] for p in PARAMS} == set(ENTRY_POINTS)
-    # merge_attention_states takes no q/k/v: its bad input is tested in tests/test_lse.py
-    assert set(ENTRY_POINTS) | {"FlashPrefillStats", "causal_block_density", "PAPER_ALPHA",
-                                "merge_attention_states"} == set(reference.__all__)
+    # merge_attention_states takes no q/k/v: its bad input is tested in tests/test_lse.py; flash_prefill_varlen takes
+    # them in the varlen layout (total, H, D) with cu_seqlens: its bad input is tested in tests/test_varlen.py
+    assert set(ENTRY_POINTS) | {"FlashPrefillStats", "causal_block_density", "PAPER_ALPHA", "merge_attention_states",
+                                "flash_prefill_varlen", "VarlenStats"} == set(reference.__all__)
 
 
 @pytest.mark.parametrize("entry, case", PARAMS)

@@ -12,6 +12,10 @@ Restatements (float64, explicit masks, plain loops where the formula reads best 
                               diagonal as extra keys (their means), each with logit + log Bs
                               (`naive_mean_corrected_attention` evaluates the same formula in any dtype)
     (return_lse=True on these: also the log-sum-exp of each row's visible logits, (B, Hq, L), -inf for none)
+    naive_chunk_block_scores_fp64   step 2 for one chunk of a sequence over a cached prefix (varlen, section 9):
+                              only the chunk's rows contribute, absolute blocks
+    naive_chunk_attention     step 5 for one chunk (q_len <= k_len, bottom-right causal) over explicit per-row
+                              kept key blocks, optionally with the mean correction, in any dtype
 
 Rules (docs/DESIGN.md section 4), stated here once:
 
@@ -217,6 +221,82 @@ def naive_mean_corrected_attention(q, k, v, block_mask: torch.Tensor, block_size
                                                                         float("-inf"))
     p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with nothing visible gives 0
     out = (p @ torch.cat([vd, v_bar], dim=2)).transpose(1, 2)
+    return (out, torch.logsumexp(logits, dim=-1)) if return_lse else out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Chunked prefill over a cached prefix (one sequence of a varlen batch; docs/DESIGN.md section 9)
+# --------------------------------------------------------------------------------------------------------------
+def naive_chunk_block_scores_fp64(q: torch.Tensor, kbar: torch.Tensor, block_size: int, scale: float,
+                                  k_len: int) -> torch.Tensor:
+    """Step 2 for a chunk, with plain loops in float64 (keep sizes tiny).
+
+    q (Lq, Hq, D): the chunk, its row r at absolute position P + r, P = k_len - Lq; kbar (N, Hkv, D),
+    N = ceil(k_len / Bs). Returns Score (Hq, N - I0, N) for the query blocks I0 = P // Bs .. N - 1: query i of block
+    I contributes to key block J iff it is one of the chunk's rows (P <= i < k_len) and i >= (J+1)*Bs - 1; then
+    Eq. 1-2 as in `naive_block_scores_fp64`; 0 where nobody contributes."""
+    Lq, Hq, D = q.shape
+    group = Hq // kbar.shape[1]
+    N = num_blocks(k_len, block_size)
+    P = k_len - Lq
+    I0 = P // block_size
+    qd, kd = q.double().tolist(), kbar.double().tolist()
+    out = torch.zeros(Hq, N - I0, N, dtype=torch.float64)
+    for h in range(Hq):
+        for I in range(I0, N):
+            m, S = {}, {}
+            for J in range(N):
+                s = [scale * sum(a * c for a, c in zip(qd[i - P][h], kd[J][h // group]))
+                     for i in range(max(P, I * block_size), min((I + 1) * block_size, k_len))
+                     if i >= (J + 1) * block_size - 1]
+                if s:
+                    m[J] = max(s)
+                    S[J] = sum(math.exp(x - m[J]) for x in s)
+            if not m:
+                continue
+            M_I = max(m.values())
+            total = sum(S[J] * math.exp(m[J] - M_I) for J in m)
+            for J in m:
+                out[h, I - I0, J] = S[J] * math.exp(m[J] - M_I) / (total + 1e-9)
+    return out
+
+
+def naive_chunk_attention(q, k, v, row_blocks: torch.Tensor, block_size: int, softmax_scale: float | None = None,
+                          *, mean_correction: bool = False, dtype: torch.dtype = torch.float64,
+                          return_lse: bool = False):
+    """softmax attention of a chunk over explicit per-row kept key blocks, computed entirely in `dtype`.
+
+    q (Lq, Hq, D), k/v (Lk, Hkv, D), Lq <= Lk; row r of the chunk sits at absolute position p = Lk - Lq + r
+    (bottom-right causal alignment). row_blocks (Hq, Lq, N) bool: the key blocks row r keeps (N = ceil(Lk / Bs));
+    key j is visible to row r iff j <= p and row_blocks[h, r, j // Bs]. With mean_correction, every block J < p // Bs
+    that row r does not keep adds one column: key k_bar_J, value v_bar_J (the means of its Bs keys), logit
+    scale q . k_bar_J + log Bs. Materialises (Lq, Lk + N) per head: keep sizes small. A row with nothing visible
+    gives 0 (lse -inf). Returns (Lq, Hq, D) in `dtype` [, lse (Hq, Lq)]."""
+    Lq, Hq, D = q.shape
+    Lk = k.shape[0]
+    group = Hq // k.shape[1]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    N = num_blocks(Lk, block_size)
+    qd = q.to(dtype).transpose(0, 1)  # (Hq, Lq, D)
+    kd = k.to(dtype).repeat_interleave(group, dim=1).transpose(0, 1)  # (Hq, Lk, D)
+    vd = v.to(dtype).repeat_interleave(group, dim=1).transpose(0, 1)
+    position = torch.arange(Lk - Lq, Lk).view(Lq, 1)  # p of each row
+    key_pos = torch.arange(Lk).view(1, Lk)
+    token_visible = (key_pos <= position) & row_blocks[:, :, key_pos.flatten() // block_size]  # (Hq, Lq, Lk)
+    logits = scale * qd @ kd.transpose(-1, -2)
+    values = vd
+    visible = token_visible
+    if mean_correction:
+        k_bar = torch.stack([kd[:, J * block_size : (J + 1) * block_size].mean(dim=1) for J in range(N)], dim=1)
+        v_bar = torch.stack([vd[:, J * block_size : (J + 1) * block_size].mean(dim=1) for J in range(N)], dim=1)
+        below = torch.arange(N).view(1, N) < position // block_size  # (Lq, N): J < I of the row
+        pruned = ~row_blocks & below
+        logits = torch.cat([logits, scale * qd @ k_bar.transpose(-1, -2) + math.log(block_size)], dim=-1)
+        values = torch.cat([vd, v_bar], dim=1)
+        visible = torch.cat([token_visible, pruned], dim=-1)
+    logits = logits.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with nothing visible gives 0
+    out = (p @ values).transpose(0, 1)
     return (out, torch.logsumexp(logits, dim=-1)) if return_lse else out
 
 
