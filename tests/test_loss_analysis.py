@@ -335,3 +335,14 @@ def test_quick_run_end_to_end(quick_run, tmp_path):
     assert "none is known to be flipped" in md and "Skipped: no samples CSV" in md
     cli.main(["--report-only", "--quick", "--in-dir", str(quick_run), "--out-dir", str(tmp_path)])
     assert (tmp_path / "loss_quick_summary.md").read_text() == md
+
+
+def test_the_rope_scaling_of_each_length_comes_from_the_samples_or_the_option():
+    from repro.loss_analysis.cli import rope_methods
+
+    rows = [dict(arm="full", split="test", length=L, rope=m) for L, m in ((16384, "yarn"), (32768, "yarn"))]
+    rows += [dict(arm="full", split="dev", length=16384, rope="linear"), dict(arm="fp", split="test", length=8192)]
+    assert rope_methods("auto", rows, [8192, 16384, 32768]) == {8192: "none", 16384: "yarn", 32768: "yarn"}
+    assert rope_methods("dynamic", rows, [16384]) == {16384: "dynamic"}
+    with pytest.raises(SystemExit, match="several RoPE methods"):
+        rope_methods("auto", rows + [dict(arm="full", split="test", length=16384, rope="linear")], [16384])

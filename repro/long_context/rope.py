@@ -69,11 +69,14 @@ def _rotary_owner(model):
 @contextmanager
 def scaled_rope(model, method: str, length: int):
     """Within the block, `model` applies RoPE scaled by `method` for prompts of `length` tokens; the trained
-    rotary embedding is put back afterwards. Yields the factor."""
+    rotary embedding is put back afterwards. Yields the factor. "none" leaves the model as it is."""
     owner = _rotary_owner(model)
     trained = owner.rotary_emb
     factor = rope_factor(model, length)
     config = scaled_config(model.config, method, factor)
+    if method == CONTROL:
+        yield factor
+        return
     owner.rotary_emb = type(trained)(config=config).to(trained.inv_freq.device)
     try:
         yield factor

@@ -6,6 +6,8 @@ Full margin of the prompts that flip, and whether the needle's key block is kept
     python -m repro.loss_analysis --samples repro/results/powered/powered_samples.csv.gz --device cuda \\
         --time-budget 200                        # H200: 24 prompts at the CSV's two longest lengths, 30 layers,
                                                  # 6 alphas (~2-3 min)
+    python -m repro.loss_analysis --samples repro/results/long_context/long_context_samples.csv.gz \
+        --device cuda                            # the same at 16K / 32K, with the RoPE scaling that run chose
     python -m repro.loss_analysis --report-only --in-dir DIR   # redraw the summary and the figure from DIR's CSVs
 
 Per prompt: one Full forward (sdpa) captures every layer's q/k/v (repro.capture) with the hidden states and the
@@ -35,6 +37,7 @@ from block_selectors import FULL, Setting
 
 from ..common import (RESULTS_DIR, environment_stamp, fill_defaults, read_long_csv, read_run_json, run_dir,
                       torch_threads, write_long_csv, write_run_json)
+from ..long_context.rope import CONTROL, ROPE_METHODS, scaled_rope
 from ..powered.arms import DEFAULT_ALPHA
 from .prompts import FLIP_ARM
 
@@ -61,6 +64,10 @@ def parse_args(argv=None):
                    help="prompt lengths (default: the CSV's two longest; without a CSV 4096 8192; --quick 2048)")
     p.add_argument("--layers", type=int, nargs="+", default=None,
                    help="layers of the operator level (default: all; --quick 0 15 29); in-model covers all")
+    p.add_argument("--rope", choices=["auto", CONTROL, *ROPE_METHODS], default="auto",
+                   help="RoPE scaling of every forward (repro/long_context/rope.py); auto: the method the samples "
+                        "CSV's test rows ran with per length (its rope column, as repro.long_context writes it), "
+                        "else none")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds from the start after which no new prompt starts")
     p.add_argument("--out-dir", type=Path, default=None)
@@ -114,6 +121,21 @@ def choose(args, tokenizer):
     if not cands:
         raise SystemExit(f"error: {args.samples} has no test needle prompt at {lengths} that Full answers right")
     return used_sample_rows(rows, "test", "needle", lengths), regenerated(tokenizer, cands), lengths, note
+
+
+def rope_methods(option: str, sample_rows, lengths) -> dict[int, str]:
+    """length -> the RoPE scaling every forward of its prompts runs with: --rope, or with "auto" the method the
+    samples' Full test rows ran with at that length (none where they have no rope column)."""
+    if option != "auto":
+        return {L: option for L in lengths}
+    methods: dict[int, set] = {L: set() for L in lengths}
+    for r in sample_rows:
+        if r["arm"] == "full" and r["split"] == "test" and r.get("rope") and int(r["length"]) in methods:
+            methods[int(r["length"])].add(r["rope"])
+    for L, found in methods.items():
+        if len(found) > 1:
+            raise SystemExit(f"error: the samples' Full test rows at {L} tokens ran with several RoPE methods {found}")
+    return {L: found.pop() if found else CONTROL for L, found in methods.items()}
 
 
 def analyse_prompt(model, tokenizer, switch, impl, prompt, args, device) -> tuple[dict[str, list[dict]], dict]:
@@ -200,7 +222,8 @@ def main(argv=None) -> int:
                 impl=impl.__name__, alphas=args.alphas, default_alpha=DEFAULT_ALPHA, lengths=lengths,
                 layers=args.layers or "all", samples=args.samples or "", choice=choice, skipped=[],
                 note=args.note or "", load_seconds=round(time.time() - start, 1))
-    print(f"{len(chosen)} prompts: {choice}", flush=True)
+    info["rope"] = {str(L): m for L, m in rope_methods(args.rope, sample_rows, lengths).items()}
+    print(f"{len(chosen)} prompts: {choice}; RoPE scaling per length: {info['rope']}", flush=True)
     stamp = environment_stamp(device)
     if sample_rows:
         write_long_csv(out["samples_used.csv"], sample_rows)  # rows keep the powered run's own stamp
@@ -213,7 +236,9 @@ def main(argv=None) -> int:
             info["skipped"].append(f"{len(chosen) - n} of {len(chosen)} prompts not analysed (time budget "
                                    f"{args.time_budget:.0f} s)")
             break
-        new, seconds = analyse_prompt(model, tokenizer, switch, impl, prompt, args, device)
+        L = prompt.sample.length
+        with scaled_rope(model, info["rope"][str(L)], L):
+            new, seconds = analyse_prompt(model, tokenizer, switch, impl, prompt, args, device)
         for t in TABLES:
             tables[t] += new[t]
             write_long_csv(out[f"{t}.csv"], tables[t], stamp)

@@ -58,6 +58,10 @@ def header_section(tables, info) -> list[str]:
               f"level {phases.get('operator', '?')} s, in-model {phases.get('in_model', '?')} s).", "",
               f"Prompts: {info.get('choice', '?')}. Samples CSV: `{info.get('samples') or 'none'}`. Layers of the "
               f"operator level: {info.get('layers', 'all')}.", ""]
+    scaled = {L: m for L, m in info.get("rope", {}).items() if m != "none"}
+    if scaled:
+        lines += ["RoPE scaling (repro/long_context/rope.py), every forward: " + ", ".join(
+            f"{length_label(int(L))} {m}" for L, m in sorted(scaled.items(), key=lambda x: int(x[0]))) + ".", ""]
     table = [[f"{p['task']} {length_label(p['length'])} s{p['seed']}", p["group"], p["depth"],
               f"[{p['needle_start']}, {p['needle_end']}) / {p['needle_blocks']}", p["question_start"],
               p["csv_full_score"] or "-", p["csv_fp_score"] or "-", fmt(p["full_margin_answer_min"]),
