@@ -43,26 +43,44 @@ def block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int = 128,
     """
     check_block_size(block_size)
     check_kbar(q, kbar, block_size)
+    return chunk_block_scores(q, kbar, block_size, resolve_scale(softmax_scale, q.shape[3]), first_row=0)
+
+
+def chunk_block_scores(q: torch.Tensor, kbar: torch.Tensor, block_size: int, softmax_scale: float,
+                       first_row: int = 0) -> torch.Tensor:
+    """Stage 2 for queries q (B, L, Hq, D) of which only rows first_row .. L - 1 are real: `block_scores` with
+    first_row = 0, and, for a chunk of a prompt prefilled over a cached prefix (reference/varlen.py), the chunk laid
+    at its absolute rows after first_row rows of earlier chunks, which contribute nowhere:
+
+        C_IJ = { i in I : first_row <= i < L and i >= (J + 1) Bs - 1 }
+
+    Query blocks with no contributing row (every I < first_row // Bs) score all 0, and a partial first query block
+    is scored from the rows it has. Inputs are not checked (block_scores checks them; varlen.py has its own checks).
+
+    Returns:
+        Score (B, Hq, M, N) float32 (float64 for float64 q), M = N = ceil(L / Bs).
+    """
     B, L, Hq, D = q.shape
     Hkv = kbar.shape[2]
     M = N = num_blocks(L, block_size)
-    scale = resolve_scale(softmax_scale, D)
     dtype = compute_dtype(q)
 
     q_blocks = split_blocks(q, block_size)  # (B, Hq, M, Bs, D)
     kbar_per_q_head = kbar.to(dtype).repeat_interleave(Hq // Hkv, dim=2).permute(0, 2, 1, 3)  # (B, Hq, N, D)
     query_pos = torch.arange(M * block_size, device=q.device).view(M, block_size, 1)
     J = torch.arange(N, device=q.device)
-    # Query i contributes to key block J iff it sees the whole block; padding queries contribute nowhere.
-    contributes = (query_pos >= (J + 1) * block_size - 1) & (query_pos < L)  # (M, Bs, N)
+    # Query i contributes to key block J iff it sees the whole block; padding queries and the rows of earlier chunks
+    # (before first_row) contribute nowhere.
+    contributes = ((query_pos >= (J + 1) * block_size - 1) & (query_pos < L)
+                   & (query_pos >= first_row))  # (M, Bs, N)
     above_diagonal = J.view(1, N) > torch.arange(M, device=q.device).view(M, 1)  # (M, N)
 
-    scores = torch.empty(B, Hq, M, N, dtype=dtype, device=q.device)
+    scores = torch.zeros(B, Hq, M, N, dtype=dtype, device=q.device)
     chunk = max(1, _CHUNK_ELEMENTS // (B * Hq * block_size * N))
-    for I0 in range(0, M, chunk):
+    for I0 in range(first_row // block_size, M, chunk):
         I1 = min(M, I0 + chunk)
         # 1. s_iJ = scale * q_i . kbar_J for the queries of blocks I0..I1-1: (B, Hq, c, Bs, N)
-        s = scale * torch.einsum("bhcrd,bhnd->bhcrn", q_blocks[:, :, I0:I1], kbar_per_q_head)
+        s = softmax_scale * torch.einsum("bhcrd,bhnd->bhcrn", q_blocks[:, :, I0:I1], kbar_per_q_head)
         s = s.masked_fill(~contributes[I0:I1], float("-inf"))
         # 2. Block max m_IJ and block sum S_IJ over the contributing queries (Eq. 1). Where nobody contributes,
         #    m = -inf is shifted by 0 instead (S = 0, not NaN); NaN and +inf propagate as in a softmax.

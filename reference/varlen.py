@@ -51,8 +51,8 @@ from typing import Sequence
 import torch
 
 from .attention import block_sparse_attention
-from .pooling import compute_dtype, mean_pool_keys, split_blocks
-from .scoring import SCORE_EPS, _CHUNK_ELEMENTS, _no_key_to_zero
+from .pooling import compute_dtype, mean_pool_keys
+from .scoring import chunk_block_scores
 from .selection import compact_blocks, select_blocks
 from .validation import (ATTENTION_DTYPES, check_flag, check_same_device, check_selection_params, check_tensor,
                          num_blocks, resolve_scale)
@@ -180,54 +180,6 @@ def pool_keys_after_cache(k_seq: torch.Tensor, cache: torch.Tensor | None, block
     if n == 0:
         return pooled
     return torch.cat([cache.unsqueeze(0), pooled], dim=1)
-
-
-def chunk_block_scores(q_abs: torch.Tensor, kbar: torch.Tensor, block_size: int, softmax_scale: float,
-                       first_row: int) -> torch.Tensor:
-    """Stage 2 (Eq. 1-2) for a chunk whose rows are first_row .. L - 1 of q_abs (1, L, Hq, D).
-
-    `block_scores` assumes that the queries are the whole sequence; here the rows before first_row belong to
-    earlier chunks, so they must not contribute. The contributing set of (I, J) becomes
-
-        C_IJ = { i in I : first_row <= i < L and i >= (J + 1) Bs - 1 }
-
-    and everything else is block_scores' arithmetic: rows with no contributing query (every I < first_row // Bs)
-    score all 0, and a partial first query block is scored from the rows the chunk has. With first_row = 0 this is
-    `block_scores(q_abs, kbar, ...)`, number for number.
-
-    Args:
-        q_abs: (1, L, Hq, D), the chunk at its absolute rows; kbar: (1, N, Hkv, D), N = ceil(L / Bs).
-    Returns:
-        Score (1, Hq, N, N) float32 (float64 for float64 q).
-    """
-    B, L, Hq, D = q_abs.shape
-    Hkv = kbar.shape[2]
-    M = N = num_blocks(L, block_size)
-    I0 = first_row // block_size
-    dtype = compute_dtype(q_abs)
-
-    q_blocks = split_blocks(q_abs, block_size)  # (1, Hq, M, Bs, D)
-    kbar_per_q_head = kbar.to(dtype).repeat_interleave(Hq // Hkv, dim=2).permute(0, 2, 1, 3)  # (1, Hq, N, D)
-    query_pos = torch.arange(M * block_size, device=q_abs.device).view(M, block_size, 1)
-    J = torch.arange(N, device=q_abs.device)
-    # The one change from block_scores: "first_row <=" (the rows of earlier chunks contribute nowhere).
-    contributes = (query_pos >= (J + 1) * block_size - 1) & (query_pos < L) & (query_pos >= first_row)  # (M, Bs, N)
-    above_diagonal = J.view(1, N) > torch.arange(M, device=q_abs.device).view(M, 1)  # (M, N)
-
-    scores = torch.zeros(B, Hq, M, N, dtype=dtype, device=q_abs.device)
-    chunk = max(1, _CHUNK_ELEMENTS // (B * Hq * block_size * N))
-    for c0 in range(I0, M, chunk):
-        c1 = min(M, c0 + chunk)
-        # As block_scores: logits, block max and block sum (Eq. 1), reweighting and normalisation (Eq. 2).
-        s = softmax_scale * torch.einsum("bhcrd,bhnd->bhcrn", q_blocks[:, :, c0:c1], kbar_per_q_head)
-        s = s.masked_fill(~contributes[c0:c1], float("-inf"))
-        m = s.amax(dim=3)  # (1, Hq, c, N)
-        S = torch.exp(s - _no_key_to_zero(m).unsqueeze(3)).sum(dim=3)
-        M_I = m.amax(dim=-1, keepdim=True)
-        weighted = S * torch.exp(m - _no_key_to_zero(M_I))
-        Score = weighted / (weighted.sum(dim=-1, keepdim=True) + SCORE_EPS)
-        scores[:, :, c0:c1] = Score.masked_fill(above_diagonal[c0:c1], 0.0)
-    return scores
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -56,10 +56,12 @@ def naive_mean_pool_fp64(k: torch.Tensor, block_size: int) -> torch.Tensor:
     )
 
 
-def naive_block_scores_fp64(q: torch.Tensor, kbar: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+def naive_block_scores_fp64(q: torch.Tensor, kbar: torch.Tensor, block_size: int, scale: float,
+                            first_row: int = 0) -> torch.Tensor:
     """Step 2 with plain Python loops and math.exp in float64 (keep sizes tiny).
 
-    Query i of block I contributes to key block J iff i >= (J+1)*Bs - 1 (and i < L).
+    Query i of block I contributes to key block J iff i >= (J+1)*Bs - 1 (and first_row <= i < L; first_row > 0: the
+    rows before it belong to earlier chunks of a prefill over a cached prefix).
     m_IJ = max s_iJ, S_IJ = sum exp(s_iJ - m_IJ), M_I = max_J m_IJ,
     Score_IJ = S_IJ exp(m_IJ - M_I) / (sum_J' S_IJ' exp(m_IJ' - M_I) + 1e-9); 0 where nobody contributes.
     """
@@ -78,7 +80,7 @@ def naive_block_scores_fp64(q: torch.Tensor, kbar: torch.Tensor, block_size: int
                 for J in range(N):
                     s = [
                         scale * sum(a * c for a, c in zip(qd[b][i][h], kd[b][J][hk]))
-                        for i in range(I * block_size, min((I + 1) * block_size, L))
+                        for i in range(max(first_row, I * block_size), min((I + 1) * block_size, L))
                         if i >= (J + 1) * block_size - 1
                     ]
                     if s:
@@ -236,29 +238,9 @@ def naive_chunk_block_scores_fp64(q: torch.Tensor, kbar: torch.Tensor, block_siz
     I contributes to key block J iff it is one of the chunk's rows (P <= i < k_len) and i >= (J+1)*Bs - 1; then
     Eq. 1-2 as in `naive_block_scores_fp64`; 0 where nobody contributes."""
     Lq, Hq, D = q.shape
-    group = Hq // kbar.shape[1]
-    N = num_blocks(k_len, block_size)
     P = k_len - Lq
-    I0 = P // block_size
-    qd, kd = q.double().tolist(), kbar.double().tolist()
-    out = torch.zeros(Hq, N - I0, N, dtype=torch.float64)
-    for h in range(Hq):
-        for I in range(I0, N):
-            m, S = {}, {}
-            for J in range(N):
-                s = [scale * sum(a * c for a, c in zip(qd[i - P][h], kd[J][h // group]))
-                     for i in range(max(P, I * block_size), min((I + 1) * block_size, k_len))
-                     if i >= (J + 1) * block_size - 1]
-                if s:
-                    m[J] = max(s)
-                    S[J] = sum(math.exp(x - m[J]) for x in s)
-            if not m:
-                continue
-            M_I = max(m.values())
-            total = sum(S[J] * math.exp(m[J] - M_I) for J in m)
-            for J in m:
-                out[h, I - I0, J] = S[J] * math.exp(m[J] - M_I) / (total + 1e-9)
-    return out
+    q_abs = torch.cat([torch.zeros(P, Hq, D, dtype=q.dtype), q.cpu()])[None]  # the chunk at its absolute rows
+    return naive_block_scores_fp64(q_abs, kbar.cpu()[None], block_size, scale, first_row=P)[0, :, P // block_size:]
 
 
 def naive_chunk_attention(q, k, v, row_blocks: torch.Tensor, block_size: int, softmax_scale: float | None = None,
