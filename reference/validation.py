@@ -37,25 +37,36 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"tensors must be on the same device, got {listing}")
 
 
-def check_qkv(q, k, v, *, dtypes=ATTENTION_DTYPES, head_dims=None) -> tuple[int, int, int, int, int]:
-    """Validate q (B, L, Hq, D), k and v (B, L, Hkv, D); return (B, L, Hq, Hkv, D)."""
+def check_qkv_tensors(q, k, v, *, ndim: int, kv_layout: str, dtypes=ATTENTION_DTYPES) -> None:
+    """q, k, v: tensors of `ndim` dims and one allowed dtype, on one device, k and v of one shape (kv_layout names
+    it in the message). The checks every layout shares (check_qkv; reference/varlen.py's packed layout)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, x, ndim=4, dtypes=dtypes)
+        check_tensor(name, x, ndim=ndim, dtypes=dtypes)
     check_same_device(q=q, k=k, v=v)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, L, Hkv, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"k and v must have the same shape {kv_layout}, got {tuple(k.shape)} and {tuple(v.shape)}")
+
+
+def check_heads(Hq: int, Hkv: int, D: int, Dk: int) -> None:
+    """One head dim for q and k, and query heads in whole GQA groups of the kv heads."""
+    if Dk != D:
+        raise ValueError(f"q and k must have the same head dim, got {D} and {Dk}")
+    if Hq % Hkv != 0:
+        raise ValueError(f"the number of query heads ({Hq}) must be divisible by the number of kv heads ({Hkv})")
+
+
+def check_qkv(q, k, v, *, dtypes=ATTENTION_DTYPES, head_dims=None) -> tuple[int, int, int, int, int]:
+    """Validate q (B, L, Hq, D), k and v (B, L, Hkv, D); return (B, L, Hq, Hkv, D)."""
+    check_qkv_tensors(q, k, v, ndim=4, kv_layout="(B, L, Hkv, D)", dtypes=dtypes)
     B, L, Hq, D = q.shape
     Bk, Lk, Hkv, Dk = k.shape
     if Bk != B:
         raise ValueError(f"q and k must have the same batch size, got {B} and {Bk}")
     if Lk != L:
         raise ValueError(f"q and k must have the same sequence length (prefill), got {L} and {Lk}")
-    if Dk != D:
-        raise ValueError(f"q and k must have the same head dim, got {D} and {Dk}")
-    if Hq % Hkv != 0:
-        raise ValueError(f"the number of query heads ({Hq}) must be divisible by the number of kv heads ({Hkv})")
+    check_heads(Hq, Hkv, D, Dk)
     if head_dims is not None and D not in head_dims:
         raise ValueError(f"head dim {D} is not supported; expected one of {sorted(head_dims)}")
     return B, L, Hq, Hkv, D

@@ -50,12 +50,12 @@ from typing import Sequence
 
 import torch
 
-from .attention import block_sparse_attention
+from .attention import attention_outputs, block_sparse_attention
 from .pooling import compute_dtype, mean_pool_keys
 from .scoring import chunk_block_scores
 from .selection import compact_blocks, select_blocks
-from .validation import (ATTENTION_DTYPES, check_flag, check_same_device, check_selection_params, check_tensor,
-                         num_blocks, resolve_scale)
+from .validation import (check_flag, check_heads, check_qkv_tensors, check_same_device, check_selection_params,
+                         check_tensor, num_blocks, resolve_scale)
 
 
 @dataclass
@@ -162,13 +162,9 @@ def flash_prefill_varlen(
         kept = kept + seq_counts.sum(dtype=torch.float64)
         causal += q.shape[1] * (N * (N + 1) - I0 * (I0 + 1)) // 2  # Hq * sum of (I + 1) over I = I0 .. N - 1
 
-    result = [torch.cat(outs, dim=0)]  # (total_q, Hq, D) in q.dtype
-    if return_lse:
-        result.append(torch.cat(lses, dim=1))  # (Hq, total_q)
-    if return_stats:
-        density = kept.div(causal).float()
-        result.append(VarlenStats(first_blocks, counts, indices, density, kbars))
-    return result[0] if len(result) == 1 else tuple(result)
+    stats = VarlenStats(first_blocks, counts, indices, kept.div(causal).float(), kbars) if return_stats else None
+    return attention_outputs(torch.cat(outs, dim=0),  # (total_q, Hq, D) in q.dtype
+                             torch.cat(lses, dim=1) if return_lse else None, stats)  # lse (Hq, total_q)
 
 
 def pool_keys_after_cache(k_seq: torch.Tensor, cache: torch.Tensor | None, block_size: int) -> torch.Tensor:
@@ -217,19 +213,8 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 def check_varlen_qkv(q, k, v) -> None:
     """q (total_q, Hq, D), k and v (total_k, Hkv, D): one dtype, one device, one head dim, Hkv dividing Hq."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, x, ndim=3, dtypes=ATTENTION_DTYPES)
-    check_same_device(q=q, k=k, v=v)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (total_k, Hkv, D), got {tuple(k.shape)} and "
-                         f"{tuple(v.shape)}")
-    if k.shape[2] != q.shape[2]:
-        raise ValueError(f"q and k must have the same head dim, got {q.shape[2]} and {k.shape[2]}")
-    if q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"the number of query heads ({q.shape[1]}) must be divisible by the number of kv heads "
-                         f"({k.shape[1]})")
+    check_qkv_tensors(q, k, v, ndim=3, kv_layout="(total_k, Hkv, D)")
+    check_heads(q.shape[1], k.shape[1], q.shape[2], k.shape[2])
 
 
 def check_cu_seqlens(name: str, cu, q, total_name: str, total: int | None = None) -> tuple[list[int], list[int]]:
