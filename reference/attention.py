@@ -90,7 +90,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         p = torch.softmax(s, dim=-1)
         out[:, i0:i1] = torch.einsum("bhij,bjhd->bihd", p, v_per_q_head[:, :keys]).to(q.dtype)
         lse[:, :, i0:i1] = torch.logsumexp(s, dim=-1)  # the masked keys' -inf add nothing
-    return (out, lse) if return_lse else out
+    return attention_outputs(out, lse if return_lse else None)
 
 
 class _OnlineSoftmax:
@@ -271,7 +271,7 @@ def block_sparse_attention(
             blocks.fold_pruned_means(state, I, kept[:, :, I], scale)
         results.append(state.result())
         lses.append(state.lse())
-    return _outputs(blocks.output(results, q.dtype), blocks.lse(lses) if return_lse else None,
+    return attention_outputs(blocks.output(results, q.dtype), blocks.lse(lses) if return_lse else None,
                     visits if return_visits else None)
 
 
@@ -324,15 +324,15 @@ def block_sparse_attention_logical(
             blocks.fold_pruned_means(state, I, mask[:, :, I], scale)
         results.append(state.result())
         lses.append(state.lse())
-    return _outputs(blocks.output(results, q.dtype), blocks.lse(lses) if return_lse else None,
+    return attention_outputs(blocks.output(results, q.dtype), blocks.lse(lses) if return_lse else None,
                     visits if return_visits else None)
 
 
-def _outputs(out: torch.Tensor, lse: torch.Tensor | None, visits: torch.Tensor | None):
-    """The return convention of every attention entry point: out, then lse, then visits, each only when asked; out
-    alone is returned bare."""
-    extra = tuple(x for x in (lse, visits) if x is not None)
-    return (out, *extra) if extra else out
+def attention_outputs(out: torch.Tensor, *extras):
+    """The return convention of every attention entry point (both packages): out, then each extra in order (lse,
+    then visits or stats), each only when asked (None: not asked); out alone is returned bare."""
+    extras = tuple(x for x in extras if x is not None)
+    return (out, *extras) if extras else out
 
 
 def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import block_sparse_attention
+from .attention import attention_outputs, block_sparse_attention
 from .pooling import mean_pool_keys
 from .scoring import block_scores
 from .selection import causal_block_density, compact_blocks, select_blocks
@@ -79,10 +79,9 @@ def flash_prefill(
     scores = block_scores(q, kbar, block_size, scale)  # 2. block scores (Eq. 1-2)
     mask = select_blocks(scores, alpha, sink_blocks, window_blocks, last_dense_blocks)  # 3. threshold (Eq. 3)
     counts, indices = compact_blocks(mask)  # 4. compacted block lists
-    result = block_sparse_attention(q, k, v, counts, indices, block_size, scale,  # 5. physical skip
-                                    mean_correction=mean_correction, key_means=kbar if mean_correction else None,
-                                    return_lse=return_lse)  # out, or (out, lse)
-    if not return_stats:
-        return result
-    stats = FlashPrefillStats(counts, indices, causal_block_density(counts))
-    return (*result, stats) if return_lse else (result, stats)
+    out = block_sparse_attention(q, k, v, counts, indices, block_size, scale,  # 5. physical skip
+                                 mean_correction=mean_correction, key_means=kbar if mean_correction else None,
+                                 return_lse=return_lse)
+    out, lse = out if return_lse else (out, None)
+    stats = FlashPrefillStats(counts, indices, causal_block_density(counts)) if return_stats else None
+    return attention_outputs(out, lse, stats)

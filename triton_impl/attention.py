@@ -51,7 +51,7 @@ import triton.language as tl
 from reference.validation import (BAD_COUNTS, BAD_INDEX, NOT_ASCENDING, check_block_layout, check_flag, num_blocks,
                                   resolve_scale)
 
-from reference.attention import check_mean_correction
+from reference.attention import attention_outputs, check_mean_correction
 
 from .common import (LOG2E, check_inference_only, check_kernel_block_size, check_kernel_device, check_kernel_qkv,
                      dot_precision, needs_wide_offsets, new_output, num_warps_for, widen)
@@ -423,8 +423,7 @@ def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=N
         MEAN_DESCRIPTORS=mean_descriptors, STORE_LSE=return_lse,
         num_warps=config["num_warps"] or num_warps_for(BLOCK_M, D), num_stages=config["num_stages"],
     )
-    extra = ((lse,) if return_lse else ()) + ((visits,) if return_visits else ())  # out, then lse, then visits
-    return (out, *extra) if extra else out
+    return attention_outputs(out, lse if return_lse else None, visits if return_visits else None)
 
 
 # What a bad list is, by the bit the check kernel sets (the rules of reference.validation.check_block_lists).

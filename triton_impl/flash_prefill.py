@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from reference.attention import attention_outputs
 from reference.flash_prefill import FlashPrefillStats, check_flash_prefill_args
 from reference.selection import causal_block_density
 from reference.validation import check_count, num_blocks
@@ -104,7 +105,5 @@ def flash_prefill(
         if all_indices is not None:
             all_indices[:, :, rows[0]:rows[1]] = indices
         del indices  # before the next chunk allocates its own
-    outputs = (out, lse) if return_lse else (out,)
-    if return_stats:
-        outputs += (FlashPrefillStats(counts, all_indices, causal_block_density(counts)),)
-    return outputs if len(outputs) > 1 else out
+    stats = FlashPrefillStats(counts, all_indices, causal_block_density(counts)) if return_stats else None
+    return attention_outputs(out, lse, stats)
