@@ -146,8 +146,9 @@ def test_a_batch_past_the_trained_context_runs_sparse_with_the_rope_recorded(tmp
     switch = AttentionSwitch(model, cpu_threads=1)
     layers = []
     with torch.inference_mode():
-        full = answer(model, tok, switch, ARMS["full"], batches, "yarn", layers)
-        sparse = answer(model, tok, switch, ARMS["fp_a0.3"], batches, "yarn", layers)
+        methods = {2 * TRAINED + 256: "yarn"}
+        full = answer(model, tok, switch, ARMS["full"], batches, methods, layers)
+        sparse = answer(model, tok, switch, ARMS["fp_a0.3"], batches, methods, layers)
     assert model.model.rotary_emb is trained
     assert [r["rope"] for r in full + sparse] == ["yarn"] * 4
     assert {r["rope_factor"] for r in sparse} == {3.0}

@@ -20,12 +20,11 @@ def _lengths(rows) -> list[int]:
 
 
 def header_section(rows, info) -> list[str]:
-    counts = {}
+    prompts = {}  # (split, length) -> the prompts Full answered (on dev once per RoPE method)
     for r in rows:
         if r["arm"] == "full":
-            key = (r["split"], int(r["length"]))
-            counts[key] = counts.get(key, 0) + 1
-    dev = {k: v // (1 + len(ROPE_METHODS)) for k, v in counts.items() if k[0] == "dev"}  # one row per method
+            prompts.setdefault((r["split"], int(r["length"])), set()).add((r["family"], r["task"], r["seed"]))
+    counts = {key: len(v) for key, v in prompts.items()}
     lines = ["# Longer real contexts: SmolLM2-135M at 16K-32K with RoPE scaling", "",
              f"Model: {info.get('model', '?')} (trained context 8K), bf16 where on a GPU, greedy decoding, the powered "
              "evaluation's task families and seeds (repro/powered) at lengths past the trained context. RoPE scaling "
@@ -35,7 +34,7 @@ def header_section(rows, info) -> list[str]:
              "the same prompts (differences in points, 95% paired-bootstrap interval, McNemar).", "",
              stamp_line(stamp_of(rows[0])), "", "Commands: " + "; ".join(f"`{c}`" for c in info.get("commands", [])),
              f"Wall time: {info.get('wall_seconds', '?')} s.", "",
-             "Prompts per length: " + "; ".join(f"{length_label(L)}: dev {dev.get(('dev', L), 0)} (per method), "
+             "Prompts per length: " + "; ".join(f"{length_label(L)}: dev {counts.get(('dev', L), 0)} (per method), "
                                                 f"test {counts.get(('test', L), 0)}" for L in _lengths(rows)) + "."]
     if info.get("note"):
         lines += ["", f"Note: {info['note']}"]

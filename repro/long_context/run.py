@@ -79,12 +79,13 @@ def _powered_rows():
     return read_long_csv(POWERED) if POWERED.exists() else []
 
 
-def answer(model, tokenizer, switch, arm, batches, method: str, layers: list[dict]) -> list[dict]:
-    """Rows of `arm` on `batches` (one length per call of scaled_rope), with the RoPE method, its factor and the
-    per-layer densities of every batch (into `layers`)."""
+def answer(model, tokenizer, switch, arm, batches, methods: dict[int, str], layers: list[dict]) -> list[dict]:
+    """Rows of `arm` on `batches`, each length with its RoPE method `methods[length]` (one scaled_rope per length),
+    with the method, its factor and the per-layer densities of every batch (into `layers`)."""
     rows = []
     for L in sorted({b.ids.shape[1] for b in batches}):
         same = [b for b in batches if b.ids.shape[1] == L]
+        method = methods[L]
         with scaled_rope(model, method, L) as factor:
             def on_batch(batch, recorder):
                 if recorder is not None:
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
         dev = [b for b in batches if b.prompts[0].split == "dev"]
         for method in (CONTROL, *ROPE_METHODS):  # 1. dev: Full with every method
             t0 = time.time()
-            rows += answer(model, tokenizer, switch, ARMS["full"], dev, method, layers)
+            rows += answer(model, tokenizer, switch, ARMS["full"], dev, dict.fromkeys(args.lengths, method), layers)
             print(f"dev, Full with RoPE {method}: {time.time() - t0:.0f} s", flush=True)
         chosen = choose_methods(rows, args.lengths)
         info["chosen"] = {str(L): m for L, m in chosen.items()}
@@ -153,9 +154,7 @@ def main(argv=None) -> int:
                                        f"{args.time_budget:.0f} s)")
                 break
             t0 = time.time()
-            for L in args.lengths:
-                rows += answer(model, tokenizer, switch, arm, [b for b in test if b.ids.shape[1] == L],
-                               chosen[L], layers)
+            rows += answer(model, tokenizer, switch, arm, test, chosen, layers)
             print(f"test, {arm.name}: {time.time() - t0:.0f} s", flush=True)
             save()
     save()
