@@ -50,7 +50,7 @@ def params(cases, gpu_cases=()):
         pytest.param(c, id=case_id(c), marks=pytest.mark.gpu) for c in gpu_cases]
 
 
-def lists_with_empty_rows(B, Hq, M, seed, device=DEVICE):
+def lists_with_empty_rows(B, Hq, M, seed, device):
     """A random causal block mask whose head 0 lists nothing in query block 0 (an empty row: lse -inf, out 0)
     and whose head 1 keeps no diagonal block (rows that see only earlier blocks)."""
     mask = random_block_mask(B, Hq, M, keep=0.4, seed=seed, device=device)
@@ -82,7 +82,7 @@ def test_reference_lse_matches_fp64_oracle(case, dtype):
     assert lse.shape == (B, Hq, L) and lse.dtype == lse_dtype and lse.is_contiguous()
     assert_lse_close(lse, naive_attention(q, k, v, return_lse=True)[1], atol)
 
-    mask = lists_with_empty_rows(B, Hq, M, seed=2)
+    mask = lists_with_empty_rows(B, Hq, M, seed=2, device=q.device)
     counts, indices = reference.compact_blocks(mask)
     out64, lse64 = naive_attention(q, k, v, mask, bs, return_lse=True)
     physical, lse_p = reference.block_sparse_attention(q, k, v, counts, indices, bs, return_lse=True)
@@ -129,7 +129,7 @@ def kernel_lse_atol(dtype, mean_correction):
 def test_triton_lse_matches_the_reference(case, dtype, mean_correction):
     B, L, Hq, Hkv, D, bs = case
     q, k, v = random_qkv(B, L, Hq, Hkv, D, dtype, seed=4, device=DEVICE)
-    mask = lists_with_empty_rows(B, Hq, num_blocks(L, bs), seed=5)
+    mask = lists_with_empty_rows(B, Hq, num_blocks(L, bs), seed=5, device=DEVICE)
     counts, indices = reference.compact_blocks(mask)
     kw = dict(mean_correction=mean_correction, return_lse=True)
     expected_out, expected = reference.block_sparse_attention(q, k, v, counts, indices, bs, **kw)
@@ -159,7 +159,7 @@ def test_triton_lse_with_wide_offsets_and_tma(monkeypatch):
 
     B, L, Hq, Hkv, D, bs = KERNEL_CASES[0]
     q, k, v = random_qkv(B, L, Hq, Hkv, D, DTYPES[-1], seed=6, device=DEVICE)
-    counts, indices = reference.compact_blocks(lists_with_empty_rows(B, Hq, num_blocks(L, bs), seed=7))
+    counts, indices = reference.compact_blocks(lists_with_empty_rows(B, Hq, num_blocks(L, bs), seed=7, device=DEVICE))
     call = dict(counts=counts, indices=indices, return_lse=True)
     out, lse = launch_attention(q, k, v, bs, D ** -0.5, PHYSICAL, **call)
     tma = launch_attention(q, k, v, bs, D ** -0.5, PHYSICAL, **call,
@@ -193,7 +193,7 @@ def attend(impl, q, k, v, mask, bs):
 def test_merging_two_parts_is_one_call_reference(split):
     B, L, Hq, Hkv, D, bs = REFERENCE_CASES[0]
     q, k, v = random_qkv(B, L, Hq, Hkv, D, torch.float64, seed=8)
-    mask = lists_with_empty_rows(B, Hq, num_blocks(L, bs), seed=9)
+    mask = lists_with_empty_rows(B, Hq, num_blocks(L, bs), seed=9, device=q.device)
     part_a, part_b = splits(mask, cut=2)[split]
     assert (part_b.sum(-1) == 0).any() and (part_a.sum(-1) == 0).any()  # rows with an empty part, either side
     out, lse = reference.merge_attention_states(*attend(reference, q, k, v, part_a, bs),
@@ -212,7 +212,7 @@ def test_merging_two_parts_is_one_call_triton(dtype, split):
     attention over the union within FlashAttention's rule (two outputs rounded to q's dtype, then merged)."""
     B, L, Hq, Hkv, D, bs = KERNEL_CASES[1]
     q, k, v = random_qkv(B, L, Hq, Hkv, D, dtype, seed=10, device=DEVICE)
-    mask = lists_with_empty_rows(B, Hq, num_blocks(L, bs), seed=11)
+    mask = lists_with_empty_rows(B, Hq, num_blocks(L, bs), seed=11, device=q.device)
     part_a, part_b = splits(mask, cut=2)[split]
     out, lse = triton_impl.merge_attention_states(*attend(triton_impl, q, k, v, part_a, bs),
                                                   *attend(triton_impl, q, k, v, part_b, bs))
