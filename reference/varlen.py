@@ -183,20 +183,29 @@ def pool_keys_after_cache(k_seq: torch.Tensor, cache: torch.Tensor | None, block
 # --------------------------------------------------------------------------------------------------------------
 def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alpha, block_size,
                       sink_blocks, window_blocks, last_dense_blocks, softmax_scale, kbar_cache, is_last_chunk,
-                      mean_correction, return_lse, return_stats):
+                      mean_correction, return_lse, return_stats, read_lengths: bool = True):
     """Validate every argument of `flash_prefill_varlen`. Returns (scale, lengths, last): lengths holds
-    (q start, k start, q_len, k_len) per sequence, last one bool per sequence (is_last_chunk)."""
+    (q start, k start, q_len, k_len) per sequence, last one bool per sequence (is_last_chunk).
+
+    read_lengths=False (triton_impl's validate=False): only what the host knows without reading a device value
+    (types, shapes, dtypes, devices, max_seqlen >= 1, kbar_cache entries' shapes); lengths is then None."""
     check_varlen_qkv(q, k, v)
     for name, flag in (("mean_correction", mean_correction), ("return_lse", return_lse),
                        ("return_stats", return_stats)):
         check_flag(name, flag)
     check_selection_params(alpha, sink_blocks, window_blocks, last_dense_blocks, block_size)
     scale = resolve_scale(softmax_scale, q.shape[-1])
+    if not read_lengths:
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            check_cu_seqlens_layout(name, cu, q)
+        check_same_batch(cu_seqlens_q.shape[0] - 1, cu_seqlens_k.shape[0] - 1)
+        check_max_seqlen("max_seqlen_q", max_seqlen_q, "cu_seqlens_q", 1)
+        check_max_seqlen("max_seqlen_k", max_seqlen_k, "cu_seqlens_k", 1)
+        check_kbar_cache(kbar_cache, k, None, block_size, batch=cu_seqlens_q.shape[0] - 1)
+        return scale, None, check_is_last_chunk(is_last_chunk, cu_seqlens_q.shape[0] - 1)
     starts_q, lens_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q, "total_q")
     starts_k, lens_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q, "total_k", total=k.shape[0])
-    if len(lens_q) != len(lens_k):
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
-                         f"{len(lens_q) + 1} and {len(lens_k) + 1}")
+    check_same_batch(len(lens_q), len(lens_k))
     for b, (q_len, k_len) in enumerate(zip(lens_q, lens_k)):
         if q_len == 0:
             raise ValueError(f"cu_seqlens_q gives sequence {b} an empty chunk (q_len 0): every sequence of the batch "
@@ -206,7 +215,8 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
                              f"must hold the whole key range, the cached prefix followed by the chunk's own keys")
     check_max_seqlen("max_seqlen_q", max_seqlen_q, "cu_seqlens_q", max(lens_q))
     check_max_seqlen("max_seqlen_k", max_seqlen_k, "cu_seqlens_k", max(lens_k))
-    check_kbar_cache(kbar_cache, k, [k_len - q_len for q_len, k_len in zip(lens_q, lens_k)], block_size)
+    check_kbar_cache(kbar_cache, k, [k_len - q_len for q_len, k_len in zip(lens_q, lens_k)], block_size,
+                     batch=len(lens_q))
     last = check_is_last_chunk(is_last_chunk, len(lens_q))
     return scale, list(zip(starts_q, starts_k, lens_q, lens_k)), last
 
@@ -217,13 +227,24 @@ def check_varlen_qkv(q, k, v) -> None:
     check_heads(q.shape[1], k.shape[1], q.shape[2], k.shape[2])
 
 
-def check_cu_seqlens(name: str, cu, q, total_name: str, total: int | None = None) -> tuple[list[int], list[int]]:
-    """cu int32 (batch + 1,) with batch >= 1, on q's device, 0 first, non-decreasing, last = total (q's rows when
-    None). Returns (start, length) of every sequence. (Reads the values: one host sync.)"""
+def check_same_batch(batch_q: int, batch_k: int) -> None:
+    if batch_q != batch_k:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
+                         f"{batch_q + 1} and {batch_k + 1}")
+
+
+def check_cu_seqlens_layout(name: str, cu, q) -> None:
+    """cu int32 (batch + 1,) with batch >= 1, on q's device (nothing read from the device)."""
     check_tensor(name, cu, ndim=1, dtypes=(torch.int32,))
     check_same_device(q=q, **{name: cu})
     if cu.shape[0] < 2:
         raise ValueError(f"{name} must have length batch + 1 >= 2, got shape {tuple(cu.shape)}")
+
+
+def check_cu_seqlens(name: str, cu, q, total_name: str, total: int | None = None) -> tuple[list[int], list[int]]:
+    """`check_cu_seqlens_layout`, and: 0 first, non-decreasing, last = total (q's rows when None). Returns
+    (start, length) of every sequence. (Reads the values: one host sync.)"""
+    check_cu_seqlens_layout(name, cu, q)
     total = q.shape[0] if total is None else total
     values = cu.tolist()
     if values[0] != 0:
@@ -245,19 +266,19 @@ def check_max_seqlen(name: str, value, cu_name: str, longest: int) -> None:
         raise ValueError(f"{name} must be >= the longest sequence of {cu_name} ({longest}), got {value}")
 
 
-def check_kbar_cache(kbar_cache, k, prefixes: list[int], block_size: int) -> None:
+def check_kbar_cache(kbar_cache, k, prefixes: list[int] | None, block_size: int, batch: int) -> None:
     """None, or a list/tuple with one entry per sequence: None or (n_b, Hkv, D) in mean_pool_keys' dtype for k,
-    on k's device, n_b <= the complete blocks of the cached prefix (prefix_b // Bs)."""
+    on k's device, n_b <= the complete blocks of the cached prefix (prefix_b // Bs; unchecked without prefixes)."""
     if kbar_cache is None:
         return
     if not isinstance(kbar_cache, (list, tuple)):
         raise TypeError(f"kbar_cache must be None or a list with one entry per sequence, got "
                         f"{type(kbar_cache).__name__}")
-    if len(kbar_cache) != len(prefixes):
-        raise ValueError(f"kbar_cache must have one entry per sequence ({len(prefixes)}), got {len(kbar_cache)}")
+    if len(kbar_cache) != batch:
+        raise ValueError(f"kbar_cache must have one entry per sequence ({batch}), got {len(kbar_cache)}")
     _, Hkv, D = k.shape
     dtype = compute_dtype(k)
-    for b, (entry, prefix) in enumerate(zip(kbar_cache, prefixes)):
+    for b, entry in enumerate(kbar_cache):
         name = f"kbar_cache[{b}]"
         if entry is None:
             continue
@@ -269,7 +290,8 @@ def check_kbar_cache(kbar_cache, k, prefixes: list[int], block_size: int) -> Non
             raise TypeError(f"{name} has dtype {entry.dtype}; expected {dtype} (mean_pool_keys' dtype for keys of "
                             f"dtype {k.dtype})")
         check_same_device(k=k, **{name: entry})
-        if entry.shape[0] > prefix // block_size:
+        if prefixes is not None and entry.shape[0] > prefixes[b] // block_size:
+            prefix = prefixes[b]
             raise ValueError(f"{name} holds {entry.shape[0]} blocks, but sequence {b}'s cached prefix (k_len - q_len "
                              f"= {prefix} keys) has only {prefix // block_size} complete blocks of {block_size}")
 

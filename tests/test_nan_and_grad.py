@@ -203,6 +203,7 @@ def triton_calls(dtype=KERNEL_TEST_DTYPES[-1]):
     scores = reference.block_scores(q.float(), kbar, bs)
     mask, counts, indices = full_lists(B, Hq, 2)
     counts, indices = counts.to(DEVICE), indices.to(DEVICE)
+    cu = torch.tensor([0, L], dtype=torch.int32, device=DEVICE)
     return {
         "mean_pool_keys": (lambda k: triton_impl.mean_pool_keys(k, bs), (k,)),
         "block_scores": (lambda q, kbar: triton_impl.block_scores(q, kbar, bs), (q, kbar)),
@@ -214,6 +215,8 @@ def triton_calls(dtype=KERNEL_TEST_DTYPES[-1]):
         "block_sparse_attention_logical": (lambda q, k, v: triton_impl.block_sparse_attention_logical(q, k, v, mask,
                                                                                                       bs), (q, k, v)),
         "dense_attention": (lambda q, k, v: triton_impl.dense_attention(q, k, v), (q, k, v)),
+        "flash_prefill_varlen": (lambda q, k, v: triton_impl.flash_prefill_varlen(q[0], k[0], v[0], cu, cu, L, L,
+                                                                                  block_size=bs), (q, k, v)),
     }
 
 
@@ -239,14 +242,16 @@ def test_triton_refuses_inputs_that_require_grad(entry):
 def test_every_triton_entry_point_is_covered():
     # compact_blocks reads a bool mask (no float input to track); lists_to_mask and merge_attention_states are the
     # reference's own (the merge's NaN rules: tests/test_lse.py)
-    assert set(TRITON_ENTRY_POINTS) | {"compact_blocks", "FlashPrefillStats", "causal_block_density",
-                                       "PAPER_ALPHA", "lists_to_mask", "merge_attention_states"} == set(triton_impl.__all__)
+    others = {"compact_blocks", "FlashPrefillStats", "VarlenStats", "causal_block_density", "PAPER_ALPHA",
+              "lists_to_mask", "merge_attention_states"}
+    assert set(TRITON_ENTRY_POINTS) | others == set(triton_impl.__all__)
 
 
 # --- bfloat16 under the Triton interpreter ----------------------------------------------------------------------------
 
+# The entry points whose inputs may be bfloat16.
 BF16_ENTRY_POINTS = ["mean_pool_keys", "block_scores", "flash_prefill", "block_sparse_attention",
-                     "block_sparse_attention_logical", "dense_attention"]  # the ones whose inputs may be bfloat16
+                     "block_sparse_attention_logical", "dense_attention", "flash_prefill_varlen"]
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter runs on the CPU")

@@ -295,6 +295,13 @@ def variants(quick: bool = False, dtypes: list[str] | None = None) -> list[Varia
                     add(f"{dt} D={D} dense TMA", "dense_attention", _with_kv_descriptors, ti.dense_attention, q, k,
                         v)
                 add(label, "flash_prefill", ti.flash_prefill, q, k, v, block_size=bs)
+                # Varlen (the VARLEN mode of every kernel): two sequences, the second a chunk over a prefix.
+                cu_q = torch.tensor([0, q.shape[1] // 2, q.shape[1] // 2 + bs], dtype=torch.int32)
+                cu_k = torch.tensor([0, q.shape[1] // 2, q.shape[1]], dtype=torch.int32)
+                packed = (q[0, : cu_q[-1]], k[0], v[0], cu_q, cu_k, q.shape[1] // 2, q.shape[1] // 2)
+                add(f"{label} varlen", "flash_prefill_varlen", ti.flash_prefill_varlen, *packed, block_size=bs)
+                add(f"{label} varlen TMA +mean +lse", "flash_prefill_varlen", _with_kv_descriptors,
+                    ti.flash_prefill_varlen, *packed, block_size=bs, mean_correction=True, return_lse=True)
                 add(f"{label} +mean", "flash_prefill", ti.flash_prefill, q, k, v, block_size=bs, mean_correction=True)
                 if dt == "bf16" and D == 128 and bs == 128:  # key_means given: only V is pooled (unsplit, bf16)
                     add(f"{label} physical +mean key_means", "block_sparse_attention", ti.block_sparse_attention, q,

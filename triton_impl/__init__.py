@@ -24,6 +24,7 @@ dense attention, as in the reference (docs/DESIGN.md section 2).
 
 from reference.attention import merge_attention_states
 from reference.flash_prefill import PAPER_ALPHA, FlashPrefillStats
+from reference.varlen import VarlenStats
 from reference.selection import causal_block_density, lists_to_mask
 
 from .attention import block_sparse_attention, block_sparse_attention_logical, dense_attention
@@ -31,6 +32,7 @@ from .flash_prefill import flash_prefill
 from .pooling import mean_pool_keys
 from .scoring import block_scores
 from .selection import compact_blocks, select_and_compact, select_blocks
+from .varlen import flash_prefill_varlen
 
 __all__ = [
     "mean_pool_keys",
@@ -43,7 +45,9 @@ __all__ = [
     "dense_attention",
     "merge_attention_states",
     "flash_prefill",
+    "flash_prefill_varlen",
     "FlashPrefillStats",
+    "VarlenStats",
     "causal_block_density",
     "lists_to_mask",
     "PAPER_ALPHA",

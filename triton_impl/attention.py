@@ -53,8 +53,9 @@ from reference.validation import (BAD_COUNTS, BAD_INDEX, NOT_ASCENDING, check_bl
 
 from reference.attention import attention_outputs, check_mean_correction
 
-from .common import (LOG2E, check_inference_only, check_kernel_block_size, check_kernel_device, check_kernel_qkv,
-                     dot_precision, needs_wide_offsets, new_output, num_warps_for, widen)
+from .common import (LOG2E, VarlenLayout, check_inference_only, check_kernel_block_size, check_kernel_device,
+                     check_kernel_qkv, dot_precision, needs_wide_offsets, new_output, num_warps_for, sequence_span,
+                     widen)
 from .pooling import launch_mean_pool
 from .scoring import split_kbar
 
@@ -65,16 +66,22 @@ PHYSICAL, LOGICAL, DENSE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
-def _load_kv_tile(K, V, b, kv_col, start, stride_kl, stride_vl, L,
-                  BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, KV_DESCRIPTORS: tl.constexpr):
+def _load_kv_tile(K, V, b, kv_col, kv_row0, start, stride_kl, stride_vl, L,
+                  BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, KV_DESCRIPTORS: tl.constexpr,
+                  VARLEN: tl.constexpr):
     """Keys and values start .. start + BLOCK_N of one kv head, as (BLOCK_N, D) tiles; rows past L read as 0.
 
     KV_DESCRIPTORS: K and V are TMA tensor descriptors over (B, L, Hkv * D) and the tile is the box at
-    (b, start, kv_col): the copy engine fetches it and zero-fills rows past L. Otherwise K and V point at the
-    (b, kv head) slice and every thread computes its own addresses."""
+    (b, kv_row0 + start, kv_col): the copy engine fetches it and zero-fills rows past the tensor's end. Otherwise
+    K and V point at the (b, kv head) slice and every thread computes its own addresses. VARLEN: the descriptors
+    span the packed batch (b = 0, the sequence starting at row kv_row0), so rows past L belong to the next
+    sequence: a masked tile zeroes them (its logits there are -inf, but 0 x a non-finite value would be NaN)."""
     if KV_DESCRIPTORS:
-        k = K.load([tl.cast(b, tl.int32), tl.cast(start, tl.int32), kv_col]).reshape(BLOCK_N, D)
-        v = V.load([tl.cast(b, tl.int32), tl.cast(start, tl.int32), kv_col]).reshape(BLOCK_N, D)
+        row = tl.cast(kv_row0 + start, tl.int32)
+        k = K.load([tl.cast(b, tl.int32), row, kv_col]).reshape(BLOCK_N, D)
+        v = V.load([tl.cast(b, tl.int32), row, kv_col]).reshape(BLOCK_N, D)
+        if VARLEN and MASKED:
+            v = tl.where((start + tl.arange(0, BLOCK_N) < L)[:, None], v, 0.0)
     else:
         key_pos = start + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
@@ -89,12 +96,13 @@ def _load_kv_tile(K, V, b, kv_col, start, stride_kl, stride_vl, L,
 
 @triton.jit
 def _attend_tile(
-    acc, m_i, l_i, q, q_pos, K, V, b, kv_col, start, stride_kl, stride_vl, L, qk_scale,
+    acc, m_i, l_i, q, q_pos, K, V, b, kv_col, kv_row0, start, stride_kl, stride_vl, L, qk_scale,
     BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_DESCRIPTORS: tl.constexpr,
+    KV_DESCRIPTORS: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Fold keys start .. start + BLOCK_N into the running softmax state (acc, m_i, l_i) of the query tile."""
-    k, v = _load_kv_tile(K, V, b, kv_col, start, stride_kl, stride_vl, L, BLOCK_N, D, MASKED, KV_DESCRIPTORS)
+    k, v = _load_kv_tile(K, V, b, kv_col, kv_row0, start, stride_kl, stride_vl, L, BLOCK_N, D, MASKED,
+                         KV_DESCRIPTORS, VARLEN)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # logits before the scale
     if MASKED:
         key_pos = start + tl.arange(0, BLOCK_N)
@@ -115,15 +123,15 @@ def _attend_tile(
 
 @triton.jit
 def _attend_block(
-    acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J, stride_kl, stride_vl, L, qk_scale,
+    acc, m_i, l_i, q, q_pos, K, V, b, kv_col, kv_row0, J, stride_kl, stride_vl, L, qk_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_DESCRIPTORS: tl.constexpr,
 ):
     """Fold in a whole off-diagonal key block J (no mask needed: every key is visible and < L)."""
     for n in tl.static_range(BLOCK_SIZE // BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J * BLOCK_SIZE + n * BLOCK_N,
-                                     stride_kl, stride_vl, L, qk_scale, BLOCK_N, D, False, DOT_PRECISION,
-                                     KV_DESCRIPTORS)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, kv_row0,
+                                     J * BLOCK_SIZE + n * BLOCK_N, stride_kl, stride_vl, L, qk_scale, BLOCK_N, D,
+                                     False, DOT_PRECISION, KV_DESCRIPTORS, False)
     return acc, m_i, l_i
 
 
@@ -197,19 +205,19 @@ def _attend_means(acc, m_i, l_i, q, KBAR, VBAR, b, kv_col, c0, stride_mn, kept, 
 
 @triton.jit
 def _attention_kernel(
-    Q, K, V, OUT, COUNTS, INDICES, MASK, VISITS, KBAR, VBAR, LSE,
+    Q, K, V, OUT, COUNTS, INDICES, MASK, VISITS, KBAR, VBAR, LSE, CU_Q, CU_K,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
     stride_ob, stride_ol, stride_oh,
     stride_lb, stride_lh, stride_lm,  # INDICES (or MASK) rows; COUNTS and VISITS are contiguous (B, Hq, M)
     stride_mb, stride_mn, stride_mh,  # KBAR and VBAR (B, N, Hkv, D), one layout
-    L, M, HQ, GROUP, qk_scale, mean_bias, ROW0, CAPACITY,
+    L, M, HQ, GROUP, qk_scale, mean_bias, ROW0, CAPACITY, total_q, total_k,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, HEADS_FASTEST: tl.constexpr,
     PREFETCH_INDEX: tl.constexpr, WIDE: tl.constexpr, KV_DESCRIPTORS: tl.constexpr,
     MEAN_CORRECTION: tl.constexpr, MEAN_CHUNK: tl.constexpr, MEAN_DESCRIPTORS: tl.constexpr,
-    STORE_LSE: tl.constexpr,
+    STORE_LSE: tl.constexpr, VARLEN: tl.constexpr,
 ):
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_M
     if HEADS_FASTEST:  # consecutive programs = the heads of one query tile: a GQA group shares K/V in L2
@@ -218,21 +226,44 @@ def _attention_kernel(
     else:
         bh = tl.program_id(1)
         tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    # This launch covers query blocks ROW0, ROW0 + 1, ...; their lists are rows 0, 1, ... of INDICES (or MASK).
+    # This launch covers rows ROW0, ROW0 + 1, ... of COUNTS; their lists are rows 0, 1, ... of INDICES (or MASK).
+    # Row t is query block t, or VARLEN query block I0 + t of sequence b (VarlenLayout); positions are absolute.
     tile = widen(tile + ROW0 * TILES_PER_BLOCK, WIDE)  # 64-bit offsets when L x Hq x D passes 2^31
-    I = tile // TILES_PER_BLOCK
     b = widen(bh, WIDE) // HQ
     h = widen(bh, WIDE) % HQ
+    if VARLEN:  # sequence b: query rows P .. L - 1 at q[q_start:], keys 0 .. L - 1 at k[k_start:]
+        q_start, k_start, P, L, I0, N = sequence_span(CU_Q, CU_K, b, total_q, total_k, BLOCK_SIZE, WIDE)
+        row_t = tile // TILES_PER_BLOCK
+        I = I0 + row_t
+        tile = I * TILES_PER_BLOCK + tile % TILES_PER_BLOCK  # this sequence's absolute query tile
+        if (I >= N) | ((tile + 1) * BLOCK_M <= P):  # no such block, or a tile of rows before the chunk
+            return
+        Q = Q + (q_start - P) * stride_ql  # absolute row i is packed row q_start - P + i
+        OUT = OUT + (q_start - P) * stride_ol
+        kv_b, kv_row0 = 0, k_start  # the descriptors span the packed batch
+        k_offset, v_offset = k_start * stride_kl, k_start * stride_vl
+        lse_row = LSE + h * total_q + q_start - P  # LSE (Hq, total_q)
+    else:
+        P = 0
+        I = tile // TILES_PER_BLOCK
+        row_t = I
+        Q = Q + b * stride_qb
+        OUT = OUT + b * stride_ob
+        kv_b, kv_row0 = b, 0
+        k_offset, v_offset = b * stride_kb, b * stride_vb
+        lse_row = LSE + (b * HQ + h) * L  # LSE (B, Hq, L)
     q_pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_here = q_pos < L
+    if VARLEN:
+        rows_here = rows_here & (q_pos >= P)
     offs_d = tl.arange(0, D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + q_pos[:, None] * stride_ql + offs_d[None, :],
-                mask=(q_pos < L)[:, None], other=0.0)
+    q = tl.load(Q + h * stride_qh + q_pos[:, None] * stride_ql + offs_d[None, :], mask=rows_here[:, None], other=0.0)
     kv_col = (h // GROUP).to(tl.int32) * D  # the kv head's columns in the descriptors' (B, L, Hkv * D) view
     if not KV_DESCRIPTORS:
-        K = K + b * stride_kb + (h // GROUP) * stride_kh
-        V = V + b * stride_vb + (h // GROUP) * stride_vh
-    row = b * stride_lb + h * stride_lh + (I - ROW0) * stride_lm
-    stat = (b * HQ + h) * M + I
+        K = K + k_offset + (h // GROUP) * stride_kh
+        V = V + v_offset + (h // GROUP) * stride_vh
+    row = b * stride_lb + h * stride_lh + (row_t - ROW0) * stride_lm
+    stat = (b * HQ + h) * M + row_t
 
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], FLOAT32_LOWEST, dtype=tl.float32)  # see _attend_tile
@@ -253,33 +284,38 @@ def _attention_kernel(
             J = _listed_block(INDICES + row, 0, n_off_diagonal, I, WIDE, not KV_DESCRIPTORS)
             for t in range(0, n_off_diagonal):
                 J_next = _listed_block(INDICES + row, t + 1, n_off_diagonal, I, WIDE, not KV_DESCRIPTORS)
-                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J, stride_kl, stride_vl,
-                                              L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION, KV_DESCRIPTORS)
+                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, kv_b, kv_col, kv_row0, J, stride_kl,
+                                              stride_vl, L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION,
+                                              KV_DESCRIPTORS)
                 J = J_next
         else:
             for t in range(0, n_off_diagonal):
                 J = _listed_block(INDICES + row, t, n_off_diagonal, I, WIDE, not KV_DESCRIPTORS)
-                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J, stride_kl, stride_vl,
-                                              L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION, KV_DESCRIPTORS)
+                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, kv_b, kv_col, kv_row0, J, stride_kl,
+                                              stride_vl, L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION,
+                                              KV_DESCRIPTORS)
         visits = count
     elif MODE == LOGICAL:
         for J in range(0, I):
             if tl.load(MASK + row + J) != 0:
-                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J, stride_kl, stride_vl,
-                                              L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION, KV_DESCRIPTORS)
+                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, kv_b, kv_col, kv_row0, J, stride_kl,
+                                              stride_vl, L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION,
+                                              KV_DESCRIPTORS)
         has_diagonal = tl.load(MASK + row + I) != 0
         visits = I + 1
     else:
         for J in range(0, I):
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, J, stride_kl, stride_vl, L,
-                                          qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION, KV_DESCRIPTORS)
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, kv_b, kv_col, kv_row0, J, stride_kl,
+                                          stride_vl, L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION,
+                                          KV_DESCRIPTORS)
         has_diagonal = I >= 0
         visits = I + 1
     if has_diagonal:
         diagonal_end = tl.minimum(tile * BLOCK_M + BLOCK_M, L)  # keys past this tile's last query are invisible
         for start in range(I * BLOCK_SIZE, diagonal_end, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, start, stride_kl, stride_vl, L,
-                                         qk_scale, BLOCK_N, D, True, DOT_PRECISION, KV_DESCRIPTORS)
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, K, V, kv_b, kv_col, kv_row0, start, stride_kl,
+                                         stride_vl, L, qk_scale, BLOCK_N, D, True, DOT_PRECISION, KV_DESCRIPTORS,
+                                         VARLEN)
 
     # Mean correction: the blocks J < I that the row does not keep, as their means (module docstring). Not visits.
     # The chunks end at I (the first one starts below 0 unless MEAN_CHUNK divides I): no chunk reaches J >= I.
@@ -306,13 +342,13 @@ def _attention_kernel(
 
     saw_no_key = l_i == 0.0
     l_i = tl.where(saw_no_key, 1.0, l_i)  # rows that saw no key give 0, as in the reference
-    if STORE_LSE:  # LSE is a contiguous (B, Hq, L) float32; rows past L (a partial last tile) are not stored
+    if STORE_LSE:  # LSE is a contiguous float32; rows past L (a partial last tile) are not stored
         # The natural log of the denominator, from base-2 m_i and l_i; -inf for a row that saw no key.
         lse = tl.where(saw_no_key, float("-inf"), (m_i + tl.log2(l_i)) * LN2)
-        tl.store(LSE + (b * HQ + h) * L + q_pos, lse, mask=q_pos < L)
+        tl.store(lse_row + q_pos, lse, mask=rows_here)
     out = acc / l_i[:, None]
-    tl.store(OUT + b * stride_ob + h * stride_oh + q_pos[:, None] * stride_ol + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=(q_pos < L)[:, None])
+    tl.store(OUT + h * stride_oh + q_pos[:, None] * stride_ol + offs_d[None, :], out.to(OUT.dtype.element_ty),
+             mask=rows_here[:, None])
     if COUNT_VISITS:
         if tile % TILES_PER_BLOCK == 0:
             tl.store(VISITS + stat, visits)
@@ -353,7 +389,8 @@ def attention_means(k, v, block_size: int, scale: float, dtype: torch.dtype, key
 
 
 def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=None, mask=None,
-                     return_visits=False, config=None, rows=None, out=None, means=None, return_lse=False, lse=None):
+                     return_visits=False, config=None, rows=None, out=None, means=None, return_lse=False, lse=None,
+                     varlen: VarlenLayout | None = None):
     """The attention kernel without the input checks of the public functions (`flash_prefill`, the benchmarks and
     the tests call it directly). Launches over query blocks rows=(I0, I1) (default all M), writing into `out`
     (allocated when None). With rows, indices (or mask) hold the lists of those query blocks only, as rows
@@ -361,9 +398,20 @@ def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=N
 
     means: None, or (kbar, vbar) from `attention_means` for the same softmax scale: add the mean correction
     (PHYSICAL and LOGICAL). return_lse: also write the rows' lse into `lse`, a contiguous (B, Hq, L) float32
-    (allocated when None; with rows, only those rows are written). Returns out [, lse] [, visits]."""
-    B, L, Hq, Hkv, D = q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]
-    M = num_blocks(L, block_size)
+    (allocated when None; with rows, only those rows are written). Returns out [, lse] [, visits].
+
+    varlen (PHYSICAL only): q, out (total_q, Hq, D) and k, v (total_k, Hkv, D) are packed batches laid out as the
+    layout says; counts (batch, Hq, varlen.rows) and rows=(t0, t1) count its rows (row t of sequence b = query
+    block I0_b + t, the lists absolute block numbers), means padded (batch, key_blocks, Hkv, D), lse (Hq, total_q)."""
+    if varlen is not None:
+        assert mode == PHYSICAL and not return_visits
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # (1, total, H, D): one packed "batch"
+        out = out.unsqueeze(0) if out is not None else None
+        B, M = varlen.batch, varlen.rows
+        L, Hq, Hkv, D = q.shape[1], q.shape[2], k.shape[2], q.shape[3]
+    else:
+        B, L, Hq, Hkv, D = q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]
+        M = num_blocks(L, block_size)
     I0, I1 = rows or (0, M)
     # A key block larger than a tile (Bs = 256) is BLOCK_SIZE / BLOCK_N unrolled tiles per loop iteration, and the
     # software pipeline buffers num_stages iterations: 3 x 2 K/V tiles do not fit in shared memory (416 KiB at
@@ -378,11 +426,12 @@ def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=N
     # The kernels index the head dim with unit stride; anything else gets one copy here.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if out is None:
-        out = new_output(B, L, Hq, D, dtype=q.dtype, device=q.device)
+        out = new_output(q.shape[0], L, Hq, D, dtype=q.dtype, device=q.device)
     visits = new_output(B, Hq, M, dtype=torch.int32, device=q.device) if return_visits else out
+    lse_shape = (Hq, L) if varlen is not None else (B, Hq, L)
     if return_lse and lse is None:
-        lse = new_output(B, Hq, L, dtype=torch.float32, device=q.device)
-    assert not return_lse or (lse.is_contiguous() and lse.dtype == torch.float32 and lse.shape == (B, Hq, L))
+        lse = new_output(*lse_shape, dtype=torch.float32, device=q.device)
+    assert not return_lse or (lse.is_contiguous() and lse.dtype == torch.float32 and lse.shape == lse_shape)
     # What each row walks: its block list (PHYSICAL), its mask bits (LOGICAL), or nothing (DENSE). Pointers a mode
     # does not read are given `out` as a placeholder.
     lists = indices.contiguous() if mode == PHYSICAL else out
@@ -398,7 +447,8 @@ def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=N
     kv = (k, v)
     # Host side, a descriptor costs ~30 us a launch (encoded by the launcher): more than it saves below 8K tokens,
     # where a call is bound by the host, not the GPU (repro/NOTES.md).
-    if config["kv_descriptors"] and L >= config["kv_descriptors_min_length"]:
+    longest = varlen.key_blocks * block_size if varlen is not None else L
+    if config["kv_descriptors"] and longest >= config["kv_descriptors_min_length"]:
         descriptors = (kv_descriptor(k, BLOCK_N), kv_descriptor(v, BLOCK_N))
         kv = descriptors if None not in descriptors else kv
     mean_descriptors = means is not None and kv[0] is not k  # the means the same way as K/V (registers: NOTES.md)
@@ -406,8 +456,9 @@ def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=N
         descriptors = (kv_descriptor(kbar, config["mean_chunk"]), kv_descriptor(vbar, config["mean_chunk"]))
         mean_descriptors = None not in descriptors
         kbar, vbar = descriptors if mean_descriptors else (kbar, vbar)
+    cu_q, cu_k = (varlen.cu_q, varlen.cu_k) if varlen is not None else (out, out)
     _attention_kernel[grid](
-        q, *kv, out, counts, lists, bits, visits, kbar, vbar, lse if return_lse else out,
+        q, *kv, out, counts, lists, bits, visits, kbar, vbar, lse if return_lse else out, cu_q, cu_k,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -415,14 +466,16 @@ def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=N
         *row_strides,
         *mean_strides,
         L, M, Hq, Hq // Hkv, scale * LOG2E, math.log2(block_size), I0, lists.shape[-1] if mode == PHYSICAL else M,
+        *((varlen.total_q, varlen.total_k) if varlen is not None else (0, 0)),
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
         MODE=mode.value, DOT_PRECISION=dot_precision(q.dtype), COUNT_VISITS=return_visits,
         HEADS_FASTEST=config["heads_fastest"], PREFETCH_INDEX=config["prefetch_index"],
         WIDE=needs_wide_offsets(q, k, v, out, lists, bits, *(means or ()), *((lse,) if return_lse else ())),
         KV_DESCRIPTORS=kv[0] is not k, MEAN_CORRECTION=means is not None, MEAN_CHUNK=config["mean_chunk"],
-        MEAN_DESCRIPTORS=mean_descriptors, STORE_LSE=return_lse,
+        MEAN_DESCRIPTORS=mean_descriptors, STORE_LSE=return_lse, VARLEN=varlen is not None,
         num_warps=config["num_warps"] or num_warps_for(BLOCK_M, D), num_stages=config["num_stages"],
     )
+    out = out[0] if varlen is not None else out
     return attention_outputs(out, lse if return_lse else None, visits if return_visits else None)
 
 

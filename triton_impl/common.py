@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -134,3 +135,45 @@ def new_output(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.T
         return torch.empty(*shape, dtype=dtype, device=device)
     fill = float("nan") if dtype.is_floating_point else -1
     return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class VarlenLayout:
+    """Where the sequences of a packed varlen batch live, for the kernels (built by triton_impl/varlen.py without
+    reading any device value, so no host synchronisation):
+
+    cu_q, cu_k: int32 (batch + 1,) cumulative lengths, on the kernels' device (FlashAttention's cu_seqlens).
+    batch, total_q, total_k: the number of sequences and the rows of q and of k, v.
+    block_size: Bs, which the counts below are in.
+    rows: query-block rows per sequence, ceil(max_seqlen_q / Bs) + 1 (a chunk of q_len rows touches at most that
+        many blocks: its first one may be partial). Row t of sequence b is its query block I0_b + t.
+    key_blocks: ceil(max_seqlen_k / Bs), the key blocks of the longest sequence (the width of a list).
+    first_pooled: int32 (batch,), the key blocks whose kbar the pooling kernel leaves alone (taken from kbar_cache).
+    last_dense: int32 (batch,), last_dense_blocks for a chunk that ends the prompt, 0 for one that does not."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    batch: int
+    total_q: int
+    total_k: int
+    block_size: int
+    rows: int
+    key_blocks: int
+    first_pooled: torch.Tensor
+    last_dense: torch.Tensor
+
+
+@triton.jit
+def sequence_span(CU_Q, CU_K, b, total_q, total_k, BLOCK_SIZE: tl.constexpr, WIDE: tl.constexpr):
+    """Sequence b of a varlen batch (VarlenLayout): (q_start, k_start, P, L, I0, N). Its query rows are q[q_start:]
+    at the absolute positions P .. L - 1 of its key range k[k_start : k_start + L] (bottom-right causal:
+    P = k_len - q_len, L = k_len); they fall into its query blocks I0 = P // Bs .. N - 1, N = ceil(L / Bs).
+    The cumulative lengths are clamped into [0, total] and the chunk into the key range: malformed ones give wrong
+    rows, never a read outside q, k, v."""
+    q_start = tl.minimum(tl.maximum(tl.load(CU_Q + b), 0), total_q)
+    q_end = tl.minimum(tl.maximum(tl.load(CU_Q + b + 1), q_start), total_q)
+    k_start = tl.minimum(tl.maximum(tl.load(CU_K + b), 0), total_k)
+    k_end = tl.minimum(tl.maximum(tl.load(CU_K + b + 1), k_start), total_k)
+    L = k_end - k_start
+    P = tl.maximum(L - (q_end - q_start), 0)
+    return widen(q_start, WIDE), widen(k_start, WIDE), P, L, P // BLOCK_SIZE, tl.cdiv(L, BLOCK_SIZE)

@@ -39,11 +39,13 @@ MAX_SELECTION_BYTES = 1 << 30  # scores + indices of one chunk of query blocks
 _BYTES_PER_PAIR = 4 + 4  # float32 score + int32 list slot per (query block, key block) pair
 
 
-def query_block_chunks(B: int, Hq: int, M: int, max_selection_bytes: int) -> list[tuple[int, int]]:
-    """[(I0, I1), ...] covering query blocks 0 .. M - 1, each chunk's scores + indices within the budget (at least
-    one query block per chunk)."""
-    rows = max(1, max_selection_bytes // (B * Hq * M * _BYTES_PER_PAIR))
-    return [(i0, min(i0 + rows, M)) for i0 in range(0, M, rows)]
+def query_block_chunks(B: int, Hq: int, M: int, max_selection_bytes: int, rows: int | None = None
+                       ) -> list[tuple[int, int]]:
+    """[(I0, I1), ...] covering query blocks 0 .. rows - 1 (default M), each chunk's scores + indices over M key
+    blocks within the budget (at least one query block per chunk)."""
+    rows = M if rows is None else rows
+    step = max(1, max_selection_bytes // (B * Hq * M * _BYTES_PER_PAIR))
+    return [(i0, min(i0 + step, rows)) for i0 in range(0, rows, step)]
 
 
 def flash_prefill(

@@ -34,47 +34,54 @@ import triton.language as tl
 from reference.scoring import SCORE_EPS
 from reference.validation import check_kbar, num_blocks, resolve_scale
 
-from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_inference_only, check_kernel_dtype,
+from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, VarlenLayout, check_inference_only, check_kernel_dtype,
                      check_kernel_block_size, check_kernel_device, dot_precision, needs_wide_offsets, new_output,
-                     widen)
+                     sequence_span, widen)
 
 
 @triton.jit
-def _scores_t(q, hi_ptrs, lo_ptrs, key_blocks, row_pos, L,
+def _scores_t(q, hi_ptrs, lo_ptrs, key_blocks, row_pos, L, P,
               BLOCK_SIZE: tl.constexpr, SPLIT_KBAR: tl.constexpr, MASKED: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr):
     """(BLOCK_N, BLOCK_M) base-2 logits, transposed (pooled keys x queries) so that the reductions over the
     queries run along axis 1, inside a warp. MASKED: -inf where the query does not contribute (it does iff it
-    sees the whole key block: i >= (J + 1) Bs - 1, and i < L)."""
+    sees the whole key block: i >= (J + 1) Bs - 1, and i < L; VARLEN: and P <= i, a row of the chunk)."""
     if SPLIT_KBAR:
         s = tl.dot(tl.load(hi_ptrs), tl.trans(q)) + tl.dot(tl.load(lo_ptrs), tl.trans(q))
     else:
         s = tl.dot(tl.load(hi_ptrs), tl.trans(q), input_precision=DOT_PRECISION)
     if MASKED:
         contributes = (row_pos[None, :] >= (key_blocks[:, None] + 1) * BLOCK_SIZE - 1) & (row_pos[None, :] < L)
+        if VARLEN:
+            contributes = contributes & (row_pos[None, :] >= P)
         s = tl.where(contributes, s, float("-inf"))
     return s
 
 
 @triton.jit
-def _load_rows(q_base, row_pos, stride_ql, stride_qd, L, D: tl.constexpr):
+def _load_rows(q_base, row_pos, stride_ql, stride_qd, L, P, D: tl.constexpr, VARLEN: tl.constexpr):
+    """Query rows row_pos, 0 outside [0, L) (VARLEN: outside [P, L), the rows of the chunk)."""
     offs_d = tl.arange(0, D)
-    return tl.load(q_base + row_pos[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                   mask=(row_pos < L)[:, None], other=0.0)
+    valid = row_pos < L
+    if VARLEN:
+        valid = valid & (row_pos >= P)
+    return tl.load(q_base + row_pos[:, None] * stride_ql + offs_d[None, :] * stride_qd, mask=valid[:, None],
+                   other=0.0)
 
 
 @triton.jit
-def _fold_tile(m, S, q_base, hi_ptrs, lo_ptrs, key_blocks, I, stride_ql, stride_qd, L, q_block,
+def _fold_tile(m, S, q_base, hi_ptrs, lo_ptrs, key_blocks, I, stride_ql, stride_qd, L, P, q_block,
                BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, SPLIT_KBAR: tl.constexpr,
-               MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr):
     """m_IJ, S_IJ of a tile of key blocks, over the query rows of block I (BLOCK_M at a time)."""
     for r0 in tl.static_range(0, BLOCK_SIZE, BLOCK_M):
         row_pos = I * BLOCK_SIZE + r0 + tl.arange(0, BLOCK_M)
         if BLOCK_M == BLOCK_SIZE:
             q = q_block
         else:
-            q = _load_rows(q_base, row_pos, stride_ql, stride_qd, L, D)
-        s = _scores_t(q, hi_ptrs, lo_ptrs, key_blocks, row_pos, L, BLOCK_SIZE, SPLIT_KBAR, MASKED, DOT_PRECISION)
+            q = _load_rows(q_base, row_pos, stride_ql, stride_qd, L, P, D, VARLEN)
+        s = _scores_t(q, hi_ptrs, lo_ptrs, key_blocks, row_pos, L, P, BLOCK_SIZE, SPLIT_KBAR, MASKED, DOT_PRECISION,
+                      VARLEN)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # Shift by 0 where no query contributes yet (exp2(-inf - 0) = 0, not NaN); a NaN logit makes S NaN through
         # the sum whatever tl.maximum did with it.
@@ -86,15 +93,16 @@ def _fold_tile(m, S, q_base, hi_ptrs, lo_ptrs, key_blocks, I, stride_ql, stride_
 
 @triton.jit
 def _score_tile(row_max, denom, j0, row, q_base, KBAR_HI, KBAR_LO, kbar_offset, stride_kn, I, stride_ql, stride_qd,
-                L, N, q_block, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                D: tl.constexpr, SPLIT_KBAR: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                L, P, N, q_block, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                D: tl.constexpr, SPLIT_KBAR: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                VARLEN: tl.constexpr):
     """Key blocks j0 .. j0 + BLOCK_N - 1 of row I: store their u_IJ, fold them into (M_I, Z_I)."""
     key_blocks = j0 + tl.arange(0, BLOCK_N)
     kbar_rows = kbar_offset + tl.minimum(key_blocks, N - 1)[:, None] * stride_kn + tl.arange(0, D)[None, :]
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     S = tl.zeros([BLOCK_N], dtype=tl.float32)
     m, S = _fold_tile(m, S, q_base, KBAR_HI + kbar_rows, KBAR_LO + kbar_rows, key_blocks, I, stride_ql, stride_qd,
-                      L, q_block, BLOCK_SIZE, BLOCK_M, D, SPLIT_KBAR, MASKED, DOT_PRECISION)
+                      L, P, q_block, BLOCK_SIZE, BLOCK_M, D, SPLIT_KBAR, MASKED, DOT_PRECISION, VARLEN)
     # S == 0: no contributing query; a NaN S stays NaN (S > 0 would turn it into "no query").
     u = tl.where(S == 0, float("-inf"), m + tl.log2(tl.where(S == 0, 1.0, S)))
     tl.store(row + key_blocks, u, mask=key_blocks < N)
@@ -106,28 +114,42 @@ def _score_tile(row_max, denom, j0, row, q_base, KBAR_HI, KBAR_LO, kbar_offset, 
 
 @triton.jit
 def _block_scores_kernel(
-    Q, KBAR_HI, KBAR_LO, SCORES,
+    Q, KBAR_HI, KBAR_LO, SCORES, CU_Q, CU_K,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh,
     stride_sb, stride_sh, stride_sm,
-    L, N, HQ, GROUP, ROW0,
+    L, N, HQ, GROUP, ROW0, total_q, total_k,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     SPLIT_KBAR: tl.constexpr, DOT_PRECISION: tl.constexpr, EPS: tl.constexpr, WIDE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     bh = widen(tl.program_id(0), WIDE)  # heads vary fastest: a GQA group shares kbar in L2
     local = widen(tl.num_programs(1) - 1 - tl.program_id(1), WIDE)  # longest rows first
-    I = ROW0 + local  # this launch scores query blocks ROW0 .. ROW0 + num_programs(1) - 1 into rows 0, 1, ...
     b = bh // HQ
     h = bh % HQ
-    q_base = Q + b * stride_qb + h * stride_qh
+    # This launch scores rows ROW0 .. ROW0 + num_programs(1) - 1 into rows 0, 1, ... of SCORES. Row t is query
+    # block t; VARLEN: query block I0 + t of sequence b (none past its last block), whose rows P .. L - 1 sit at
+    # q[q_start:] (the row of absolute position i is q_start - P + i), padded kbar (batch, key_blocks, Hkv, D).
+    if VARLEN:
+        q_start, _, P, L, I0, N = sequence_span(CU_Q, CU_K, b, total_q, total_k, BLOCK_SIZE, WIDE)
+        I = I0 + ROW0 + local
+        if I >= N:
+            return
+        q_base = Q + (q_start - P) * stride_ql + h * stride_qh
+    else:
+        P = 0
+        I = ROW0 + local
+        q_base = Q + b * stride_qb + h * stride_qh
     kbar_offset = b * stride_kb + (h // GROUP) * stride_kh
     row = SCORES + b * stride_sb + h * stride_sh + local * stride_sm
     if BLOCK_M == BLOCK_SIZE:  # the whole query block fits one tile: load it once
-        q_block = _load_rows(q_base, I * BLOCK_SIZE + tl.arange(0, BLOCK_M), stride_ql, stride_qd, L, D)
+        q_block = _load_rows(q_base, I * BLOCK_SIZE + tl.arange(0, BLOCK_M), stride_ql, stride_qd, L, P, D, VARLEN)
     else:
         q_block = tl.zeros([BLOCK_M, D], dtype=Q.dtype.element_ty)  # unused
     # Tiles that end below the diagonal of a full query block need no mask; the rest (one tile) does.
     block_is_full = (I + 1) * BLOCK_SIZE <= L
+    if VARLEN:  # and not the partial first block of a chunk that starts inside it
+        block_is_full = block_is_full & (I * BLOCK_SIZE >= P)
     unmasked_end = tl.where(block_is_full, (I // BLOCK_N) * BLOCK_N, 0)
 
     # Pass 1: u_IJ = m_IJ + log2 S_IJ for J <= I, the running row max M_I and the running denominator Z_I.
@@ -135,12 +157,12 @@ def _block_scores_kernel(
     denom = tl.zeros([], dtype=tl.float32)
     for j0 in range(0, unmasked_end, BLOCK_N):
         row_max, denom = _score_tile(row_max, denom, j0, row, q_base, KBAR_HI, KBAR_LO, kbar_offset, stride_kn, I,
-                                     stride_ql, stride_qd, L, N, q_block, BLOCK_SIZE, BLOCK_M, BLOCK_N, D,
-                                     SPLIT_KBAR, False, DOT_PRECISION)
+                                     stride_ql, stride_qd, L, P, N, q_block, BLOCK_SIZE, BLOCK_M, BLOCK_N, D,
+                                     SPLIT_KBAR, False, DOT_PRECISION, VARLEN)
     for j0 in range(unmasked_end, I + 1, BLOCK_N):
         row_max, denom = _score_tile(row_max, denom, j0, row, q_base, KBAR_HI, KBAR_LO, kbar_offset, stride_kn, I,
-                                     stride_ql, stride_qd, L, N, q_block, BLOCK_SIZE, BLOCK_M, BLOCK_N, D,
-                                     SPLIT_KBAR, True, DOT_PRECISION)
+                                     stride_ql, stride_qd, L, P, N, q_block, BLOCK_SIZE, BLOCK_M, BLOCK_N, D,
+                                     SPLIT_KBAR, True, DOT_PRECISION, VARLEN)
 
     # Pass 2: normalise (a NaN Z_I makes the whole causal row NaN). Non-contributing pairs score 0; J > I was never
     # computed and scores exactly 0 whatever the row holds.
@@ -188,24 +210,34 @@ def split_kbar(kbar: torch.Tensor, scale: float, dtype: torch.dtype) -> tuple[to
 
 
 def launch_block_scores(q: torch.Tensor, kbar_parts: tuple[torch.Tensor, torch.Tensor], block_size: int,
-                        _config: dict | None = None, *, rows: tuple[int, int] | None = None) -> torch.Tensor:
+                        _config: dict | None = None, *, rows: tuple[int, int] | None = None,
+                        varlen: VarlenLayout | None = None) -> torch.Tensor:
     """`block_scores` without the input checks, on the scaled (hi, lo) pair of `split_kbar` / `launch_mean_pool`.
 
     rows=(I0, I1) scores only query blocks I0 <= I < I1, into a (B, Hq, I1 - I0, N) buffer (flash_prefill's
-    chunks); None scores all M."""
+    chunks); None scores all M.
+
+    varlen: q is a packed (total_q, Hq, D) batch, kbar_parts padded (batch, key_blocks, Hkv, D) (launch_mean_pool);
+    rows=(t0, t1) then counts the layout's rows of every sequence (row t = query block I0_b + t), into a
+    (batch, Hq, t1 - t0, key_blocks) buffer; entries past a sequence's blocks are not written."""
     hi, lo = kbar_parts
-    B, L, Hq, D = q.shape
-    M = N = num_blocks(L, block_size)
+    if varlen is not None:
+        q = q.unsqueeze(0)  # (1, total_q, Hq, D): the kernel finds each sequence through the layout
+        B, M, N = varlen.batch, varlen.rows, varlen.key_blocks
+    else:
+        B, M, N = q.shape[0], num_blocks(q.shape[1], block_size), num_blocks(q.shape[1], block_size)
+    _, L, Hq, D = q.shape
     I0, I1 = rows or (0, M)
     scores = new_output(B, Hq, I1 - I0, N, dtype=torch.float32, device=q.device)
     config = dict(SCORE_CONFIG, **(_config or {}))
     BLOCK_M, BLOCK_N = score_tile_sizes(block_size, config)
+    cu_q, cu_k = (varlen.cu_q, varlen.cu_k) if varlen is not None else (scores, scores)
     _block_scores_kernel[(B * Hq, I1 - I0)](
-        q, hi, lo, scores, *q.stride(), *hi.stride()[:3], *scores.stride()[:3],
-        L, N, Hq, Hq // hi.shape[2], I0,
+        q, hi, lo, scores, cu_q, cu_k, *q.stride(), *hi.stride()[:3], *scores.stride()[:3],
+        L, N, Hq, Hq // hi.shape[2], I0, *((varlen.total_q, varlen.total_k) if varlen is not None else (0, 0)),
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
         SPLIT_KBAR=q.dtype != torch.float32, DOT_PRECISION=dot_precision(q.dtype), EPS=SCORE_EPS,
-        WIDE=needs_wide_offsets(q, scores), num_warps=config["num_warps"],
+        WIDE=needs_wide_offsets(q, scores), VARLEN=varlen is not None, num_warps=config["num_warps"],
         num_stages=config["num_stages"],
     )
     return scores

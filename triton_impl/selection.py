@@ -22,7 +22,8 @@ import triton.language as tl
 
 from reference.validation import check_mask, check_scores, check_selection_params
 
-from .common import check_inference_only, check_kernel_device, needs_wide_offsets, new_output, widen
+from .common import (VarlenLayout, check_inference_only, check_kernel_device, needs_wide_offsets, new_output,
+                     sequence_span, widen)
 
 TILE_N = 128  # key blocks per tile of a row
 
@@ -50,8 +51,8 @@ def _row_max(row, I, TILE: tl.constexpr):
 
 @triton.jit
 def _keep_tile(row, J, I, M, threshold, sink_blocks, window_blocks, last_dense_blocks):
-    """Keep bits of the key blocks J of row I: causal and (not below alpha * m_I, or a sink, window or dense row).
-    "Not below" rather than ">=": a NaN score or a NaN threshold keeps the block."""
+    """Keep bits of the key blocks J of row I of M query blocks: causal and (not below alpha * m_I, or a sink,
+    window or dense row). "Not below" rather than ">=": a NaN score or a NaN threshold keeps the block."""
     causal = J <= I
     score = tl.load(row + J, mask=causal, other=0.0)
     forced = (J < sink_blocks) | (I - J < window_blocks) | (I >= M - last_dense_blocks)
@@ -110,26 +111,36 @@ def _compact_kernel(
 
 @triton.jit
 def _select_compact_kernel(
-    SCORES, COUNTS, INDICES, stride_sb, stride_sh, stride_sm, stride_ib, stride_ih, stride_im,
-    M, HQ, alpha, sink_blocks, window_blocks, last_dense_blocks, ROW0, TILE: tl.constexpr, WIDE: tl.constexpr,
-    PAD_LISTS: tl.constexpr,
+    SCORES, COUNTS, INDICES, CU_Q, CU_K, LAST_DENSE, stride_sb, stride_sh, stride_sm, stride_ib, stride_ih, stride_im,
+    M, ROWS, HQ, alpha, sink_blocks, window_blocks, last_dense_blocks, ROW0, total_q, total_k,
+    TILE: tl.constexpr, WIDE: tl.constexpr, PAD_LISTS: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
-    # Rows ROW0, ROW0 + 1, ... of the (B, Hq, M, N) problem live in rows 0, 1, ... of SCORES and INDICES
-    # (flash_prefill's chunks of query blocks); COUNTS is the whole (B, Hq, M).
+    # Rows ROW0, ROW0 + 1, ... of the (B, Hq, ROWS, M) problem live in rows 0, 1, ... of SCORES and INDICES
+    # (flash_prefill's chunks of query blocks); COUNTS is the whole (B, Hq, ROWS). Row t is query block t, or
+    # VARLEN query block I0 + t of sequence b (none past its N blocks; its own last_dense_blocks).
     local = widen(tl.program_id(0), WIDE)
     bh = widen(tl.program_id(1), WIDE)
-    I, b, h = ROW0 + local, bh // HQ, bh % HQ
+    t, b, h = ROW0 + local, bh // HQ, bh % HQ
+    if VARLEN:
+        _, _, _, _, I0, N = sequence_span(CU_Q, CU_K, b, total_q, total_k, BLOCK_SIZE, WIDE)
+        I = I0 + t
+        if I >= N:
+            return
+        last_dense_blocks = tl.load(LAST_DENSE + b)
+    else:
+        I, N = t, M
     row = SCORES + b * stride_sb + h * stride_sh + local * stride_sm
     list_row = INDICES + b * stride_ib + h * stride_ih + local * stride_im
     threshold = alpha * _row_max(row, I, TILE)
     count = tl.zeros([], dtype=tl.int32)
     for j0 in range(0, I + 1, TILE):  # nothing above the diagonal is ever kept
         J = j0 + tl.arange(0, TILE)
-        keep = _keep_tile(row, J, I, M, threshold, sink_blocks, window_blocks, last_dense_blocks)
+        keep = _keep_tile(row, J, I, N, threshold, sink_blocks, window_blocks, last_dense_blocks)
         count = _append_kept(list_row, J, keep, count)
     if PAD_LISTS:  # lists a user sees; the attention kernel reads only the first count slots
         _pad_list(list_row, count, M, TILE)
-    tl.store(COUNTS + (b * HQ + h) * M + I, count)
+    tl.store(COUNTS + (b * HQ + h) * ROWS + t, count)
 
 
 def _check_selection_args(scores, alpha, sink_blocks, window_blocks, last_dense_blocks):
@@ -176,20 +187,30 @@ def select_and_compact(scores: torch.Tensor, alpha: float = 0.12, sink_blocks: i
 
 
 def launch_select_and_compact(scores, alpha, sink_blocks, window_blocks, last_dense_blocks, *, row0: int = 0,
-                              counts: torch.Tensor | None = None, pad_lists: bool = True):
+                              counts: torch.Tensor | None = None, pad_lists: bool = True,
+                              varlen: VarlenLayout | None = None):
     """`select_and_compact` without the input checks; scores must be contiguous float32.
 
     scores may hold only query blocks row0 .. row0 + scores.shape[2] - 1 (flash_prefill's chunks): their lists
     come back in a buffer of the same shape, their counts go into `counts` (B, Hq, M), allocated when None.
     pad_lists=False leaves the slots past counts unwritten (flash_prefill's attention never reads them): it saves
-    writing the rest of every list, up to the whole int32 (B, Hq, rows, M) buffer."""
-    B, Hq, rows, M = scores.shape  # M = N: the full number of blocks
+    writing the rest of every list, up to the whole int32 (B, Hq, rows, M) buffer.
+
+    varlen: scores are `launch_block_scores`' varlen rows (batch, Hq, rows, key_blocks), row t of sequence b its
+    query block I0_b + t; counts (batch, Hq, varlen.rows); each sequence gets its own last_dense_blocks (the
+    layout's, which replace the argument) and its own number of blocks. Rows past a sequence's last block are not
+    written (neither list nor count)."""
+    B, Hq, rows, M = scores.shape  # M = N: the full number of blocks (varlen: of the longest sequence)
+    count_rows = varlen.rows if varlen is not None else M
     if counts is None:
-        counts = new_output(B, Hq, M, dtype=torch.int32, device=scores.device)
+        counts = new_output(B, Hq, count_rows, dtype=torch.int32, device=scores.device)
     indices = new_output(B, Hq, rows, M, dtype=torch.int32, device=scores.device)
+    cu_q, cu_k, last = (varlen.cu_q, varlen.cu_k, varlen.last_dense) if varlen is not None else (counts,) * 3
     _select_compact_kernel[(rows, B * Hq)](
-        scores, counts, indices, *scores.stride()[:3], *indices.stride()[:3],
-        M, Hq, alpha, sink_blocks, window_blocks, last_dense_blocks, row0, TILE=TILE_N,
-        WIDE=needs_wide_offsets(scores, indices), PAD_LISTS=pad_lists,
+        scores, counts, indices, cu_q, cu_k, last, *scores.stride()[:3], *indices.stride()[:3],
+        M, count_rows, Hq, alpha, sink_blocks, window_blocks, last_dense_blocks, row0,
+        *((varlen.total_q, varlen.total_k) if varlen is not None else (0, 0)), TILE=TILE_N,
+        WIDE=needs_wide_offsets(scores, indices), PAD_LISTS=pad_lists, VARLEN=varlen is not None,
+        BLOCK_SIZE=varlen.block_size if varlen is not None else 1,
     )
     return counts, indices
