@@ -203,8 +203,11 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         check_max_seqlen("max_seqlen_k", max_seqlen_k, "cu_seqlens_k", 1)
         check_kbar_cache(kbar_cache, k, None, block_size, batch=cu_seqlens_q.shape[0] - 1)
         return scale, None, check_is_last_chunk(is_last_chunk, cu_seqlens_q.shape[0] - 1)
-    starts_q, lens_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q, "total_q")
-    starts_k, lens_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q, "total_k", total=k.shape[0])
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_cu_seqlens_layout(name, cu, q)
+    values = torch.cat([cu_seqlens_q, cu_seqlens_k]).tolist()  # both read at once: one host synchronisation
+    starts_q, lens_q = check_cu_seqlens("cu_seqlens_q", values[: cu_seqlens_q.shape[0]], q.shape[0], "total_q")
+    starts_k, lens_k = check_cu_seqlens("cu_seqlens_k", values[cu_seqlens_q.shape[0] :], k.shape[0], "total_k")
     check_same_batch(len(lens_q), len(lens_k))
     for b, (q_len, k_len) in enumerate(zip(lens_q, lens_k)):
         if q_len == 0:
@@ -241,12 +244,9 @@ def check_cu_seqlens_layout(name: str, cu, q) -> None:
         raise ValueError(f"{name} must have length batch + 1 >= 2, got shape {tuple(cu.shape)}")
 
 
-def check_cu_seqlens(name: str, cu, q, total_name: str, total: int | None = None) -> tuple[list[int], list[int]]:
-    """`check_cu_seqlens_layout`, and: 0 first, non-decreasing, last = total (q's rows when None). Returns
-    (start, length) of every sequence. (Reads the values: one host sync.)"""
-    check_cu_seqlens_layout(name, cu, q)
-    total = q.shape[0] if total is None else total
-    values = cu.tolist()
+def check_cu_seqlens(name: str, values: list[int], total: int, total_name: str) -> tuple[list[int], list[int]]:
+    """The values of a cu_seqlens that passed `check_cu_seqlens_layout`: 0 first, non-decreasing, last = total (the
+    rows of q or of k). Returns (start, length) of every sequence."""
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")
     for b in range(len(values) - 1):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import dtype_id
+from helpers import call_varlen, cu, dtype_id, listed, pack, row_blocks, varlen_bad_inputs, varlen_valid_call
 
 import reference
 from reference import VarlenStats, block_sparse_attention, flash_prefill, flash_prefill_varlen, merge_attention_states
@@ -36,33 +36,6 @@ def sequence(L: int, seed: int, dtype=torch.float32):
     """q (L, Hq, D), k, v (L, Hkv, D): one planted prompt (sinks, local decay, stripes: a sparse selection)."""
     q, k, v = planted_qkv(1, L, HQ, HKV, D, seed=seed, dtype=dtype)
     return q[0], k[0], v[0]
-
-
-def cu(lengths) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-
-
-def pack(prompts, chunks):
-    """prompts: [(q, k, v)] whole prompts; chunks: [(prefix, q_len)] per prompt -> the varlen call's positional
-    arguments: rows prefix .. prefix + q_len - 1 of each prompt's queries, its keys 0 .. prefix + q_len - 1."""
-    qs = [q[P : P + n] for (q, _, _), (P, n) in zip(prompts, chunks)]
-    ks = [k[: P + n] for (_, k, _), (P, n) in zip(prompts, chunks)]
-    vs = [v[: P + n] for (_, _, v), (P, n) in zip(prompts, chunks)]
-    q_lens, k_lens = [n for _, n in chunks], [P + n for P, n in chunks]
-    return (torch.cat(qs), torch.cat(ks), torch.cat(vs), cu(q_lens), cu(k_lens), max(q_lens), max(k_lens))
-
-
-def listed(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """(Hq, Mc) counts + (Hq, Mc, N) lists -> (Hq, Mc, N) bool mask of the listed blocks."""
-    N = indices.shape[-1]
-    slots = torch.where(torch.arange(N) < counts.unsqueeze(-1), indices.long(), N)
-    return torch.zeros(*counts.shape, N + 1, dtype=torch.bool).scatter_(-1, slots, True)[..., :N]
-
-
-def row_blocks(stats: VarlenStats, b: int, prefix: int, q_len: int) -> torch.Tensor:
-    """(Hq, q_len, N) bool: the key blocks each row of sequence b's chunk keeps (its query block's list)."""
-    rows = (torch.arange(prefix, prefix + q_len) // BS) - stats.first_query_block[b]
-    return listed(stats.counts[b], stats.indices[b])[:, rows]
 
 
 def assert_equal(a, b, what=""):
@@ -278,7 +251,7 @@ def test_output_and_lse_match_the_fp64_restatement(dtype, alpha, mean_correction
     atol = 1e-10 if dtype == torch.float64 else ATOL[torch.float32]
     start = 0
     for b, ((q, k, v), (P, n)) in enumerate(zip(prompts, chunks)):
-        kept = row_blocks(stats, b, P, n)
+        kept = row_blocks(stats, b, P, n, BS)
         if alpha == 0:
             assert kept.sum() == sum(min(p // BS, num_blocks(P + n, BS) - 1) + 1 for p in range(P, P + n)) * HQ
         ref, ref_lse = naive_chunk_attention(q[P : P + n], k[: P + n], v[: P + n], kept, BS,
@@ -335,64 +308,14 @@ def test_varlen_is_differentiable():
 
 
 def valid_call():
-    prompts = [sequence(L, seed=6 + i) for i, L in enumerate((70, 40))]
-    q, k, v, cq, ck, mq, mk = pack(prompts, [(64, 6), (0, 40)])
-    return dict(q=q, k=k, v=v, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=mq, max_seqlen_k=mk, block_size=BS,
-                kbar_cache=[torch.zeros(2, HKV, D), None])
+    return varlen_valid_call(HQ, HKV, D, BS)
 
 
-def i32(*values):
-    return torch.tensor(values, dtype=torch.int32)
-
-
-BAD = [
-    ("empty-chunk", dict(cu_seqlens_q=i32(0, 46, 46)), ValueError, r"^cu_seqlens_q gives sequence 1 an empty chunk"),
-    ("q-longer-than-k", dict(cu_seqlens_q=i32(0, 6, 46), cu_seqlens_k=i32(0, 70, 75), k=torch.zeros(75, HKV, D),
-                             v=torch.zeros(75, HKV, D), kbar_cache=None),
-     ValueError, r"sequence 1 has q_len 40 > k_len 5"),
-    ("cu-int64", dict(cu_seqlens_q=torch.tensor([0, 6, 46])), TypeError, r"^cu_seqlens_q has dtype torch\.int64"),
-    ("cu-not-tensor", dict(cu_seqlens_k=[0, 70, 110]), TypeError, r"^cu_seqlens_k must be a torch\.Tensor"),
-    ("cu-2d", dict(cu_seqlens_k=i32(0, 70, 110)[None]), ValueError, r"^cu_seqlens_k must be 1-D"),
-    ("cu-one-entry", dict(cu_seqlens_q=i32(0)), ValueError, r"^cu_seqlens_q must have length batch \+ 1 >= 2"),
-    ("cu-start", dict(cu_seqlens_q=i32(1, 6, 46)), ValueError, r"^cu_seqlens_q must start at 0, got 1"),
-    ("cu-decreasing", dict(cu_seqlens_k=i32(0, 70, 60, 110)), ValueError, r"^cu_seqlens_k must be non-decreasing"),
-    ("cu-total-q", dict(cu_seqlens_q=i32(0, 6, 45)), ValueError, r"^cu_seqlens_q must end at total_q = 46"),
-    ("cu-total-k", dict(cu_seqlens_k=i32(0, 70, 111)), ValueError, r"^cu_seqlens_k must end at total_k = 110"),
-    ("cu-batch", dict(cu_seqlens_q=i32(0, 46)), ValueError, r"^cu_seqlens_q and cu_seqlens_k must have the same"),
-    ("max-q-small", dict(max_seqlen_q=39), ValueError, r"^max_seqlen_q must be >= the longest sequence of "
-                                                       r"cu_seqlens_q \(40\), got 39"),
-    ("max-k-small", dict(max_seqlen_k=69), ValueError, r"^max_seqlen_k must be >= .*\(70\), got 69"),
-    ("max-k-float", dict(max_seqlen_k=70.0), TypeError, r"^max_seqlen_k must be an int, got float"),
-    ("cache-shape", dict(kbar_cache=[torch.zeros(2, HKV, D + 1), None]), ValueError,
-     r"^kbar_cache\[0\] must have shape \(n, Hkv=2, D=32\), got \(2, 2, 33\)"),
-    ("cache-2d", dict(kbar_cache=[torch.zeros(2, D), None]), ValueError, r"^kbar_cache\[0\] must have shape"),
-    ("cache-too-many-blocks", dict(kbar_cache=[torch.zeros(3, HKV, D), None]), ValueError,
-     r"^kbar_cache\[0\] holds 3 blocks, but sequence 0's cached prefix .* has only 2 complete blocks"),
-    ("cache-beyond-prefix", dict(kbar_cache=[None, torch.zeros(1, HKV, D)]), ValueError,
-     r"^kbar_cache\[1\] holds 1 blocks, .* has only 0 complete blocks"),
-    ("cache-length", dict(kbar_cache=[None]), ValueError, r"^kbar_cache must have one entry per sequence \(2\)"),
-    ("cache-tensor", dict(kbar_cache=torch.zeros(2, HKV, D)), TypeError, r"^kbar_cache must be None or a list"),
-    ("cache-dtype", dict(kbar_cache=[torch.zeros(2, HKV, D, dtype=torch.float64), None]), TypeError,
-     r"^kbar_cache\[0\] has dtype torch\.float64; expected torch\.float32"),
-    ("q-4d", dict(q=torch.zeros(1, 46, HQ, D)), ValueError, r"^q must be 3-D"),
-    ("kv-shapes", dict(v=torch.zeros(110, HKV, D + 1)), ValueError, r"^k and v must have the same shape"),
-    ("kv-heads", dict(k=torch.zeros(110, 3, D), v=torch.zeros(110, 3, D)), ValueError,
-     r"number of query heads \(4\) must be divisible by the number of kv heads \(3\)"),
-    ("qkv-dtype", dict(q=torch.zeros(46, HQ, D, dtype=torch.float64)), TypeError, r"q, k and v must share one dtype"),
-    ("last-int", dict(is_last_chunk=1), TypeError, r"^is_last_chunk must be a bool"),
-    ("last-list", dict(is_last_chunk=[True]), ValueError, r"^is_last_chunk must be a bool or one bool per sequence"),
-    ("alpha", dict(alpha=-1.0), ValueError, r"^alpha must be a finite number >= 0"),
-    ("block_size", dict(block_size=24), ValueError, r"^block_size must be a power of two"),
-    ("return_lse", dict(return_lse="yes"), TypeError, r"^return_lse must be a bool"),
-    ("mean_correction", dict(mean_correction=None), TypeError, r"^mean_correction must be a bool"),
-]
+BAD = varlen_bad_inputs(HQ, HKV, D)  # shared with tests/test_triton_varlen.py (helpers.py)
 
 
 def call_with(args: dict):
-    args = dict(args)
-    positional = [args.pop(n) for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
-                                         "max_seqlen_k")]
-    return flash_prefill_varlen(*positional, **args)
+    return call_varlen(flash_prefill_varlen, args)
 
 
 def test_the_valid_call_succeeds():

@@ -155,7 +155,8 @@ def varlen_stats(layout: VarlenLayout, lengths, counts, all_indices, kbar) -> Va
     """The reference's VarlenStats from the padded per-row buffers (reads the lengths: one host sync when the call
     did not validate)."""
     if lengths is None:
-        starts_q, starts_k = layout.cu_q.tolist(), layout.cu_k.tolist()
+        values = torch.cat([layout.cu_q, layout.cu_k]).tolist()  # one host synchronisation
+        starts_q, starts_k = values[: layout.batch + 1], values[layout.batch + 1 :]
         lengths = [(starts_q[b], starts_k[b], starts_q[b + 1] - starts_q[b], starts_k[b + 1] - starts_k[b])
                    for b in range(layout.batch)]
     Bs, Hq = layout.block_size, counts.shape[1]
