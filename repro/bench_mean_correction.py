@@ -44,6 +44,7 @@ import torch
 
 from repro.common import (environment_stamp, length_label, markdown_table, run_dir, stamp_line, write_long_csv,
                           write_run_json)
+from repro.timing import make_timer
 
 EXPERIMENT = "bench_mean_correction"
 SHAPE = dict(Hq=32, Hkv=8, D=128, block_size=128)
@@ -68,21 +69,6 @@ def interleaved(fns: dict, repeats: int, timer, warm_up: bool = True) -> dict[st
         for name, fn in fns.items():
             times[name].append(timer(fn))
     return times
-
-
-def make_timer(device: str):
-    """bench_ms on a GPU; on a CPU (--quick, interpreter) one wall-clock call: the code path, not a timing."""
-    if device == "cuda":
-        from repro.timing import bench_ms
-
-        return bench_ms
-
-    def once(fn):
-        start = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - start)
-
-    return once
 
 
 def random_case(B, L, Hq, Hkv, D, block_size, dtype, device, seed=0, keep=0.3):

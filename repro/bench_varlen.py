@@ -48,6 +48,7 @@ import torch
 from reference.synthetic import planted_qkv
 from repro.common import (device_slug, environment_stamp, fill_defaults, length_label, markdown_table, run_dir,
                           stamp_line, write_long_csv, write_run_json)
+from repro.timing import make_timer
 from tools.oracle import ATOL, max_abs_diff
 
 EXPERIMENT = "varlen"
@@ -92,21 +93,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.q_heads % args.kv_heads:
         parser.error("--q-heads must be a multiple of --kv-heads")
     return args
-
-
-def make_timer(device: str):
-    """bench_ms on a GPU; on a CPU (--quick, interpreter) one wall-clock call: the code path, not a timing."""
-    if device == "cuda":
-        from repro.timing import bench_ms
-
-        return bench_ms
-
-    def once(fn):
-        start = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - start)
-
-    return once
 
 
 def interleaved(fns: dict, repeats: int, timer, warm_up: bool) -> dict[str, list[float]]:

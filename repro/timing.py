@@ -31,6 +31,20 @@ import torch
 __all__ = ["bench_ms", "host_enqueue_ms", "graphed", "measure_call", "dense_baselines"]
 
 
+def make_timer(device: str):
+    """bench_ms on a GPU; on a CPU (a --quick run under the interpreter) one wall-clock call: the code path, not a
+    timing."""
+    if device == "cuda":
+        return bench_ms
+
+    def once(fn):
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+
+    return once
+
+
 def bench_ms(fn) -> float:
     """Median ms of fn on the GPU (triton.testing.do_bench, warm-up 25 ms, repetitions 100 ms)."""
     import triton.testing

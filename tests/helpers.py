@@ -75,6 +75,21 @@ def cu(lengths, device="cpu") -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
+def prefill_in_chunks(varlen_fn, q, k, v, bounds, **kw):
+    """One prompt (L, H, D) prefilled chunk by chunk [(c0, c1), ...] through varlen_fn (a flash_prefill_varlen),
+    kbar_cache passed along, is_last_chunk on the last: (out, lse, [stats of every chunk])."""
+    outs, lses, all_stats, cache = [], [], [], None
+    for c0, c1 in bounds:
+        out, lse, stats = varlen_fn(q[c0:c1], k[:c1], v[:c1], cu([c1 - c0], q.device), cu([c1], q.device), c1 - c0,
+                                    c1, kbar_cache=cache, is_last_chunk=c1 == q.shape[0], return_lse=True,
+                                    return_stats=True, **kw)
+        outs.append(out)
+        lses.append(lse)
+        all_stats.append(stats)
+        cache = [stats.kbar[0]]
+    return torch.cat(outs), torch.cat(lses, dim=1), all_stats
+
+
 def pack(prompts, chunks):
     """prompts: [(q, k, v)] whole prompts (L, H, D); chunks: [(prefix, q_len)] per prompt -> the varlen call's
     positional arguments: rows prefix .. prefix + q_len - 1 of each prompt's queries, its keys 0 .. prefix + q_len - 1

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (DEVICE, HAS_CUDA, KERNEL_TEST_DTYPES, call_varlen, cu, dtype_id, listed, pack, row_blocks,
-                     varlen_bad_inputs, varlen_valid_call)
+from helpers import (DEVICE, HAS_CUDA, KERNEL_TEST_DTYPES, call_varlen, cu, dtype_id, listed, pack, prefill_in_chunks,
+                     row_blocks, varlen_bad_inputs, varlen_valid_call)
 
 import reference
 import triton_impl
@@ -177,7 +177,8 @@ def check_against_reference(prompts, chunks, out, lse, stats, *, kw, kbar_cache=
             kbar = pool_keys_after_cache(k[:k_len][None].float(), cache, bs)[0]  # what the kernel rounded
             allowed = allowed + mean_logit_error_bound(q[P:k_len], kbar)
         worst = (lse_err - allowed)[same].max()
-        assert worst <= 0, f"lse of {what}: exceeds its bound by {float(worst):.3g} (max error {lse_err[same].max():.3g})"
+        assert worst <= 0, \
+            f"lse of {what}: exceeds its bound by {float(worst):.3g} (max error {lse_err[same].max():.3g})"
         # The float64 oracle on the kernel's own lists.
         if oracle and k_len <= ORACLE_MAX_KEYS:
             chunk = (q[P:k_len].cpu(), k[:k_len].cpu(), v[:k_len].cpu(), mine.cpu(), bs)
@@ -310,21 +311,6 @@ def test_chunks_over_a_prefix_match_the_reference(shape, lengths, first, then, d
     assert any(not torch.equal(a, b) for a, b in zip(odd_stats.counts, stats.counts)), "the cache changed nothing"
 
 
-def prefill_in_chunks(q, k, v, bounds, **kw):
-    """One prompt prefilled chunk by chunk by the Triton call, kbar_cache passed along, is_last_chunk on the last:
-    (out, lse, [stats])."""
-    outs, lses, all_stats, cache = [], [], [], None
-    for c0, c1 in bounds:
-        out, lse, stats = varlen(q[c0:c1], k[:c1], v[:c1], cu([c1 - c0], DEVICE), cu([c1], DEVICE), c1 - c0, c1,
-                                 kbar_cache=cache, is_last_chunk=c1 == q.shape[0], return_lse=True,
-                                 return_stats=True, **kw)
-        outs.append(out)
-        lses.append(lse)
-        all_stats.append(stats)
-        cache = [stats.kbar[0]]
-    return torch.cat(outs), torch.cat(lses, dim=1), all_stats
-
-
 ALIGNED_CASES = [
     pytest.param(SMALL, 200, [(0, 64), (64, 96), (96, 160), (160, 200)], id="L200-bs32"),
     pytest.param(LARGE, 12000, [(0, 4096), (4096, 4224), (4224, 10240), (10240, 12000)], id="L12000-D128-bs128",
@@ -346,7 +332,7 @@ def test_block_aligned_chunks_reproduce_one_call(shape, L, bounds, dtype, mean_c
     kw = dict(selection(bs), mean_correction=mean_correction)
     one, one_lse, one_stats = triton_impl.flash_prefill(q[None], k[None], v[None], return_lse=True,
                                                         return_stats=True, **kw)
-    out, lse, stats = prefill_in_chunks(q, k, v, bounds, **kw)
+    out, lse, stats = prefill_in_chunks(varlen, q, k, v, bounds, **kw)
     assert_written(out, lse)
     assert torch.equal(torch.cat([s.counts[0] for s in stats], dim=1), one_stats.counts[0]), "counts"
     for s, (c0, c1) in zip(stats, bounds):  # each chunk's rows are the one-shot lists' rows, absolute numbering

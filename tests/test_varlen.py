@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import call_varlen, cu, dtype_id, listed, pack, row_blocks, varlen_bad_inputs, varlen_valid_call
+from helpers import (call_varlen, cu, dtype_id, listed, pack, prefill_in_chunks, row_blocks, varlen_bad_inputs,
+                     varlen_valid_call)
 
 import reference
 from reference import VarlenStats, block_sparse_attention, flash_prefill, flash_prefill_varlen, merge_attention_states
@@ -130,20 +131,6 @@ def test_a_batch_of_chunks_is_per_sequence_calls():
 # --- 3. chunked prefill ----------------------------------------------------------------------------------------
 
 
-def prefill_in_chunks(q, k, v, bounds, **kw):
-    """One prompt prefilled chunk by chunk, kbar_cache passed along, is_last_chunk on the last: (out, lse, stats)."""
-    outs, lses, all_stats, cache = [], [], [], None
-    for c0, c1 in bounds:
-        out, lse, stats = flash_prefill_varlen(q[c0:c1], k[:c1], v[:c1], cu([c1 - c0]), cu([c1]), c1 - c0, c1,
-                                               kbar_cache=cache, is_last_chunk=c1 == q.shape[0], return_lse=True,
-                                               return_stats=True, **kw)
-        outs.append(out)
-        lses.append(lse)
-        all_stats.append(stats)
-        cache = [stats.kbar[0]]
-    return torch.cat(outs), torch.cat(lses, dim=1), all_stats
-
-
 @pytest.mark.parametrize("mean_correction", [False, True], ids=["plain", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 def test_block_aligned_chunks_reproduce_one_call(dtype, mean_correction):
@@ -151,7 +138,8 @@ def test_block_aligned_chunks_reproduce_one_call(dtype, mean_correction):
     q, k, v = sequence(L, seed=2, dtype=dtype)
     kw = dict(SPARSE, mean_correction=mean_correction)
     one, one_lse, one_stats = flash_prefill(q[None], k[None], v[None], return_lse=True, return_stats=True, **kw)
-    out, lse, stats = prefill_in_chunks(q, k, v, [(0, 64), (64, 96), (96, 224), (224, 300)], **kw)
+    bounds = [(0, 64), (64, 96), (96, 224), (224, 300)]
+    out, lse, stats = prefill_in_chunks(flash_prefill_varlen, q, k, v, bounds, **kw)
     assert_equal(out, one[0], "out")
     assert_equal(lse, one_lse[0], "lse")
     assert_equal(torch.cat([s.counts[0] for s in stats], dim=1), one_stats.counts[0], "counts")
@@ -172,7 +160,7 @@ def test_unaligned_chunks(mean_correction):
     bounds = [(c0, min(L, c0 + 50)) for c0 in range(0, L, 50)]
     kw = dict(SPARSE, mean_correction=mean_correction)
     one, one_lse, one_stats = flash_prefill(q[None], k[None], v[None], return_lse=True, return_stats=True, **kw)
-    out, lse, stats = prefill_in_chunks(q, k, v, bounds, **kw)
+    out, lse, stats = prefill_in_chunks(flash_prefill_varlen, q, k, v, bounds, **kw)
     whole = [0, 2, 5, 8, 9]
     straddled = [1, 3, 4, 6, 7]
     for I in whole:
@@ -198,7 +186,7 @@ def test_unaligned_chunks(mean_correction):
     assert_equal(stats[-1].kbar[0], reference.mean_pool_keys(k[None], BS)[0, : L // BS], "kbar")
     # Dense: every causal block in every chunk, so the chunked rows are the one-shot rows.
     dense_kw = dict(kw, alpha=0.0)
-    dense, dense_lse, _ = prefill_in_chunks(q, k, v, bounds, **dense_kw)
+    dense, dense_lse, _ = prefill_in_chunks(flash_prefill_varlen, q, k, v, bounds, **dense_kw)
     one_dense, one_dense_lse = flash_prefill(q[None], k[None], v[None], return_lse=True, **dense_kw)
     torch.testing.assert_close(dense, one_dense[0], atol=1e-12, rtol=0)
     torch.testing.assert_close(dense_lse, one_dense_lse[0], atol=1e-12, rtol=0)
