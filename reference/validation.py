@@ -49,12 +49,14 @@ def check_qkv_tensors(q, k, v, *, ndim: int, kv_layout: str, dtypes=ATTENTION_DT
         raise ValueError(f"k and v must have the same shape {kv_layout}, got {tuple(k.shape)} and {tuple(v.shape)}")
 
 
-def check_heads(Hq: int, Hkv: int, D: int, Dk: int) -> None:
-    """One head dim for q and k, and query heads in whole GQA groups of the kv heads."""
+def check_heads(Hq: int, Hkv: int, D: int, Dk: int, head_dims=None) -> None:
+    """One head dim for q and k, one of head_dims when given, and query heads in whole GQA groups of the kv heads."""
     if Dk != D:
         raise ValueError(f"q and k must have the same head dim, got {D} and {Dk}")
     if Hq % Hkv != 0:
         raise ValueError(f"the number of query heads ({Hq}) must be divisible by the number of kv heads ({Hkv})")
+    if head_dims is not None and D not in head_dims:
+        raise ValueError(f"head dim {D} is not supported; expected one of {sorted(head_dims)}")
 
 
 def check_qkv(q, k, v, *, dtypes=ATTENTION_DTYPES, head_dims=None) -> tuple[int, int, int, int, int]:
@@ -66,9 +68,7 @@ def check_qkv(q, k, v, *, dtypes=ATTENTION_DTYPES, head_dims=None) -> tuple[int,
         raise ValueError(f"q and k must have the same batch size, got {B} and {Bk}")
     if Lk != L:
         raise ValueError(f"q and k must have the same sequence length (prefill), got {L} and {Lk}")
-    check_heads(Hq, Hkv, D, Dk)
-    if head_dims is not None and D not in head_dims:
-        raise ValueError(f"head dim {D} is not supported; expected one of {sorted(head_dims)}")
+    check_heads(Hq, Hkv, D, Dk, head_dims)
     return B, L, Hq, Hkv, D
 
 

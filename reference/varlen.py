@@ -54,8 +54,8 @@ from .attention import attention_outputs, block_sparse_attention
 from .pooling import compute_dtype, mean_pool_keys
 from .scoring import chunk_block_scores
 from .selection import compact_blocks, select_blocks
-from .validation import (check_flag, check_heads, check_qkv_tensors, check_same_device, check_selection_params,
-                         check_tensor, num_blocks, resolve_scale)
+from .validation import (ATTENTION_DTYPES, check_flag, check_heads, check_qkv_tensors, check_same_device,
+                         check_selection_params, check_tensor, num_blocks, resolve_scale)
 
 
 @dataclass
@@ -183,13 +183,14 @@ def pool_keys_after_cache(k_seq: torch.Tensor, cache: torch.Tensor | None, block
 # --------------------------------------------------------------------------------------------------------------
 def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alpha, block_size,
                       sink_blocks, window_blocks, last_dense_blocks, softmax_scale, kbar_cache, is_last_chunk,
-                      mean_correction, return_lse, return_stats, read_lengths: bool = True):
+                      mean_correction, return_lse, return_stats, read_lengths: bool = True, **qkv_checks):
     """Validate every argument of `flash_prefill_varlen`. Returns (scale, lengths, last): lengths holds
     (q start, k start, q_len, k_len) per sequence, last one bool per sequence (is_last_chunk).
 
     read_lengths=False (triton_impl's validate=False): only what the host knows without reading a device value
-    (types, shapes, dtypes, devices, max_seqlen >= 1, kbar_cache entries' shapes); lengths is then None."""
-    check_varlen_qkv(q, k, v)
+    (types, shapes, dtypes, devices, max_seqlen >= 1, kbar_cache entries' shapes); lengths is then None.
+    qkv_checks: dtypes and head_dims q, k, v may have (triton_impl narrows them, as for flash_prefill)."""
+    check_varlen_qkv(q, k, v, **qkv_checks)
     for name, flag in (("mean_correction", mean_correction), ("return_lse", return_lse),
                        ("return_stats", return_stats)):
         check_flag(name, flag)
@@ -224,10 +225,11 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     return scale, list(zip(starts_q, starts_k, lens_q, lens_k)), last
 
 
-def check_varlen_qkv(q, k, v) -> None:
-    """q (total_q, Hq, D), k and v (total_k, Hkv, D): one dtype, one device, one head dim, Hkv dividing Hq."""
-    check_qkv_tensors(q, k, v, ndim=3, kv_layout="(total_k, Hkv, D)")
-    check_heads(q.shape[1], k.shape[1], q.shape[2], k.shape[2])
+def check_varlen_qkv(q, k, v, *, dtypes=ATTENTION_DTYPES, head_dims=None) -> None:
+    """q (total_q, Hq, D), k and v (total_k, Hkv, D): one dtype of `dtypes`, one device, one head dim (of
+    `head_dims` when given), Hkv dividing Hq."""
+    check_qkv_tensors(q, k, v, ndim=3, kv_layout="(total_k, Hkv, D)", dtypes=dtypes)
+    check_heads(q.shape[1], k.shape[1], q.shape[2], k.shape[2], head_dims)
 
 
 def check_same_batch(batch_q: int, batch_k: int) -> None:

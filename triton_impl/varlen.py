@@ -77,7 +77,8 @@ def flash_prefill_varlen(
     scale, lengths, last = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                              alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
                                              softmax_scale, kbar_cache, is_last_chunk, mean_correction, return_lse,
-                                             return_stats, read_lengths=validate is True)
+                                             return_stats, read_lengths=validate is True, dtypes=KERNEL_DTYPES,
+                                             head_dims=HEAD_DIMS)
     check_kernel_args(q, k, v, block_size, validate, max_selection_bytes)
     layout = varlen_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, kbar_cache,
                            [last_dense_blocks if flag else 0 for flag in last])
@@ -117,12 +118,8 @@ def flash_prefill_varlen(
 
 
 def check_kernel_args(q, k, v, block_size, validate, max_selection_bytes) -> None:
-    """What the kernels add to the reference's checks: dtypes, head dims and block sizes they are built for, the
-    device, no autograd; validate a bool; the selection budget."""
-    if q.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"q has dtype {q.dtype}; the Triton kernels take {', '.join(map(str, KERNEL_DTYPES))}")
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"head dim {q.shape[-1]} is not supported; expected one of {HEAD_DIMS}")
+    """What the kernels add to the reference's checks (which took the kernels' dtypes and head dims): the block
+    sizes they are built for, the device and its dtypes, no autograd; validate a bool; the selection budget."""
     check_kernel_block_size(block_size)
     check_kernel_runs_on(q, k, v)
     if not isinstance(validate, bool):
