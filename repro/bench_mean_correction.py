@@ -44,7 +44,7 @@ import torch
 
 from repro.common import (environment_stamp, length_label, markdown_table, run_dir, stamp_line, write_long_csv,
                           write_run_json)
-from repro.timing import make_timer
+from repro.timing import bench_device, interleaved, make_timer
 
 EXPERIMENT = "bench_mean_correction"
 SHAPE = dict(Hq=32, Hkv=8, D=128, block_size=128)
@@ -57,18 +57,6 @@ PREDICTION = ("Prediction (repro/NOTES.md, before the run): the means walk adds 
 def chunk_tiles(M: int, chunk: int) -> int:
     """Chunk tiles one head's means walk runs over all query blocks: sum over I < M of ceil(I / chunk)."""
     return sum(-(-I // chunk) for I in range(M))
-
-
-def interleaved(fns: dict, repeats: int, timer, warm_up: bool = True) -> dict[str, list[float]]:
-    """{name: [ms per round]}: every version once per round, rounds in a row (after one untimed call each, which
-    compiles the kernels, unless warm_up is False)."""
-    for fn in fns.values() if warm_up else ():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(timer(fn))
-    return times
 
 
 def random_case(B, L, Hq, Hkv, D, block_size, dtype, device, seed=0, keep=0.3):
@@ -217,13 +205,7 @@ def main(argv=None):
                         help=f"(default: the run folder repro/runs/<date>-<device>/{EXPERIMENT}/)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        if not args.quick:
-            raise SystemExit("bench_mean_correction times a CUDA GPU; on a CPU run it with --quick (interpreter)")
-        import os
-
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (the imports below)
+    device = bench_device(args.quick, "bench_mean_correction")  # before triton is imported (the imports below)
     from triton_impl.attention import MEAN_CHUNKS
 
     if args.quick:

@@ -48,7 +48,7 @@ import torch
 from reference.synthetic import planted_qkv
 from repro.common import (device_slug, environment_stamp, fill_defaults, length_label, markdown_table, run_dir,
                           stamp_line, write_long_csv, write_run_json)
-from repro.timing import make_timer
+from repro.timing import bench_device, interleaved, make_timer
 from tools.oracle import ATOL, max_abs_diff
 
 EXPERIMENT = "varlen"
@@ -93,17 +93,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.q_heads % args.kv_heads:
         parser.error("--q-heads must be a multiple of --kv-heads")
     return args
-
-
-def interleaved(fns: dict, repeats: int, timer, warm_up: bool) -> dict[str, list[float]]:
-    """{name: [ms per round]}: every call once per round, rounds in a row (after one untimed call each on a GPU)."""
-    for fn in fns.values() if warm_up else ():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(timer(fn))
-    return times
 
 
 def peak_mib(fn, device: str):
@@ -353,13 +342,7 @@ def markdown(rows, stamp, args, dtype) -> str:
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        if not args.quick:
-            raise SystemExit("bench_varlen needs a CUDA GPU; on a CPU run it with --quick (Triton interpreter)")
-        import os
-
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (inside the measurements)
+    device = bench_device(args.quick, "bench_varlen")  # before triton is imported (inside the measurements)
     dtype = torch.bfloat16 if device == "cuda" else torch.float16  # the interpreter computes bf16 dots wrongly
     args.out_dir = args.out_dir or run_dir(EXPERIMENT, device)
     stamp = environment_stamp(device)

@@ -31,6 +31,31 @@ import torch
 __all__ = ["bench_ms", "host_enqueue_ms", "graphed", "measure_call", "dense_baselines"]
 
 
+def bench_device(quick: bool, script: str) -> str:
+    """"cuda" when there is a GPU; else "cpu" for a --quick run, with the Triton interpreter switched on (before
+    triton is imported: call this before anything imports triton_impl), and SystemExit without --quick."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if not quick:
+        raise SystemExit(f"{script} needs a CUDA GPU; on a CPU run it with --quick (Triton interpreter)")
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    return "cpu"
+
+
+def interleaved(fns: dict, repeats: int, timer, warm_up: bool = True) -> dict[str, list[float]]:
+    """{name: [ms per round]}: every call once per round, rounds in a row (after one untimed call each, which
+    compiles the kernels, unless warm_up is False)."""
+    for fn in fns.values() if warm_up else ():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timer(fn))
+    return times
+
+
 def make_timer(device: str):
     """bench_ms on a GPU; on a CPU (a --quick run under the interpreter) one wall-clock call: the code path, not a
     timing."""
