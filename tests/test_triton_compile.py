@@ -130,6 +130,19 @@ def test_standard_shape_mean_correction_does_not_spill(report):
         assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
 
 
+def test_standard_shape_varlen_does_not_spill(report):
+    """flash_prefill_varlen's attention kernel (VARLEN) at the standard shape, in every mode it runs (plain, means,
+    lse, both; pointer and TMA K/V loads): no spills, the bar the one-sequence kernel meets."""
+    for dtype in DTYPES:
+        found = [r for r in rows(report, "_attention_kernel", f"{dtype} D=128 Bs=128 varlen")
+                 if r["constexprs"]["VARLEN"]]
+        assert len(found) == 8, [r["variant"] for r in found]  # 4 modes x 2 loads
+        for row in found:
+            assert row["mma"] == "wgmma", row["variant"]
+            assert row["registers"] is not None and row["registers"] <= 255, row["variant"]
+            assert row["spill_stores"] == 0 and row["spill_loads"] == 0, (row["variant"], row["spill_stores"])
+
+
 def test_lse_variants_compile_use_wgmma_and_do_not_spill(report):
     """return_lse=True (STORE_LSE) in every mode and with both K/V loads, with and without the mean correction, and
     with 64-bit offsets: compiles for sm_90, fits shared memory, keeps its dots on wgmma, and spills nothing with

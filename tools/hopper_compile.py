@@ -299,9 +299,16 @@ def variants(quick: bool = False, dtypes: list[str] | None = None) -> list[Varia
                 cu_q = torch.tensor([0, q.shape[1] // 2, q.shape[1] // 2 + bs], dtype=torch.int32)
                 cu_k = torch.tensor([0, q.shape[1] // 2, q.shape[1]], dtype=torch.int32)
                 packed = (q[0, : cu_q[-1]], k[0], v[0], cu_q, cu_k, q.shape[1] // 2, q.shape[1] // 2)
-                add(f"{label} varlen", "flash_prefill_varlen", ti.flash_prefill_varlen, *packed, block_size=bs)
-                add(f"{label} varlen TMA +mean +lse", "flash_prefill_varlen", _with_kv_descriptors,
-                    ti.flash_prefill_varlen, *packed, block_size=bs, mean_correction=True, return_lse=True)
+                # Every size: pointer loads, and TMA with the means; the standard shape: every mode with both loads.
+                modes = [(tma, extras) for tma in (False, True)
+                         for extras in ({}, dict(mean_correction=True), dict(return_lse=True),
+                                        dict(mean_correction=True, return_lse=True))]
+                if not (D == 128 and bs == 128):
+                    modes = [modes[0], modes[5]]  # varlen, varlen TMA +mean
+                for tma, extras in modes:
+                    name = " TMA" * tma + "".join(" +mean" if key == "mean_correction" else " +lse" for key in extras)
+                    add(f"{label} varlen{name}", "flash_prefill_varlen", _with_kv_descriptors if tma else _plain_call,
+                        ti.flash_prefill_varlen, *packed, block_size=bs, **extras)
                 add(f"{label} +mean", "flash_prefill", ti.flash_prefill, q, k, v, block_size=bs, mean_correction=True)
                 if dt == "bf16" and D == 128 and bs == 128:  # key_means given: only V is pooled (unsplit, bf16)
                     add(f"{label} physical +mean key_means", "block_sparse_attention", ti.block_sparse_attention, q,

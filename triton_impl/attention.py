@@ -236,8 +236,16 @@ def _attention_kernel(
         row_t = tile // TILES_PER_BLOCK
         I = I0 + row_t
         tile = I * TILES_PER_BLOCK + tile % TILES_PER_BLOCK  # this sequence's absolute query tile
-        if (I >= N) | ((tile + 1) * BLOCK_M <= P):  # no such block, or a tile of rows before the chunk
-            return
+        dead = (I >= N) | ((tile + 1) * BLOCK_M <= P)  # no such block, or a tile of rows before the chunk
+        # How such a program ends is chosen by register pressure on sm_90 (tools.hopper_compile checks every varlen
+        # variant at the standard shape): with the means walk an early return spilled 8-24 words, without it the
+        # masked form spilled 10. Masked: no rows (L = 0), nothing to walk (I = 0: no block before the diagonal,
+        # an empty diagonal, no means), nothing stored.
+        if MEAN_CORRECTION:
+            I, tile, L = tl.where(dead, 0, I), tl.where(dead, 0, tile), tl.where(dead, 0, L)
+        else:
+            if dead:
+                return
         Q = Q + (q_start - P) * stride_ql  # absolute row i is packed row q_start - P + i
         OUT = OUT + (q_start - P) * stride_ol
         kv_b, kv_row0 = 0, k_start  # the descriptors span the packed batch
