@@ -9,14 +9,20 @@ with query (B, Hq, Lq, D), key / value (B, Hkv, Lk, D), and expects attn_output 
 interface, with the sdpa mask, so that a causal prompt without padding arrives with attention_mask=None).
 The function below then decides, per call:
 
-    prefill  (Lq == Lk, causal module, no padding: the mask is None or exactly causal, no dropout, no softcap,
-              no sliding window shorter than the prompt, not one of the first `dense_layers` layers, and no
-              autograd graph wanted: grad disabled or none of query / key / value requires grad)
-             -> block-sparse prefill with the configured block selector (`FlashPrefillConfig.selector`):
-                "flashprefill" (default): `triton_impl.flash_prefill` on CUDA, `reference.flash_prefill` on the CPU;
-                "flexprefill" / "xattention" (the peers, `peers/`): the peer's block lists, then
+    prefill  (Lq > 1 or a one-token prompt; a causal module, no dropout, no softcap, no sliding window shorter
+              than the keys, not one of the first `dense_layers` layers, and no autograd graph wanted: grad
+              disabled or none of query / key / value requires grad), in one of two layouts:
+      batch  the mask is None or exactly causal and Lq == Lk: B whole prompts of equal length ->
+                "flashprefill" (the default selector): `triton_impl.flash_prefill` on CUDA, `reference.flash_prefill`
+                on the CPU; "flexprefill" / "xattention" (the peers, `peers/`): the peer's block lists, then
                 `triton_impl.block_sparse_attention` on CUDA, `reference.block_sparse_attention` on the CPU
-    anything else (decoding, a cached prefix, padded batches, training, ...)
+      varlen the mask describes one sequence per batch row, left- or right-padded, each query chunk following its
+             cached prefix (layout.py: padded batches, multi-turn chat, chunked prefill) -> the rows are packed
+             and `flash_prefill_varlen` runs (Triton on CUDA, the reference on the CPU); padding rows output 0.
+             Every call is taken as the end of its prompt (is_last_chunk): the backend cannot know whether more
+             chunks follow, so each chunk's last `last_dense_blocks` query blocks are dense. The peers have no
+             varlen selection: with them these calls run sdpa (reason "selector_without_varlen").
+    anything else (decoding: Lq == 1 < Lk; a custom mask, a static cache, training, ...)
              -> exact dense attention: transformers' own sdpa function
 
 The Triton kernels are inference-only (no backward), so a call that autograd would track runs sdpa instead
@@ -40,17 +46,16 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import os
-import sys
 import threading
-import warnings
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from block_selectors import SELECTORS
+
+from .fallbacks import FALLBACK_REMEDIES, FlashPrefillFallbackWarning, warn_fallback
+from .layout import PackedLayout, batch_layout
 
 # Not "flashprefill": transformers (5.x) treats every implementation name that contains "flash" as a FlashAttention
 # kernel (it tries to import flash_attn / hub kernels and changes its masking), so the backend is named "fprefill".
@@ -263,107 +268,6 @@ def _config_of(module) -> FlashPrefillConfig:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Fallback warnings
-# --------------------------------------------------------------------------------------------------------------
-class FlashPrefillFallbackWarning(UserWarning):
-    """A prefill ran exact dense attention (sdpa) instead of FlashPrefill. Issued once per model and reason; the
-    message names the reason and how to avoid it. Silence it with
-    `warnings.filterwarnings("ignore", category=flashprefill_hf.FlashPrefillFallbackWarning)`."""
-
-
-# Why a prefill fell back, and what the user can do about it (the reasons of `prefill_blocker`, plus the three the
-# attention function adds: "requires_grad", "unsupported_by_kernels" and the configured, silent "dense_layer").
-FALLBACK_REMEDIES = {
-    "padding_or_custom_mask": (
-        "the attention mask is not plain causal attention over one unpadded sequence. For an unpadded prompt pass "
-        "an explicit attention_mask (all ones, e.g. torch.ones_like(input_ids)): without one, generate infers a "
-        "mask from pad_token_id that hides every occurrence of that id in the prompt when it differs from the "
-        "model's eos_token_id (e.g. pad_token_id=tokenizer.eos_token_id on a chat prompt that contains it, with "
-        "some transformers versions' tokenizers). Padded batches are not supported yet: prefill prompts one at a "
-        "time"),
-    "decode_or_cached_prefix": (
-        "a prefill that continues a cached prefix (past_key_values, chunked prefill, assisted decoding) is not "
-        "supported yet; prefill the whole prompt in one call"),
-    "query_longer_than_keys": "the query is longer than the keys (a cache layout the backend does not handle)",
-    "not_causal": "the attention is not causal; FlashPrefill is causal-only",
-    "dropout": "attention dropout is active (the model is in training mode); call model.eval() for inference",
-    "softcap": "attention logit soft-capping is not supported",
-    "attention_sinks": "learned attention sinks are not supported",
-    "sliding_window": "a sliding window shorter than the prompt is not supported",
-    "position_bias": "an additive position bias is not supported",
-    "head_dims_differ": "the value head dim differs from the query/key head dim",
-    "requires_grad": (
-        "query, key or value requires grad, and the FlashPrefill kernels are inference-only (no backward), so "
-        "sdpa ran and gradients flow as usual; run inference under torch.no_grad() or torch.inference_mode() to "
-        "use FlashPrefill (the `reference` package is differentiable if you need FlashPrefill's gradients)"),
-    "unsupported_by_kernels": (
-        "the Triton kernels support head dims {head_dims} and dtypes {dtypes}, this layer has head dim {head_dim} "
-        "and {dtype}; set impl='reference' in flashprefill_hf.configure to run FlashPrefill's (slow) PyTorch "
-        "reference instead"),
-}
-
-
-class _OncePerModel:
-    """Which (model, reason) pairs have warned. A model is the transformers config object its attention modules
-    share (one per loaded model; configs are unhashable, hence the id and a weak reference that drops the entry
-    when the model goes)."""
-
-    def __init__(self) -> None:
-        self._seen: dict[int, tuple[weakref.ref, set[str]]] = {}
-        self._lock = threading.Lock()
-
-    def first(self, owner, reason: str) -> bool:
-        """True the first time `reason` is seen for `owner`."""
-        key = id(owner)
-        with self._lock:
-            entry = self._seen.get(key)
-            if entry is None or entry[0]() is not owner:
-                entry = (weakref.ref(owner, lambda _, key=key: self._seen.pop(key, None)), set())
-                self._seen[key] = entry
-            if reason in entry[1]:
-                return False
-            entry[1].add(reason)
-            return True
-
-
-_WARNED = _OncePerModel()
-
-
-def _first_frame_outside(packages: tuple[str, ...]):
-    """The innermost stack frame whose file is outside `packages` (the user's code: their generate or forward call)."""
-    prefixes = tuple(os.path.dirname(sys.modules[p].__file__) + os.sep for p in packages if p in sys.modules)
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(prefixes):
-        frame = frame.f_back
-    return frame
-
-
-def _warn_fallback(module, reason: str, query: torch.Tensor) -> None:
-    """Warn once per (model, reason) that a prefill of query (B, Hq, Lq, D) ran dense attention."""
-    model_config = getattr(module, "config", None)
-    if not _WARNED.first(model_config if model_config is not None else module, reason):
-        return
-    remedy = FALLBACK_REMEDIES[reason]
-    if reason == "unsupported_by_kernels":
-        from triton_impl.common import GPU_DTYPES, HEAD_DIMS
-
-        remedy = remedy.format(head_dims=HEAD_DIMS, dtypes=GPU_DTYPES, head_dim=query.shape[-1], dtype=query.dtype)
-    model = getattr(model_config, "name_or_path", "") or getattr(model_config, "model_type", None) or "the model"
-    message = (f"FlashPrefill did not run for a {query.shape[2]}-token prefill of {model}: exact dense attention "
-               f"(sdpa) ran instead. Reason {reason!r}: {remedy}. (Warned once per model and reason; the config's "
-               "recorder lists every fallback.)")
-    # Attributed to the user's line rather than a transformers internal; Python's once-per-location registry is not
-    # used (registry=None) because the once-per-model rule above replaces it: a second model warns again. Filters
-    # ("ignore", "error") apply as usual.
-    frame = _first_frame_outside(("flashprefill_hf", "transformers", "torch"))
-    if frame is None:
-        warnings.warn(message, FlashPrefillFallbackWarning, stacklevel=2)
-        return
-    warnings.warn_explicit(message, FlashPrefillFallbackWarning, frame.f_code.co_filename, frame.f_lineno,
-                           module=frame.f_globals.get("__name__"), registry=None, module_globals=frame.f_globals)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # The attention function
 # --------------------------------------------------------------------------------------------------------------
 def _dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
@@ -374,17 +278,13 @@ def _dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs
                                   **kwargs)
 
 
-def _is_plain_causal(attention_mask: torch.Tensor | None, Lq: int, Lk: int) -> bool:
-    """True when the mask adds nothing to causal attention over one unpadded sequence."""
+def call_layout(query, key, attention_mask) -> PackedLayout | None:
+    """The varlen layout of a prefill call (layout.py), or None for a batch of whole prompts (no mask, or a mask
+    that is plain causal attention over unpadded rows). Call after `prefill_blocker` returned None."""
     if attention_mask is None:
-        return True
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4 or Lq != Lk:
-        return False
-    if attention_mask.shape[-2:] != (Lq, Lk):
-        return False
-    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    causal = torch.ones(Lq, Lk, dtype=torch.bool, device=allowed.device).tril()
-    return bool((allowed == causal).all())
+        return None
+    layout = batch_layout(attention_mask, query.shape[0], query.shape[2], key.shape[2])
+    return None if layout is None or layout.is_full else layout
 
 
 def prefill_blocker(module, query, key, value, attention_mask, dropout, kwargs) -> str | None:
@@ -393,8 +293,10 @@ def prefill_blocker(module, query, key, value, attention_mask, dropout, kwargs) 
     (The attention function adds "dense_layer", "requires_grad" and "unsupported_by_kernels", which depend on the
     config, autograd and the device rather than on the call.)"""
     Lq, Lk = query.shape[2], key.shape[2]
-    if Lq != Lk:
-        return "decode_or_cached_prefix" if Lq < Lk else "query_longer_than_keys"
+    if Lq > Lk:
+        return "query_longer_than_keys"
+    if Lq == 1 < Lk:
+        return "decode"
     if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
         return "not_causal"
     if dropout and module.training:
@@ -404,13 +306,15 @@ def prefill_blocker(module, query, key, value, attention_mask, dropout, kwargs) 
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         return "attention_sinks"
     window = kwargs.get("sliding_window")
-    if window is not None and window < Lq:
+    if window is not None and window < Lk:
         return "sliding_window"
     if kwargs.get("position_bias") is not None:
         return "position_bias"
     if query.shape[-1] != value.shape[-1]:
         return "head_dims_differ"
-    if not _is_plain_causal(attention_mask, Lq, Lk):
+    if attention_mask is None:
+        return None if Lq == Lk else "cache_layout"  # sdpa's is_causal would align the queries top-left
+    if not isinstance(attention_mask, torch.Tensor) or batch_layout(attention_mask, query.shape[0], Lq, Lk) is None:
         return "padding_or_custom_mask"
     return None
 
@@ -435,9 +339,10 @@ def _implementation(config: FlashPrefillConfig, device: torch.device, head_dim: 
     return impl
 
 
-def _sparse_prefill(config: FlashPrefillConfig, impl_name: str, q, k, v, scaling):
-    """Block-sparse causal attention of q (B, L, Hq, D), k, v (B, L, Hkv, D) with the configured selector.
-    Returns (out (B, L, Hq, D), density (0-d tensor))."""
+def _sparse_prefill(config: FlashPrefillConfig, impl_name: str, q, k, v, scaling, layout: PackedLayout | None):
+    """Block-sparse causal attention of q (B, Lq, Hq, D), k, v (B, Lk, Hkv, D) with the configured selector, over
+    whole prompts (layout None: Lq == Lk) or the sequences of `layout`. Returns (out (B, Lq, Hq, D), density (0-d
+    tensor))."""
     import reference
 
     if impl_name == "triton":
@@ -445,6 +350,15 @@ def _sparse_prefill(config: FlashPrefillConfig, impl_name: str, q, k, v, scaling
     else:
         impl = reference
     # Functions are looked up on the module at call time (not bound at import), so tests can wrap or forbid them.
+    if layout is not None:
+        # The layout is valid by construction: the Triton call skips re-reading cu_seqlens (a host sync).
+        checks = dict(validate=False) if impl_name == "triton" else {}
+        out, stats = impl.flash_prefill_varlen(
+            layout.pack(q, layout.q_rows), layout.pack(k, layout.k_rows), layout.pack(v, layout.k_rows),
+            layout.cu_seqlens_q, layout.cu_seqlens_k, layout.max_seqlen_q, layout.max_seqlen_k,
+            softmax_scale=scaling, return_stats=True, mean_correction=config.mean_correction, **checks,
+            **config.kernel_kwargs())
+        return layout.unpack_queries(out), stats.density
     if config.selector == "flashprefill":
         out, stats = impl.flash_prefill(q, k, v, softmax_scale=scaling, return_stats=True,
                                         mean_correction=config.mean_correction, **config.kernel_kwargs())
@@ -478,7 +392,6 @@ def flashprefill_attention_forward(module, query, key, value, attention_mask, sc
     recorder = config.recorder
     layer = getattr(module, "layer_idx", None)
     B, Hq, Lq, D = query.shape
-    Lk = key.shape[2]
     impl = None
     reason = prefill_blocker(module, query, key, value, attention_mask, dropout, kwargs)
     if reason is None and layer is not None and layer < config.dense_layers:
@@ -486,18 +399,21 @@ def flashprefill_attention_forward(module, query, key, value, attention_mask, sc
     if reason is None and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
                                                        or value.requires_grad):
         reason = "requires_grad"
+    layout = call_layout(query, key, attention_mask) if reason is None else None
+    if layout is not None and config.selector != "flashprefill":
+        reason = "selector_without_varlen"
     if reason is None:
         impl = _implementation(config, query.device, D, query.dtype)
         if impl is None:
             reason = "unsupported_by_kernels"
     if reason is not None:
-        decode = Lq == 1 < Lk  # one new token after a cached prefix: a decoding step, dense by design
+        decode = reason == "decode"  # one new token after a cached prefix: dense by design, never warned
         if recorder is not None:
             recorder.add(layer=layer, length=Lq, batch=B, decode=decode,
                          path="dense_layer" if reason == "dense_layer" else "dense_fallback", reason=reason,
                          density=1.0 if reason == "dense_layer" else None)
         if reason != "dense_layer" and Lq > 1:
-            _warn_fallback(module, reason, query)
+            warn_fallback(module, reason, query)
         return _dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
     # (B, H, L, D) -> (B, L, H, D), the layout of the FlashPrefill API; the output is already (B, L, Hq, D).
@@ -505,10 +421,11 @@ def flashprefill_attention_forward(module, query, key, value, attention_mask, sc
     k = key.transpose(1, 2).contiguous()
     v = value.transpose(1, 2).contiguous()
     with _cpu_threads(config.cpu_threads if q.device.type == "cpu" else None):
-        out, density = _sparse_prefill(config, impl, q, k, v, scaling)
+        out, density = _sparse_prefill(config, impl, q, k, v, scaling, layout)
     if recorder is not None:
         recorder.add(layer=layer, length=Lq, batch=B, decode=False, path="flashprefill", reason=None,
-                     density=density, impl=impl, selector=config.selector)
+                     density=density, impl=impl, selector=config.selector,
+                     layout="batch" if layout is None else "varlen", prefix=0 if layout is None else layout.prefix)
     return out, None
 
 

@@ -5,9 +5,9 @@ No weights are needed: every model is built from a small config with a fixed see
 * alpha = 0: the logits equal eager attention's (FlashPrefill at alpha 0 is exact dense attention);
 * alpha > 0 at a length of many blocks: the recorded density is < 1, one record per layer;
 * generation after a FlashPrefill prefill works and every decoding step takes the dense path;
-* padded batches, cached prefixes, the first `dense_layers` layers fall back to dense attention (the first two
-  with a FlashPrefillFallbackWarning; tests/test_hf_fallbacks.py pins the warnings, the recorder's bounds, autograd
-  and `generate` in each situation a user meets);
+* the first `dense_layers` layers run dense attention (tests/test_hf_fallbacks.py pins the fallback warnings, the
+  recorder's bounds, autograd and `generate` in each situation a user meets; tests/test_hf_varlen.py the padded
+  batches and cached prefixes, which run FlashPrefill through the varlen path);
 * sequences of 1 token and shorter than a block work;
 * the peers' block selectors (selector="flexprefill" / "xattention", peers/) run through the same
   backend: a pruning setting gives density < 1, a setting that keeps every block gives eager attention's logits,
@@ -83,8 +83,8 @@ def fp_config(alpha: float, **kwargs) -> FlashPrefillConfig:
 
 @pytest.fixture(autouse=True)
 def no_triton_on_cpu(request, monkeypatch):
-    """On the CPU the backend must call the reference; any Triton flash_prefill / block_sparse_attention call
-    fails the test, unless the test requests `allow_triton_on_cpu`."""
+    """On the CPU the backend must call the reference; any Triton flash_prefill / block_sparse_attention /
+    flash_prefill_varlen call fails the test, unless the test requests `allow_triton_on_cpu`."""
     if torch.cuda.is_available() or "allow_triton_on_cpu" in request.fixturenames:
         return
     import triton_impl
@@ -94,6 +94,7 @@ def no_triton_on_cpu(request, monkeypatch):
 
     monkeypatch.setattr(triton_impl, "flash_prefill", forbidden)
     monkeypatch.setattr(triton_impl, "block_sparse_attention", forbidden)
+    monkeypatch.setattr(triton_impl, "flash_prefill_varlen", forbidden)
 
 
 @pytest.fixture
@@ -166,37 +167,7 @@ def test_generate_after_prefill_uses_dense_decoding(arch):
     decode = [r for r in recs if r["length"] == 1]
     assert [r["path"] for r in prefill] == ["flashprefill"] * 2
     assert len(decode) == 2 * 3  # 3 decoding steps after the prefill, 2 layers
-    assert all(r["path"] == "dense_fallback" and r["reason"] == "decode_or_cached_prefix" for r in decode)
-
-
-@pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")  # 5.24 renames it; 5.17 needs it
-def test_cached_prefix_falls_back_to_dense():
-    """Chunked prefill: the second chunk sees a cached prefix (Lq < Lk) and must be exact."""
-    model = tiny_model("llama")
-    ids = tokens(64)
-    expected = logits(model, ids)
-    cfg = flashprefill_hf.configure(model, fp_config(0.0))
-    with torch.no_grad(), pytest.warns(FlashPrefillFallbackWarning, match="'decode_or_cached_prefix'"):
-        first = model(ids[:, :40], use_cache=True)
-        second = model(ids[:, 40:], past_key_values=first.past_key_values, use_cache=True)
-    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), expected, atol=2e-4, rtol=2e-4)
-    reasons = [r["reason"] for r in cfg.recorder.records]
-    assert reasons == [None, None, "decode_or_cached_prefix", "decode_or_cached_prefix"]
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_padded_batch_falls_back_to_dense(arch):
-    model = tiny_model(arch)
-    ids = tokens(48, batch=2)
-    mask = torch.ones_like(ids)
-    mask[0, :10] = 0  # left padding on the first row
-    expected = logits(model, ids, attention_mask=mask)
-    cfg = flashprefill_hf.configure(model, fp_config(0.5))  # alpha > 0: only the dense fallback can be exact
-    with pytest.warns(FlashPrefillFallbackWarning, match="'padding_or_custom_mask'"):
-        got = logits(model, ids, attention_mask=mask)
-    torch.testing.assert_close(got[0, 10:], expected[0, 10:], atol=2e-4, rtol=2e-4)
-    torch.testing.assert_close(got[1], expected[1], atol=2e-4, rtol=2e-4)
-    assert {r["reason"] for r in cfg.recorder.records} == {"padding_or_custom_mask"}
+    assert all(r["path"] == "dense_fallback" and r["reason"] == "decode" for r in decode)
 
 
 def test_all_ones_mask_is_still_prefill():
@@ -514,7 +485,7 @@ def test_gpu_bf16_generate(arch):
     assert cfg.recorder.impls() == {"triton": 2}
     decode = [r for r in recs if r["length"] == 1]
     steps = got.sequences.shape[1] - ids.shape[1] - 1  # decoding forwards after the prefill (EOS may stop early)
-    assert len(decode) == 2 * steps and all(r["reason"] == "decode_or_cached_prefix" for r in decode)
+    assert len(decode) == 2 * steps and all(r["reason"] == "decode" for r in decode)
     top2 = expected.scores[0].float().topk(2, dim=-1).values
     if (top2[:, 0] - top2[:, 1]).min() > 0.1:
         assert torch.equal(got.sequences[:, ids.shape[1]], expected.sequences[:, ids.shape[1]])

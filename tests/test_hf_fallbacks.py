@@ -3,9 +3,10 @@
 Pinned here, on tiny random Llama models (tests/test_hf_backend.py has the models and the numerics):
 
 * `generate` in the situations a user meets, with the recorder saying which path ran and whether a
-  FlashPrefillFallbackWarning was emitted: no attention_mask and an all-ones mask (FlashPrefill, silent), a
-  left-padded batch of two lengths and a cached prefix (dense, warned), decoding (dense, never warned); and the
-  issue's scenario: the pad id inside a prompt with no mask (FlashPrefill, or a warning; never a silent fallback);
+  FlashPrefillFallbackWarning was emitted: no attention_mask, an all-ones mask, a left-padded batch of two lengths
+  and a second call continuing a cached prefix (FlashPrefill, silent; the last two through the varlen path),
+  decoding (dense, never warned); and the issue's scenario: the pad id inside a prompt with no mask (FlashPrefill,
+  or a warning; never a silent fallback);
 * the warning: once per model and reason, again for a new reason or a second model, never for decoding steps or
   configured dense layers, attributed to the caller's line, subject to the usual warning filters;
 * autograd: with grad enabled, calls go to sdpa whatever `impl`, and gradients reach the q/k/v projections;
@@ -79,23 +80,23 @@ def test_generate_unpadded_prompt_runs_flashprefill_silently(mask, caught):
     assert fallback_warnings(caught) == []
 
 
-def test_generate_left_padded_batch_falls_back_with_a_warning(caught):
+def test_generate_left_padded_batch_runs_flashprefill_silently(caught):
     model = tiny_model("llama")
     ids = torch.full((2, 30), PAD)
     ids[0], ids[1, 12:] = prompt(30, seed=4), prompt(18, seed=5)
     mask = (torch.arange(30) >= torch.tensor([[0], [12]])).long()
     expected = generate(model, ids, attention_mask=mask, pad_token_id=PAD)
-    cfg = flashprefill_hf.configure(model, fp_config(0.5))  # alpha > 0: only the dense fallback reproduces eager
+    cfg = flashprefill_hf.configure(model, fp_config(0.0))
     assert torch.equal(generate(model, ids, attention_mask=mask, pad_token_id=PAD), expected)
-    assert paths(cfg.recorder) == [(30, "dense_fallback", "padding_or_custom_mask")] * 2
-    [message] = fallback_warnings(caught)  # one warning for both layers
-    assert "'padding_or_custom_mask'" in message and "Padded batches are not supported" in message
+    assert paths(cfg.recorder) == [(30, "flashprefill", None)] * 2
+    assert [r["layout"] for r in cfg.recorder.records] == ["varlen"] * 2
+    assert fallback_warnings(caught) == []
 
 
 @pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")  # 5.24 renames it; 5.0 needs it
-def test_generate_continuing_a_cached_prefix_falls_back_with_a_warning(caught):
+def test_generate_continuing_a_cached_prefix_runs_flashprefill_silently(caught):
     """A second generate call that continues the first one's cache with more than one new token: a prefill chunk
-    over a cached prefix, which FlashPrefill does not support yet."""
+    over a cached prefix, through the varlen path."""
     model = tiny_model("llama")
     ids = prompt()
 
@@ -110,10 +111,9 @@ def test_generate_continuing_a_cached_prefix_falls_back_with_a_warning(caught):
     got = two_calls()
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
     # The cache holds all but the last generated token, so the second prefill has 1 + 5 new tokens.
-    assert paths(cfg.recorder) == ([(40, "flashprefill", None)] * 2
-                                   + [(6, "dense_fallback", "decode_or_cached_prefix")] * 2)
-    [message] = fallback_warnings(caught)
-    assert "'decode_or_cached_prefix'" in message and "cached prefix" in message
+    assert paths(cfg.recorder) == [(40, "flashprefill", None)] * 2 + [(6, "flashprefill", None)] * 2
+    assert [(r["layout"], r["prefix"]) for r in cfg.recorder.records] == [("batch", 0)] * 2 + [("varlen", 42)] * 2
+    assert fallback_warnings(caught) == []
 
 
 def test_decoding_never_warns_and_is_recorded_on_request(caught):
@@ -123,7 +123,7 @@ def test_decoding_never_warns_and_is_recorded_on_request(caught):
     generate(model, ids, attention_mask=torch.ones_like(ids))
     decode = [r for r in cfg.recorder.records if r["decode"]]
     assert [(r["length"], r["path"], r["reason"]) for r in decode] == \
-        [(1, "dense_fallback", "decode_or_cached_prefix")] * 2 * (NEW - 1)
+        [(1, "dense_fallback", "decode")] * 2 * (NEW - 1)
     assert [r["path"] for r in cfg.recorder.records if not r["decode"]] == ["flashprefill"] * 2
     assert fallback_warnings(caught) == []
 
@@ -154,17 +154,16 @@ def test_issue_scenario_pad_id_inside_a_prompt_without_mask(caught):
 # The warning itself
 # --------------------------------------------------------------------------------------------------------------
 def padded_forward(model):
+    """Padding inside the prompt: no layout FlashPrefill runs (reason "padding_or_custom_mask")."""
     ids = prompt(24)
     mask = torch.ones_like(ids)
-    mask[0, :4] = 0
+    mask[0, 4:6] = 0
     return logits(model, ids, attention_mask=mask)
 
 
-def cached_forward(model):
-    ids = prompt(24)
-    with torch.no_grad():
-        first = model(ids[:, :16], use_cache=True)
-        model(ids[:, 16:], past_key_values=first.past_key_values, use_cache=True)
+def tracked_forward(model):
+    """A forward that autograd tracks (reason "requires_grad")."""
+    model(prompt(24))
 
 
 def test_fallback_warns_once_per_model_and_reason(caught):
@@ -173,10 +172,10 @@ def test_fallback_warns_once_per_model_and_reason(caught):
     padded_forward(model)
     padded_forward(model)
     assert len(fallback_warnings(caught)) == 1
-    cached_forward(model)  # a new reason: warns (its first chunk is a plain prefill and stays silent)
+    tracked_forward(model)  # a new reason: warns
     padded_forward(model)
     messages = fallback_warnings(caught)
-    assert len(messages) == 2 and "'decode_or_cached_prefix'" in messages[1]
+    assert len(messages) == 2 and "'requires_grad'" in messages[1]
     # A second model warns again, from the same line with the same text (Python's once-per-location rule would
     # have swallowed it).
     other = tiny_model("llama")
@@ -191,7 +190,7 @@ def test_warning_names_the_callers_line(caught):
     ids = prompt(24)
     with torch.no_grad():
         line = sys._getframe().f_lineno + 1  # the next line
-        model(ids, attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([0]), 0))
+        model(ids, attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([5]), 0))
     [w] = [w for w in caught if issubclass(w.category, FlashPrefillFallbackWarning)]
     assert (w.filename, w.lineno) == (__file__, line)  # the model call above, not a transformers internal
 
@@ -298,8 +297,7 @@ def test_explicit_impl_keeps_its_behaviour_on_unsupported_shapes(monkeypatch, ca
 # --------------------------------------------------------------------------------------------------------------
 def test_recorder_keeps_prefill_records_and_honours_its_bound():
     rec = DensityRecorder()
-    rec.add(layer=0, length=1, batch=1, decode=True, path="dense_fallback", reason="decode_or_cached_prefix",
-            density=None)
+    rec.add(layer=0, length=1, batch=1, decode=True, path="dense_fallback", reason="decode", density=None)
     assert len(rec) == 0  # decoding steps: only with record_decode=True
     bounded = DensityRecorder(max_records=3)
     for layer in range(5):
