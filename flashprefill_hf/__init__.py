@@ -9,9 +9,10 @@ Three lines::
 A peer's block selection instead of FlashPrefill's, for comparisons: `configure(model, selector="xattention",
 selector_params={"threshold": 0.95})` (or "flexprefill" with {"gamma": ...}); see `FlashPrefillConfig`.
 
-Prefill (query length == key length, causal, no padding, no cached prefix) runs FlashPrefill (Triton on CUDA,
-the pure-PyTorch reference elsewhere); decoding, cached prefixes and padded batches run exact dense attention
-(transformers' sdpa). The kernels are inference-only: a call that autograd tracks (grad enabled and q, k or v
+Prefill runs FlashPrefill (Triton on CUDA, the pure-PyTorch reference elsewhere): whole prompts through
+`flash_prefill`; left- or right-padded batches and chunks that continue a cached prefix (chunked prefill, multi-turn
+chat) through `flash_prefill_varlen` (layout.py reads the layout off the mask). Decoding steps run exact dense
+attention (transformers' sdpa). The kernels are inference-only: a call that autograd tracks (grad enabled and q, k or v
 requiring grad) runs sdpa too, so training through the backend works as with sdpa.
 
 A prefill that does not get FlashPrefill warns (`FlashPrefillFallbackWarning`, once per model and reason, with the

@@ -20,7 +20,7 @@ mkdir -p "$OUT/junit"
 # Kernels and their differential tests first: they are what a GPU run is for.
 FIRST="tests/test_triton_attention.py tests/test_triton_mean_correction.py tests/test_lse.py tests/test_triton_selection.py
 tests/test_nan_and_grad.py tests/test_selection_contract.py tests/test_flex_interop.py tests/test_real_activations.py
-tests/test_hf_backend.py tests/test_hf_fallbacks.py tests/test_triton_compile.py"
+tests/test_hf_backend.py tests/test_hf_fallbacks.py tests/test_hf_varlen.py tests/test_triton_compile.py"
 if [ $# -gt 0 ]; then files="$*"; else
     files="$FIRST $(ls tests/test_*.py | grep -v -x -F -f <(tr ' ' '\n' <<< "$FIRST" | grep .))"
 fi
