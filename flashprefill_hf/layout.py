@@ -17,7 +17,8 @@ of any sequence and their output is set to 0 (dense sdpa would give them an arbi
 Anything else (a custom mask, padding inside a prompt, a static cache whose key length is the cache size) is not a
 layout and the call runs dense attention. `batch_layout` reads the mask once per mask tensor: the model builds one
 mask per forward and passes the same tensor to every layer, so the check and its host synchronisation are paid once
-per forward, not per layer.
+per forward, not per layer. A mask made under `torch.inference_mode()` has no version counter, so an in-place change
+could not be seen: it is read at every call (one host synchronisation per layer).
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ class _PerMask:
         self._lock = threading.Lock()
 
     def get(self, mask: torch.Tensor, B: int, Lq: int, Lk: int) -> PackedLayout | None:
+        if mask.is_inference():  # made under torch.inference_mode(): no version counter to see in-place changes
+            return read_layout(mask, B, Lq, Lk)
         key, shape = id(mask), (B, Lq, Lk)
         with self._lock:
             entry = self._seen.get(key)

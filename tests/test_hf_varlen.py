@@ -126,6 +126,17 @@ def test_mask_read_once_per_tensor(monkeypatch):
     assert layout.batch_layout(mask, 2, 8, 8) is None and len(reads) == 2
 
 
+def test_inference_mode_masks_are_read_every_time(monkeypatch):
+    """Tensors made under torch.inference_mode() have no version counter: no cache, a read per call."""
+    reads = []
+    real = layout.read_layout
+    monkeypatch.setattr(layout, "read_layout", lambda *a: reads.append(1) or real(*a))
+    with torch.inference_mode():
+        mask = causal_mask(torch.ones(1, 8, dtype=torch.bool), 8)
+        assert layout.batch_layout(mask, 1, 8, 8).is_full and layout.batch_layout(mask, 1, 8, 8).is_full
+    assert len(reads) == 2
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Padded batches
 # --------------------------------------------------------------------------------------------------------------
@@ -139,7 +150,8 @@ def test_padded_batch_equals_each_prompt_alone(arch, side, caught):
     alone = [logits(model, p[None])[0] for p in prompts]
     densities = [cfg.recorder.mean_density()]
     cfg.recorder.clear()
-    got = logits(model, ids, attention_mask=mask)
+    with torch.inference_mode():  # as a serving loop would call it
+        got = model(ids, attention_mask=mask).logits
     for b, p in enumerate(prompts):
         rows = mask[b].bool()
         torch.testing.assert_close(got[b, rows], alone[b], atol=2e-4, rtol=2e-4)
