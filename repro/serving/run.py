@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, help="FlashPrefill's block size (default 128)")
     p.add_argument("--first-answer-tokens", type=int, help="token budget of the chat's first answer (default 24)")
     p.add_argument("--dense-floor", action="store_true", help="run every call with sdpa as well")
+    p.add_argument("--floor-only", action="store_true",
+                   help="run every call with sdpa only (the dense floor on its own, e.g. in a second device call)")
     p.add_argument("--workers", type=int, help="processes that generate the prompts (default: the CPU count)")
     p.add_argument("--cpu-threads", type=int, default=1,
                    help="torch threads on a CPU (default 1: a small VM runs the 135M model faster on one)")
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
 
     config = flashprefill_hf.configure(model, alpha=args.alpha, block_size=args.block_size)
     items = load_items(tokenizer, args.lengths, args.families, args.n, args.workers)
-    attentions = ["flashprefill"] + (["sdpa"] if args.dense_floor else [])
+    attentions = ["sdpa"] if args.floor_only else ["flashprefill"] + (["sdpa"] if args.dense_floor else [])
     session = Session(model, tokenizer, config, args.first_answer_tokens)
     from tqdm.auto import tqdm
 
@@ -120,7 +122,8 @@ def main(argv=None) -> int:
     info = dict(command=command, model=name, wall_seconds=round(time.time() - start),
                 settings=dict(alpha=args.alpha, block_size=args.block_size, lengths=args.lengths, n=args.n,
                               families=args.families, chunks=args.chunks, scenarios=args.scenarios,
-                              first_answer_tokens=args.first_answer_tokens, dense_floor=args.dense_floor),
+                              first_answer_tokens=args.first_answer_tokens, dense_floor=args.dense_floor,
+                              floor_only=args.floor_only),
                 note=args.note, problems=found, evidence=session.entries)
     write_long_csv(out / "serving_samples.csv", rows, stamp)
     write_run_json(out / "serving_run.json", info)
