@@ -19,9 +19,10 @@ The function below then decides, per call:
       varlen the mask describes one sequence per batch row, left- or right-padded, each query chunk following its
              cached prefix (layout.py: padded batches, multi-turn chat, chunked prefill) -> the rows are packed
              and `flash_prefill_varlen` runs (Triton on CUDA, the reference on the CPU); padding rows output 0.
-             Every call is taken as the end of its prompt (is_last_chunk): the backend cannot know whether more
-             chunks follow, so each chunk's last `last_dense_blocks` query blocks are dense. The peers have no
-             varlen selection: with them these calls run sdpa (reason "selector_without_varlen").
+             Every call is taken as the end of its prompt (is_last_chunk) unless it runs inside
+             `more_chunks_follow(model)`: the backend cannot see whether more chunks follow, and only the prompt's
+             end gets `last_dense_blocks` dense query blocks. The peers have no varlen selection: with them these
+             calls run sdpa (reason "selector_without_varlen").
     anything else (decoding: Lq == 1 < Lk; a custom mask, a static cache, training, ...)
              -> exact dense attention: transformers' own sdpa function
 
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import threading
 from dataclasses import dataclass, field
@@ -350,6 +352,9 @@ def _sparse_prefill(config: FlashPrefillConfig, impl_name: str, q, k, v, scaling
     else:
         impl = reference
     # Functions are looked up on the module at call time (not bound at import), so tests can wrap or forbid them.
+    kernel_kwargs = config.kernel_kwargs()
+    if id(config) in _CONTINUED.get():  # not the end of the prompt: no dense last blocks (more_chunks_follow)
+        kernel_kwargs["last_dense_blocks"] = 0
     if layout is not None:
         # The layout is valid by construction: the Triton call skips re-reading cu_seqlens (a host sync).
         checks = dict(validate=False) if impl_name == "triton" else {}
@@ -357,11 +362,11 @@ def _sparse_prefill(config: FlashPrefillConfig, impl_name: str, q, k, v, scaling
             layout.pack(q, layout.q_rows), layout.pack(k, layout.k_rows), layout.pack(v, layout.k_rows),
             layout.cu_seqlens_q, layout.cu_seqlens_k, layout.max_seqlen_q, layout.max_seqlen_k,
             softmax_scale=scaling, return_stats=True, mean_correction=config.mean_correction, **checks,
-            **config.kernel_kwargs())
+            **kernel_kwargs)
         return layout.unpack_queries(out), stats.density
     if config.selector == "flashprefill":
         out, stats = impl.flash_prefill(q, k, v, softmax_scale=scaling, return_stats=True,
-                                        mean_correction=config.mean_correction, **config.kernel_kwargs())
+                                        mean_correction=config.mean_correction, **kernel_kwargs)
         return out, stats.density
     counts, indices = config.select_peer(q, k, scaling)
     # The peers' lists come from compact_blocks (valid by construction): the Triton call skips re-checking them,
@@ -370,6 +375,33 @@ def _sparse_prefill(config: FlashPrefillConfig, impl_name: str, q, k, v, scaling
     out = impl.block_sparse_attention(q, k, v, counts, indices, config.block_size, scaling,
                                       mean_correction=config.mean_correction, **checks)
     return out, reference.causal_block_density(counts)
+
+
+# ids of the configs whose prefill calls are not the end of their prompt (inside `more_chunks_follow`).
+_CONTINUED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("flashprefill_continued",
+                                                                            default=frozenset())
+
+
+@contextlib.contextmanager
+def more_chunks_follow(model):
+    """Within the block, the model's prefill calls are not the end of their prompt: a chunked prefill's chunks
+    before the last. They get no dense last blocks (`last_dense_blocks` counts from the end of the whole prompt,
+    docs/DESIGN.md section 9), so block-aligned chunks reproduce a one-shot prefill exactly::
+
+        with torch.no_grad():
+            with flashprefill_hf.more_chunks_follow(model):
+                for chunk in chunks[:-1]:
+                    model(chunk, past_key_values=cache, use_cache=True)
+            model.generate(whole_prompt, past_key_values=cache, ...)  # the last chunk ends the prompt
+
+    Without it every call counts as the end of its prompt (denser, never less accurate). Per model (its config)
+    and per thread / task (a context variable)."""
+    config = _config_of(next(iter(attention_modules(model)), None))
+    token = _CONTINUED.set(_CONTINUED.get() | {id(config)})
+    try:
+        yield config
+    finally:
+        _CONTINUED.reset(token)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ On tiny random models (tests/test_hf_backend.py), what is pinned:
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -52,13 +53,16 @@ def padded(prompts: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.
     return ids, mask
 
 
-def chunked_logits(model, ids: torch.Tensor, bounds: list[int]) -> torch.Tensor:
-    """Logits of ids (1, L) prefilled in the chunks [0, b1), [b1, b2), ..., each continuing the previous cache."""
+def chunked_logits(model, ids: torch.Tensor, bounds: list[int], declare: bool = False) -> torch.Tensor:
+    """Logits of ids (1, L) prefilled in the chunks [0, b1), [b1, b2), ..., each continuing the previous cache;
+    declare: the chunks before the last run inside `more_chunks_follow` (no dense last blocks)."""
     cache, parts = transformers.DynamicCache(), []
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*past_key_values.*", FutureWarning)  # 5.24 renames it; 5.0 needs it
         for lo, hi in zip([0] + bounds, bounds + [ids.shape[1]]):
-            parts.append(model(ids[:, lo:hi], past_key_values=cache, use_cache=True).logits)
+            continued = flashprefill_hf.more_chunks_follow(model) if declare and hi < ids.shape[1] else nullcontext()
+            with continued:
+                parts.append(model(ids[:, lo:hi], past_key_values=cache, use_cache=True).logits)
     return torch.cat(parts, 1)
 
 
@@ -177,15 +181,17 @@ def test_generate_left_padded_batch_equals_each_prompt_alone(caught):
 # --------------------------------------------------------------------------------------------------------------
 # Chunked prefill and multi-turn generation
 # --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("declare", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_block_aligned_chunks_equal_one_shot(arch, caught):
+def test_block_aligned_chunks_equal_one_shot(arch, declare, caught):
+    """Without dense last blocks, or with them when the chunks before the last say so (more_chunks_follow)."""
     model = tiny_model(arch)
     ids = tokens(512)
-    cfg = flashprefill_hf.configure(model, fp_config(0.5, last_dense_blocks=0))
+    cfg = flashprefill_hf.configure(model, fp_config(0.5, last_dense_blocks=2 if declare else 0))
     one_shot = logits(model, ids)
     assert cfg.recorder.mean_density() < 1
     cfg.recorder.clear()
-    got = chunked_logits(model, ids, [12 * BLOCK, 22 * BLOCK])
+    got = chunked_logits(model, ids, [12 * BLOCK, 22 * BLOCK], declare=declare)
     torch.testing.assert_close(got, one_shot, atol=2e-5, rtol=2e-5)
     assert layouts(cfg) == ([(192, "flashprefill", "batch", 0)] * 2 + [(160, "flashprefill", "varlen", 192)] * 2
                             + [(160, "flashprefill", "varlen", 352)] * 2)
@@ -227,6 +233,24 @@ def test_multi_turn_generate_prefills_the_second_turn_with_flashprefill(caught):
     # The cache holds all but the last generated token: the second prefill is 1 + 60 tokens after 204 cached ones.
     assert layouts(cfg) == [(200, "flashprefill", "batch", 0)] * 2 + [(61, "flashprefill", "varlen", 204)] * 2
     assert fallbacks(caught) == []
+
+
+def test_undeclared_chunks_keep_their_last_blocks_dense():
+    """Each call counts as the end of its prompt unless declared: the first chunk's last 2 blocks are dense, so
+    its density exceeds the one-shot prefill's over the same rows; declared, it equals it."""
+    model = tiny_model("llama")
+    ids = tokens(640)
+    cfg = flashprefill_hf.configure(model, fp_config(0.5, last_dense_blocks=2))
+    first = {}
+    for declare in (False, True):
+        cfg.recorder.clear()
+        chunked_logits(model, ids, [32 * BLOCK], declare=declare)
+        first[declare] = [r["density"] for r in cfg.recorder.records[:2]]  # the first chunk's two layers
+    cfg.recorder.clear()
+    logits(model, ids[:, :32 * BLOCK])
+    last_dense = [r["density"] for r in cfg.recorder.records]  # a prompt ending there: dense last blocks
+    assert first[False] == pytest.approx(last_dense)
+    assert all(a >= b for a, b in zip(first[False], first[True])) and sum(first[False]) > sum(first[True])
 
 
 # --------------------------------------------------------------------------------------------------------------
