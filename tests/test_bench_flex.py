@@ -78,3 +78,48 @@ def test_markdown_names_the_shape_and_the_machine():
     text = bench_flex.markdown(bench_flex.summary_table(_rows()), stamp, bench_flex.parse_args([]))
     assert "Hq=32, Hkv=4, D=128" in text and "flex / ours" in text and stamp["torch"] in text
     assert text.rstrip().endswith(f"{stamp['date']}.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# repro/bench_flex_varlen.py: a packed batch of mixed lengths
+# --------------------------------------------------------------------------------------------------------------
+def test_varlen_arguments():
+    from repro import bench_flex_varlen
+
+    assert bench_flex_varlen.parse_args([]).lengths == [8192, 32768, 102400, 3072]
+    for bad in (["--lengths", "100"], ["--lengths", "0"], ["--densities", "2"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_flex_varlen.parse_args(bad)
+        assert exit_info.value.code == 2
+
+
+def test_varlen_lists_are_the_packed_lists_per_sequence():
+    """The varlen lists (per sequence, its own block numbers) and the packed lists (block diagonal) list the same
+    blocks, each sequence's mask keeps its forced blocks, and the density is kept / causal over the sequences."""
+    from repro import bench_flex_varlen
+
+    lengths = [512, 1024, 256]  # 4, 8, 2 blocks of 128
+    (counts_v, indices_v), (counts_p, indices_p), density = bench_flex_varlen.packed_lists(
+        2, lengths, 0.5, seed=0, device="cpu")
+    assert counts_v.shape == (3, 2, 8) and indices_v.shape == (3, 2, 8, 8) and counts_p.shape == (1, 2, 14)
+    offset = 0
+    for b, n in enumerate(L // 128 for L in lengths):
+        assert torch.equal(counts_v[b, :, :n], counts_p[0, :, offset:offset + n]) and not counts_v[b, :, n:].any()
+        for h in range(2):
+            for t in range(n):
+                c = int(counts_v[b, h, t])
+                assert torch.equal(indices_v[b, h, t, :c] + offset, indices_p[0, h, offset + t, :c])
+                assert int(indices_v[b, h, t, c - 1]) == t  # the diagonal, always kept
+        offset += n
+    causal = sum(2 * n * (n + 1) // 2 for n in (4, 8, 2))
+    assert density == pytest.approx(int(counts_p.sum()) / causal)
+
+
+def test_varlen_summary_table():
+    from repro import bench_flex_varlen
+
+    row = dict(target_density=0.1, density=0.12, max_abs_diff_vs_ours=0.0)
+    rows = [dict(row, what="ours", ms=2.0), dict(row, what="ours_packed", ms=1.9),
+            dict(row, what="flex", ms=3.0, max_abs_diff_vs_ours=0.5)]
+    table = bench_flex_varlen.summary_table(rows)
+    assert "| 10.0% | 12.00% | 2.000 | 1.900 | 3.000 | 1.50 | 0.95 | 0.5 MISMATCH |" in table
