@@ -189,8 +189,11 @@ def test_tiny_model_run_passes_the_path_check(tiny_run):
     assert chunked["calls"]["flashprefill/varlen"] > 0 and chunked["max_prefix"] >= 250
     assert set(groups[("flashprefill", "left-padded batch of 2", "serving")]["calls"]) == {"flashprefill/varlen"}
     assert groups[("flashprefill", "two turns", "one-shot")]["calls"].keys() == {"flashprefill/batch"}
-    # 2 prompts per length; per attention 2 chunkings x 4 prompts, 2 padded batches of 2 and 4 chats.
-    assert len(rows) == 2 * (8 + 4 + 4)
+    # 2 prompts per length; per attention 3 chunkings (64, 50, 64 declared) x 4 prompts, 2 padded batches of 2 and
+    # 4 chats.
+    assert len(rows) == 2 * (12 + 4 + 4)
+    declared = [r for r in rows if r["variant"] == "chunk 64 (aligned, declared)" and r["attention"] == "flashprefill"]
+    assert len(declared) == 4 and all(r["density"] == r["density_one_shot"] for r in declared)
     assert {r["attention"] for r in rows} == {"flashprefill", "sdpa"}
     floor = [r for r in rows if r["attention"] == "sdpa"]
     assert all(r["density"] == "1.0" for r in floor)

@@ -11,6 +11,7 @@ at the prompt's own token budget (a batch decodes to its longest budget; greedy 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Iterable, Sequence
 
@@ -132,15 +133,21 @@ def greedy(model, ids: torch.Tensor, max_new_tokens: int, pad_token_id: int, att
 
 
 @torch.no_grad()
-def prefill_all_but_last_chunk(model, ids: torch.Tensor, chunk: int):
+def prefill_all_but_last_chunk(model, ids: torch.Tensor, chunk: int, declare: bool = False):
     """A DynamicCache holding every chunk of ids (1, L) but the last, each prefilled by its own forward call over
     the cache of the chunks before it (the first without a prefix, the others as chunks after a cached prefix).
+    declare: the calls run inside `flashprefill_hf.more_chunks_follow(model)` (no dense last blocks: they are not
+    the end of the prompt); without it the backend takes each call as the prompt's end.
 
     The last chunk is left to `greedy(..., cache=...)`: generate's first forward prefills it, then decoding
     follows, exactly as after a one-shot prefill."""
     ids = ids.to(model.device)
+    import flashprefill_hf
+
     cache, keyword = new_cache(model), cache_keyword(model)
-    for start, end in chunk_bounds(ids.shape[1], chunk)[:-1]:
-        mask = torch.ones((ids.shape[0], end), dtype=torch.long, device=ids.device)  # prefix + this chunk
-        model(input_ids=ids[:, start:end], attention_mask=mask, use_cache=True, logits_to_keep=1, **{keyword: cache})
+    with flashprefill_hf.more_chunks_follow(model) if declare else contextlib.nullcontext():
+        for start, end in chunk_bounds(ids.shape[1], chunk)[:-1]:
+            mask = torch.ones((ids.shape[0], end), dtype=torch.long, device=ids.device)  # prefix + this chunk
+            model(input_ids=ids[:, start:end], attention_mask=mask, use_cache=True, logits_to_keep=1,
+                  **{keyword: cache})
     return cache

@@ -26,8 +26,10 @@ def header_section(rows, info) -> list[str]:
              "one-shot FlashPrefill on the same prompt, and what does that do to the task score (RULER's string "
              "match, 0-100)?", "",
              "- **chunked**: the prompt prefilled in chunks of " + " and ".join(map(str, s["chunks"])) + " tokens "
-             "(one forward call per chunk over a DynamicCache; generate prefills the last chunk and decodes), vs "
-             "generate on the whole prompt in one call;",
+             "(one forward call per chunk over a DynamicCache; generate prefills the last chunk and decodes)"
+             + (", and again in chunks of " + " and ".join(map(str, s["declared_chunks"])) + " declared (the chunks "
+                "before the last inside flashprefill_hf.more_chunks_follow)" if s.get("declared_chunks") else "")
+             + ", vs generate on the whole prompt in one call;",
              "- **padded**: prompts of different lengths (the same family and index at every length) left-padded "
              "into one batch with an attention mask, vs each prompt alone;",
              "- **multi_turn**: turn 1 (the context and a first question) generated into a cache, turn 2 (answer 1 "
@@ -114,11 +116,13 @@ def reading_section(info) -> list[str]:
              "The dense floor was not run (--dense-floor runs the same calls with sdpa, which tells rounding "
              "from FlashPrefill's chunk semantics).")
     return ["", "## Reading it", "",
-            "FlashPrefill is not bit-for-bit invariant to these calls by design: the backend takes every call as the "
-            "last chunk of its prompt, so each chunk's last query blocks are dense (the one-shot prefill has dense "
-            "last blocks only at the prompt's end), and a chunk boundary inside a block scores that block from the "
-            "rows each chunk has (docs/DESIGN.md section 9). Block-aligned chunks therefore keep a few more blocks "
-            "than one shot; the density columns show how many. " + floor]
+            "FlashPrefill is not bit-for-bit invariant to these calls by design: unless the chunks before the last "
+            "run inside flashprefill_hf.more_chunks_follow (the \"declared\" variants), the backend takes every call "
+            "as the last chunk of its prompt, so each chunk's last query blocks are dense (the one-shot prefill has "
+            "dense last blocks only at the prompt's end), and a chunk boundary inside a block scores that block from "
+            "the rows each chunk has (docs/DESIGN.md section 9). Undeclared block-aligned chunks therefore keep a few "
+            "more blocks than one shot; the density columns show how many; declared ones select as one shot does. "
+            + floor]
 
 
 def write_report(path: Path, rows, info) -> Path:

@@ -16,9 +16,8 @@ is not a decoding step), or a serving run did not run the layout its scenario te
 prints what failed and exits with status 1 (evidence.py).
 
 Prompts: the powered evaluation's held-out test split (repro/powered/prompts.py), the first n // families of each
-family at each length, so prompt j of a family has the same task at every length. The default n is sized for about
-3 minutes on one H200, model load and Triton compilation included (an estimate from the powered run's batch times,
-not yet measured: see FULL).
+family at each length, so prompt j of a family has the same task at every length. Measured on one H200 (FULL): the
+default n = 16 takes about 5 minutes with the declared variant, model load and Triton compilation included.
 
 Writes into --out (default: the run folder repro/runs/<date>-<device>/serving/): serving_samples.csv (one row per
 scenario, variant and prompt, with the environment stamp), serving_run.json (command, wall time, settings, every
@@ -49,9 +48,8 @@ EXPERIMENT = "serving"
 # pruned at 384), one needle prompt per length (12-token answers), a short first answer. ~25 s of model calls.
 QUICK = dict(lengths=[256, 384], n=1, families=["needle"], block_size=32, chunks=[128, 100], first_answer_tokens=8,
              workers=1)
-# One H200 (estimated): a greedy step costs ~18 ms there (the powered run's batches), so ~2.6 s of generate calls
-# per prompt (one-shot, two chunkings, the chat's two turns and its one-shot, a third of a padded batch) for 48
-# prompts, plus ~15 s of model load and ~30 s of Triton compilation: about 3 minutes.
+# One H200 (repro/results/serving/): --n 24 without the declared variant took 401 s (368 s of model runs, 384 runs:
+# ~1 s per run), the sdpa floor at --n 16 255 s. The default n = 16 adds one declared chunking (48 runs): ~300 s.
 FULL = dict(lengths=[2048, 4096, 8192], n=16, families=list(FAMILIES), block_size=128, chunks=[1024, 1000],
             first_answer_tokens=24, workers=None)
 
@@ -66,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, help="test prompts per length, split over the families (default 16)")
     p.add_argument("--families", nargs="+", choices=list(FAMILIES), help="task families (default: both)")
     p.add_argument("--chunks", type=int, nargs="+", help="chunk sizes of the chunked scenario (default 1024 1000)")
+    p.add_argument("--declared-chunks", type=int, nargs="*", default=None,
+                   help="chunk sizes run again with the chunks before the last inside "
+                        "flashprefill_hf.more_chunks_follow (default: the block-aligned ones of --chunks)")
     p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     p.add_argument("--alpha", type=float, default=0.12, help="FlashPrefill's threshold (default 0.12)")
     p.add_argument("--block-size", type=int, help="FlashPrefill's block size (default 128)")
@@ -82,7 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     fill_defaults(args, QUICK if args.quick else FULL)
     if min(args.lengths) < 1 or args.n < 1 or args.first_answer_tokens < 1:
         p.error("--lengths, --n and --first-answer-tokens must be >= 1")
-    if "chunked" in args.scenarios and not all(0 < c < min(args.lengths) for c in args.chunks):
+    if args.declared_chunks is None:
+        args.declared_chunks = [c for c in args.chunks if c % args.block_size == 0]
+    if "chunked" in args.scenarios and not all(0 < c < min(args.lengths) for c in args.chunks + args.declared_chunks):
         p.error(f"every chunk must be shorter than the shortest length ({min(args.lengths)}): a chunk as long as "
                 "the prompt is a one-shot prefill")
     return args
@@ -113,15 +116,17 @@ def main(argv=None) -> int:
     rows = []
     threads = args.cpu_threads if device.type == "cpu" else None
     with torch_threads(threads), torch.inference_mode():  # as a serving loop calls the model
-        total = len(attentions) * runs_per_attention(items, args.scenarios, args.chunks)
+        chunks = [(c, False) for c in args.chunks] + [(c, True) for c in args.declared_chunks]
+        total = len(attentions) * runs_per_attention(items, args.scenarios, chunks)
         with tqdm(total=total, desc="serving check", unit="run", dynamic_ncols=True) as bar:
             for attention in attentions:
-                rows += measure(session, items, attention, args.scenarios, args.chunks, args.block_size, bar)
+                rows += measure(session, items, attention, args.scenarios, chunks, args.block_size, bar)
         stamp = environment_stamp(device)  # inside the threads block: the stamp names the threads that ran
     found = problems(session.entries)
     info = dict(command=command, model=name, wall_seconds=round(time.time() - start),
                 settings=dict(alpha=args.alpha, block_size=args.block_size, lengths=args.lengths, n=args.n,
-                              families=args.families, chunks=args.chunks, scenarios=args.scenarios,
+                              families=args.families, chunks=args.chunks,
+                              declared_chunks=args.declared_chunks, scenarios=args.scenarios,
                               first_answer_tokens=args.first_answer_tokens, dense_floor=args.dense_floor,
                               floor_only=args.floor_only),
                 note=args.note, problems=found, evidence=session.entries)

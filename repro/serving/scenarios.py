@@ -2,7 +2,8 @@
 
     one-shot    each prompt alone: `generate` on the whole prompt in one call (B = 1, no padding, no cache)
     chunked     each prompt prefilled in chunks of `chunk` tokens, one forward call per chunk over a DynamicCache;
-                generate then prefills the last chunk over that cache and decodes. Compared with one-shot.
+                generate then prefills the last chunk over that cache and decodes. Compared with one-shot. A
+                "declared" variant runs the chunks before the last inside flashprefill_hf.more_chunks_follow.
     padded      prompt j of every length in one left-padded batch with its attention mask, generated together.
                 Each row compared with its prompt alone (one-shot).
     multi_turn  turn 1 (the context and a first question, calls.FIRST_QUESTION) generated into a cache; turn 2 (the
@@ -67,9 +68,10 @@ def padded_groups(items: list[Item]) -> list[list[Item]]:
     return [b for b in batches if len({it.sample.length for it in b}) > 1]
 
 
-def chunk_variant(chunk: int, block_size: int) -> str:
-    """The chunked scenario's variant name, e.g. "chunk 1024 (aligned)" or "chunk 1000 (unaligned)"."""
-    return f"chunk {chunk} ({'aligned' if chunk % block_size == 0 else 'unaligned'})"
+def chunk_variant(chunk: int, block_size: int, declared: bool = False) -> str:
+    """The chunked scenario's variant name, e.g. "chunk 1024 (aligned)", "chunk 1000 (unaligned)" or
+    "chunk 1024 (aligned, declared)" (the chunks before the last inside more_chunks_follow)."""
+    return f"chunk {chunk} ({'aligned' if chunk % block_size == 0 else 'unaligned'}{', declared' * declared})"
 
 
 class Session:
@@ -120,11 +122,11 @@ class Session:
         return self.run(lambda: greedy(self.model, item.ids, budget, self.pad), [budget],
                         (scenario, variant, "one-shot", length_label(item.sample.length)))[0]
 
-    def chunked(self, item: Item, chunk: int, variant: str) -> Answer:
+    def chunked(self, item: Item, chunk: int, variant: str, declare: bool = False) -> Answer:
         budget = item.sample.max_new_tokens
 
         def call():
-            cache = prefill_all_but_last_chunk(self.model, item.ids, chunk)
+            cache = prefill_all_but_last_chunk(self.model, item.ids, chunk, declare)
             return greedy(self.model, item.ids, budget, self.pad, cache=cache)
         return self.run(call, [budget], ("chunked", variant, "serving", length_label(item.sample.length)))[0]
 
@@ -182,16 +184,17 @@ def _shown(text: str) -> str:
     return text.strip().replace("\n", " ")[:160]
 
 
-def runs_per_attention(items: list[Item], scenarios, chunks: list[int]) -> int:
+def runs_per_attention(items: list[Item], scenarios, chunks: list[tuple[int, bool]]) -> int:
     """How many model runs `measure` makes for one attention (the progress bar's total)."""
     n = len(items)
     return (n * (1 + len(chunks) * ("chunked" in scenarios) + 2 * ("multi_turn" in scenarios))
             + len(padded_groups(items)) * ("padded" in scenarios))
 
 
-def measure(session: Session, items: list[Item], attention: str, scenarios, chunks: list[int], block_size: int,
-            bar=None) -> list[dict]:
-    """Every scenario of `scenarios` on every item with `attention`; one row per (scenario, variant, prompt)."""
+def measure(session: Session, items: list[Item], attention: str, scenarios, chunks: list[tuple[int, bool]],
+            block_size: int, bar=None) -> list[dict]:
+    """Every scenario of `scenarios` on every item with `attention`; one row per (scenario, variant, prompt).
+    chunks: (chunk size, declared) of each chunked variant."""
     session.use(attention)
 
     def step(scenario: str, length: int) -> None:
@@ -205,10 +208,10 @@ def measure(session: Session, items: list[Item], attention: str, scenarios, chun
         step("one-shot", item.sample.length)
     rows = []
     if "chunked" in scenarios:
-        for chunk in chunks:
-            variant = chunk_variant(chunk, block_size)
+        for chunk, declared in chunks:
+            variant = chunk_variant(chunk, block_size, declared)
             for item in items:
-                served = session.chunked(item, chunk, variant)
+                served = session.chunked(item, chunk, variant, declared)
                 rows.append(row(item, "chunked", variant, attention, served, alone[item.prompt.key],
                                 tokens=item.sample.length, cached=""))
                 step("chunked", item.sample.length)
