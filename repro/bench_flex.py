@@ -153,25 +153,33 @@ def markdown(table: str, stamp, args) -> str:
             f"{table}\n\n{stamp_line(stamp)}\n")
 
 
+def run_and_write(args, argv, module: str, measure_fn, summary_fn, markdown_fn) -> None:
+    """A GPU run of bench_flex or bench_flex_varlen (`module`): measure_fn(args) -> (rows, info), then <tag>.csv
+    (stamped rows), <tag>.md (markdown_fn(summary_fn(rows), stamp, args)) and <tag>.json (command, wall time, info)
+    in --out-dir (default: the run folder's flex/); the tag defaults to the module's name after "bench_" and the
+    GPU, e.g. flex_h200."""
+    started = time.perf_counter()
+    args.out_dir = args.out_dir or run_dir("flex", "cuda")
+    stamp = environment_stamp("cuda")
+    args.tag = args.tag or module.removeprefix("bench_") + "_" + device_slug(stamp["device_name"])
+    with torch.no_grad():
+        rows, info = measure_fn(args)
+    csv_path = write_long_csv(args.out_dir / f"{args.tag}.csv", rows, stamp)
+    table = summary_fn(rows)
+    (args.out_dir / f"{args.tag}.md").write_text(markdown_fn(table, stamp, args))
+    command = " ".join([f"python -m repro.{module}", *(sys.argv[1:] if argv is None else argv)])
+    write_run_json(args.out_dir / f"{args.tag}.json",
+                   dict(command=command, wall_s=round(time.perf_counter() - started, 1), **info))
+    print(table)
+    print(f"wrote {csv_path}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_flex needs a CUDA GPU (torch.compile'd flex_attention and the Triton kernel); "
                          "`python -m pytest tests/test_flex_interop.py` checks the interop on a CPU")
-    started = time.perf_counter()
-    args.out_dir = args.out_dir or run_dir("flex", "cuda")
-    stamp = environment_stamp("cuda")
-    args.tag = args.tag or "flex_" + device_slug(stamp["device_name"])
-    with torch.no_grad():
-        rows, info = measure(args)
-    csv_path = write_long_csv(args.out_dir / f"{args.tag}.csv", rows, stamp)
-    table = summary_table(rows)
-    (args.out_dir / f"{args.tag}.md").write_text(markdown(table, stamp, args))
-    command = " ".join(["python -m repro.bench_flex", *(sys.argv[1:] if argv is None else argv)])
-    write_run_json(args.out_dir / f"{args.tag}.json",
-                   dict(command=command, wall_s=round(time.perf_counter() - started, 1), **info))
-    print(table)
-    print(f"wrote {csv_path}")
+    run_and_write(args, argv, "bench_flex", measure, summary_table, markdown)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -33,9 +32,8 @@ import torch
 
 from interop import flex_block_sparse_attention, to_block_mask
 from reference import compact_blocks
-from repro.bench_flex import BLOCK, DEFAULT_DENSITIES, TOLERANCE
-from repro.common import (device_slug, environment_stamp, length_label, markdown_table, run_dir, stamp_line,
-                          write_long_csv, write_run_json)
+from repro.bench_flex import BLOCK, DEFAULT_DENSITIES, TOLERANCE, run_and_write
+from repro.common import length_label, markdown_table, stamp_line
 from repro.masks import controlled_mask
 from repro.timing import bench_ms
 
@@ -156,32 +154,23 @@ def summary_table(rows) -> str:
                            "ours_packed / ours", "max abs diff"], table)
 
 
+def markdown(table: str, stamp, args) -> str:
+    """<tag>.md: the summary table with the batch, what was timed and the environment stamp."""
+    label = "+".join(length_label(L) for L in args.lengths)
+    return (f"# FlexAttention vs our varlen kernel, packed batch {label} ({stamp['device_name']})\n\n"
+            f"bf16, Hq={args.q_heads}, Hkv={args.kv_heads}, D={args.head_dim}, causal per sequence, Bs={BLOCK}; "
+            "synthetic inputs, one random block mask per sequence with the forced blocks (operator only). `ours`: "
+            "the varlen attention kernel; `ours_packed`: the one-sequence kernel on the block-diagonal lists; "
+            "`flex`: torch.compile(flex_attention) with interop.to_block_mask. Ratios > 1: ours is faster. Medians "
+            f"of {args.repeats} interleaved do_bench rounds.\n\n{table}\n\n{stamp_line(stamp)}\n")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_flex_varlen needs a CUDA GPU (torch.compile'd flex_attention and the Triton "
                          "kernels); `python -m pytest tests/test_bench_flex.py` checks its CPU parts")
-    started = time.perf_counter()
-    args.out_dir = args.out_dir or run_dir("flex", "cuda")
-    stamp = environment_stamp("cuda")
-    args.tag = args.tag or "flex_varlen_" + device_slug(stamp["device_name"])
-    with torch.no_grad():
-        rows, info = measure(args)
-    csv_path = write_long_csv(args.out_dir / f"{args.tag}.csv", rows, stamp)
-    table = summary_table(rows)
-    label = "+".join(length_label(L) for L in args.lengths)
-    (args.out_dir / f"{args.tag}.md").write_text(
-        f"# FlexAttention vs our varlen kernel, packed batch {label} ({stamp['device_name']})\n\n"
-        f"bf16, Hq={args.q_heads}, Hkv={args.kv_heads}, D={args.head_dim}, causal per sequence, Bs={BLOCK}; "
-        "synthetic inputs, one random block mask per sequence with the forced blocks (operator only). `ours`: the "
-        "varlen attention kernel; `ours_packed`: the one-sequence kernel on the block-diagonal lists; `flex`: "
-        "torch.compile(flex_attention) with interop.to_block_mask. Ratios > 1: ours is faster. Medians of "
-        f"{args.repeats} interleaved do_bench rounds.\n\n{table}\n\n{stamp_line(stamp)}\n")
-    command = " ".join(["python -m repro.bench_flex_varlen", *(sys.argv[1:] if argv is None else argv)])
-    write_run_json(args.out_dir / f"{args.tag}.json",
-                   dict(command=command, wall_s=round(time.perf_counter() - started, 1), **info))
-    print(table)
-    print(f"wrote {csv_path}")
+    run_and_write(args, argv, "bench_flex_varlen", measure, summary_table, markdown)
 
 
 if __name__ == "__main__":
