@@ -75,9 +75,11 @@ class DensityRecorder:
     token after a cached prefix), path ("flashprefill", "dense_layer" or "dense_fallback"), reason (why a call fell
     back), density (kept causal blocks / all causal blocks for a block-sparse prefill call; 1.0 for a dense-layer
     prefill; None for a fallback), and for block-sparse prefill calls (path "flashprefill", whichever selector ran)
-    impl ("triton" or "reference": which implementation ran) and selector (the config's selector: "flashprefill",
-    "flexprefill" or "xattention"). Densities are kept as tensors until read, so recording adds no host
-    synchronisation on the GPU.
+    impl ("triton" or "reference": which implementation ran), selector (the config's selector: "flashprefill",
+    "flexprefill" or "xattention"), layout ("batch": whole unpadded prompts; "varlen": padded rows or a chunk after
+    a cached prefix, packed for `flash_prefill_varlen`) and prefix (the longest cached prefix in tokens, 0 for
+    "batch"); for "varlen" the density is over every sequence of the call. Densities are kept as tensors until
+    read, so recording adds no host synchronisation on the GPU.
 
     Decoding steps are not recorded unless record_decode=True: generation would otherwise add a record per layer per
     generated token. max_records (None = no limit) keeps only the most recent records; `dropped` counts the ones it
