@@ -282,45 +282,46 @@ def _dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs
                                   **kwargs)
 
 
-def call_layout(query, key, attention_mask) -> PackedLayout | None:
-    """The varlen layout of a prefill call (layout.py), or None for a batch of whole prompts (no mask, or a mask
-    that is plain causal attention over unpadded rows). Call after `prefill_blocker` returned None."""
-    if attention_mask is None:
-        return None
-    layout = batch_layout(attention_mask, query.shape[0], query.shape[2], key.shape[2])
-    return None if layout is None or layout.is_full else layout
-
-
 def prefill_blocker(module, query, key, value, attention_mask, dropout, kwargs) -> str | None:
     """Why the shape, mask or options of this call rule FlashPrefill out, or None if they allow it.
 
     (The attention function adds "dense_layer", "requires_grad" and "unsupported_by_kernels", which depend on the
     config, autograd and the device rather than on the call.)"""
+    return _blocker_and_layout(module, query, key, value, attention_mask, dropout, kwargs)[0]
+
+
+def _blocker_and_layout(module, query, key, value, attention_mask, dropout, kwargs
+                        ) -> tuple[str | None, PackedLayout | None]:
+    """(`prefill_blocker`'s reason, the call's varlen layout): the layout (layout.py) is None for a batch of whole
+    prompts (no mask, or a mask that is plain causal attention over unpadded rows) and whenever there is a reason.
+    One function, so that the mask is read once per call (a mask made under inference mode is not cached)."""
     Lq, Lk = query.shape[2], key.shape[2]
     if Lq > Lk:
-        return "query_longer_than_keys"
+        return "query_longer_than_keys", None
     if Lq == 1 < Lk:
-        return "decode"
+        return "decode", None
     if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
-        return "not_causal"
+        return "not_causal", None
     if dropout and module.training:
-        return "dropout"
+        return "dropout", None
     if kwargs.get("softcap") is not None:
-        return "softcap"
+        return "softcap", None
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        return "attention_sinks"
+        return "attention_sinks", None
     window = kwargs.get("sliding_window")
     if window is not None and window < Lk:
-        return "sliding_window"
+        return "sliding_window", None
     if kwargs.get("position_bias") is not None:
-        return "position_bias"
+        return "position_bias", None
     if query.shape[-1] != value.shape[-1]:
-        return "head_dims_differ"
+        return "head_dims_differ", None
     if attention_mask is None:
-        return None if Lq == Lk else "cache_layout"  # sdpa's is_causal would align the queries top-left
-    if not isinstance(attention_mask, torch.Tensor) or batch_layout(attention_mask, query.shape[0], Lq, Lk) is None:
-        return "padding_or_custom_mask"
-    return None
+        return (None if Lq == Lk else "cache_layout"), None  # sdpa's is_causal would align the queries top-left
+    layout = (batch_layout(attention_mask, query.shape[0], Lq, Lk) if isinstance(attention_mask, torch.Tensor)
+              else None)
+    if layout is None:
+        return "padding_or_custom_mask", None
+    return None, (None if layout.is_full else layout)
 
 
 def _auto_impl(device: torch.device) -> str:
@@ -427,14 +428,13 @@ def flashprefill_attention_forward(module, query, key, value, attention_mask, sc
     layer = getattr(module, "layer_idx", None)
     B, Hq, Lq, D = query.shape
     impl = None
-    reason = prefill_blocker(module, query, key, value, attention_mask, dropout, kwargs)
+    reason, layout = _blocker_and_layout(module, query, key, value, attention_mask, dropout, kwargs)
     if reason is None and layer is not None and layer < config.dense_layers:
         reason = "dense_layer"
     if reason is None and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
                                                        or value.requires_grad):
         reason = "requires_grad"
-    layout = call_layout(query, key, attention_mask) if reason is None else None
-    if layout is not None and config.selector != "flashprefill":
+    if reason is None and layout is not None and config.selector != "flashprefill":
         reason = "selector_without_varlen"
     if reason is None:
         impl = _implementation(config, query.device, D, query.dtype)

@@ -141,6 +141,20 @@ def test_inference_mode_masks_are_read_every_time(monkeypatch):
     assert len(reads) == 2
 
 
+def test_a_forward_reads_an_inference_mode_mask_once_per_layer(monkeypatch):
+    """Without the per-tensor cache (inference mode), each layer reads the mask once: the dispatch and the packing
+    share one read."""
+    reads = []
+    real = layout.read_layout
+    monkeypatch.setattr(layout, "read_layout", lambda *a: reads.append(1) or real(*a))
+    model = tiny_model("llama")
+    ids, mask = padded([tokens(40, seed=1)[0], tokens(24, seed=2)[0]], "left")
+    cfg = flashprefill_hf.configure(model, fp_config(0.5))
+    with torch.inference_mode():
+        model(ids, attention_mask=mask)
+    assert [r["layout"] for r in cfg.recorder.records] == ["varlen"] * 2 and len(reads) == 2
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Padded batches
 # --------------------------------------------------------------------------------------------------------------
