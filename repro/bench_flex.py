@@ -38,7 +38,7 @@ from repro.common import (device_slug, environment_stamp, length_label, markdown
                           write_long_csv, write_run_json)
 from repro.masks import controlled_mask
 from repro.paper import PAPER_DENSITY_256K
-from repro.timing import bench_ms
+from repro.timing import bench_ms, interleaved
 from tools.oracle import ATOL
 
 DEFAULT_LENGTHS = (16384, 32768, 65536, 131072, 262144)
@@ -110,11 +110,8 @@ def measure(args) -> tuple[list[dict], dict]:
             del ours, flex_out
             print(f"L={length_label(L)} target {target:.1%}: density {density:.2%}, max |flex - ours| {diff:.3g}"
                   + ("" if diff <= TOLERANCE else "  MISMATCH"), flush=True)
-            times = {name: [] for name in fns}
-            for _ in range(args.repeats):
-                for name, fn in fns.items():
-                    times[name].append(bench_ms(fn))
-            for name, runs in times.items():
+            # Both calls ran once above (compiled, checked): no further warm-up.
+            for name, runs in interleaved(fns, args.repeats, bench_ms, warm_up=False).items():
                 rows.append(dict(base, what=name, L=L, target_density=target, density=density,
                                  ms=statistics.median(runs), runs=" ".join(f"{t:.3f}" for t in runs),
                                  max_abs_diff_vs_ours=diff, matches=diff <= TOLERANCE))

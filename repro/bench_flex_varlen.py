@@ -35,7 +35,7 @@ from reference import compact_blocks
 from repro.bench_flex import BLOCK, DEFAULT_DENSITIES, TOLERANCE, run_and_write
 from repro.common import length_label, markdown_table, stamp_line
 from repro.masks import controlled_mask
-from repro.timing import bench_ms
+from repro.timing import bench_ms, interleaved
 
 DEFAULT_LENGTHS = (8192, 32768, 102400, 3072)  # the mixed batch (100K and 3K rounded to whole blocks)
 CALLS = ("ours", "ours_packed", "flex")
@@ -123,11 +123,8 @@ def measure(args) -> tuple[list[dict], dict]:
         print(f"{label} target {target:.1%}: density {density:.2%}, max |x - ours| "
               + ", ".join(f"{n} {d:.3g}" + ("" if d <= TOLERANCE else " MISMATCH") for n, d in diffs.items()),
               flush=True)
-        times = {name: [] for name in fns}
-        for _ in range(args.repeats):
-            for name, fn in fns.items():
-                times[name].append(bench_ms(fn))
-        for name, runs in times.items():
+        # Every call ran once above (compiled, checked): no further warm-up.
+        for name, runs in interleaved(fns, args.repeats, bench_ms, warm_up=False).items():
             diff = diffs.get(name, 0.0)
             rows.append(dict(base, what=name, target_density=target, density=density, ms=statistics.median(runs),
                              runs=" ".join(f"{t:.3f}" for t in runs), max_abs_diff_vs_ours=diff,
