@@ -49,6 +49,7 @@ import contextlib
 import contextvars
 import dataclasses
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,6 +176,9 @@ class FlashPrefillConfig:
     size and the safety net, in blocks. dense_layers: the first N layers keep exact dense attention.
     mean_correction: FlashPrefill V2's Eq. 6 (opt-in): every pruned causal block below the diagonal joins the
     softmax as its mean key and value (reference/attention.py); it applies to the peers' lists as well.
+    fp8: the attention over the kept blocks in e4m3 (reference/fp8.py; opt-in, not with mean_correction), for whole
+    unpadded prompts (FlashPrefill's and the peers' lists); padded batches and chunks after a cached prefix (the
+    varlen path, which has no FP8 kernel) run in the model's dtype, with a UserWarning once per config.
     impl: "auto" (Triton on CUDA, reference elsewhere), "reference" or "triton".
     recorder: a `DensityRecorder` (by default it records prefill calls, not decoding steps), or None to record
     nothing.
@@ -197,6 +201,7 @@ class FlashPrefillConfig:
     last_dense_blocks: int = 2
     dense_layers: int = 0
     mean_correction: bool = False
+    fp8: bool = False
     impl: str = "auto"
     recorder: DensityRecorder | None = field(default_factory=DensityRecorder)
     cpu_threads: int | None = 1
@@ -209,6 +214,16 @@ class FlashPrefillConfig:
         SELECTORS["flashprefill"].check(**self.kernel_kwargs())
         check_count("dense_layers", self.dense_layers, minimum=0)
         check_flag("mean_correction", self.mean_correction)
+        check_flag("fp8", self.fp8)
+        if self.fp8 and self.mean_correction:
+            raise ValueError("fp8=True runs without mean_correction (the FP8 attention has none); set one of them to "
+                             "False")
+        if self.fp8:
+            from triton_impl.fp8 import FP8_BLOCK_SIZES
+
+            if self.block_size not in FP8_BLOCK_SIZES:
+                raise ValueError(f"fp8=True needs block_size in {FP8_BLOCK_SIZES} (the FP8 kernel's query tile is "
+                                 f"one block), got {self.block_size}")
         if self.impl not in ("auto", "reference", "triton"):
             raise ValueError(f"impl must be 'auto', 'reference' or 'triton', got {self.impl!r}")
         self._check_selector()
@@ -242,6 +257,7 @@ class FlashPrefillConfig:
     def describe(self) -> str:
         """The selection in words, e.g. "flashprefill alpha=0.12" or "xattention threshold=0.95"."""
         correction = " +mean correction" if self.mean_correction else ""
+        correction += " fp8" if self.fp8 else ""
         if self.selector == "flashprefill":
             return f"flashprefill alpha={self.alpha:g}{correction}"
         return " ".join([self.selector] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
@@ -359,6 +375,11 @@ def _sparse_prefill(config: FlashPrefillConfig, impl_name: str, q, k, v, scaling
     if id(config) in _CONTINUED.get():  # not the end of the prompt: no dense last blocks (more_chunks_follow)
         kernel_kwargs["last_dense_blocks"] = 0
     if layout is not None:
+        if config.fp8 and id(config) not in _WARNED_FP8_VARLEN:
+            _WARNED_FP8_VARLEN.add(id(config))
+            warnings.warn(f"fp8=True: this {config.describe()} call is a padded batch or a chunk after a cached "
+                          "prefix (the varlen path), which has no FP8 kernel: it runs in the model's dtype",
+                          UserWarning, stacklevel=2)
         # The layout is valid by construction: the Triton call skips re-reading cu_seqlens (a host sync).
         checks = dict(validate=False) if impl_name == "triton" else {}
         out, stats = impl.flash_prefill_varlen(
@@ -369,16 +390,21 @@ def _sparse_prefill(config: FlashPrefillConfig, impl_name: str, q, k, v, scaling
         return layout.unpack_queries(out), stats.density
     if config.selector == "flashprefill":
         out, stats = impl.flash_prefill(q, k, v, softmax_scale=scaling, return_stats=True,
-                                        mean_correction=config.mean_correction, **kernel_kwargs)
+                                        mean_correction=config.mean_correction, fp8=config.fp8, **kernel_kwargs)
         return out, stats.density
     counts, indices = config.select_peer(q, k, scaling)
     # The peers' lists come from compact_blocks (valid by construction): the Triton call skips re-checking them,
     # which would cost a host synchronisation per layer.
     checks = dict(validate=False) if impl_name == "triton" else {}
-    out = impl.block_sparse_attention(q, k, v, counts, indices, config.block_size, scaling,
-                                      mean_correction=config.mean_correction, **checks)
+    if config.fp8:
+        out = impl.block_sparse_attention_fp8(q, k, v, counts, indices, config.block_size, scaling, **checks)
+    else:
+        out = impl.block_sparse_attention(q, k, v, counts, indices, config.block_size, scaling,
+                                          mean_correction=config.mean_correction, **checks)
     return out, reference.causal_block_density(counts)
 
+
+_WARNED_FP8_VARLEN: set[int] = set()  # configs told that their varlen calls run without fp8
 
 # ids of the configs whose prefill calls are not the end of their prompt (inside `more_chunks_follow`).
 _CONTINUED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("flashprefill_continued",

@@ -7,7 +7,9 @@ Stage by stage, in the order `flash_prefill` calls them:
 3. `select_blocks`      keep Score >= alpha * max, plus sinks, local window, dense last rows (Eq. 3)
 4. `compact_blocks`     ascending lists of kept key blocks + counts (`select_and_compact`: stages 3-4 in one call;
                         `lists_to_mask`: the inverse of compact_blocks)
-5. `block_sparse_attention` (physical skip) / `block_sparse_attention_logical` (logical skip)
+5. `block_sparse_attention` (physical skip) / `block_sparse_attention_logical` (logical skip);
+   `block_sparse_attention_fp8` (fp8.py, `flash_prefill(..., fp8=True)`): the physical skip with Q, K, V and P in
+   e4m3, as Hopper's FP8 tensor cores run it
 
 `flash_prefill_varlen` (varlen.py) runs the same stages on serving-style calls: packed variable-length batches
 (FlashAttention's cu_seqlens layout) and chunked prefill over a cached prefix (docs/DESIGN.md section 9); it has
@@ -24,6 +26,7 @@ key or value reaches).
 
 from .attention import block_sparse_attention, block_sparse_attention_logical, dense_attention, merge_attention_states
 from .flash_prefill import PAPER_ALPHA, FlashPrefillStats, flash_prefill
+from .fp8 import block_sparse_attention_fp8
 from .pooling import mean_pool_keys
 from .scoring import block_scores
 from .selection import causal_block_density, compact_blocks, lists_to_mask, select_and_compact, select_blocks
@@ -39,6 +42,7 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_logical",
     "dense_attention",
+    "block_sparse_attention_fp8",
     "merge_attention_states",
     "flash_prefill",
     "FlashPrefillStats",

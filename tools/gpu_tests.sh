@@ -18,7 +18,7 @@ mkdir -p "$OUT/junit"
 : > "$OUT/summary.txt"
 : > "$OUT/failures.txt"
 # Kernels and their differential tests first: they are what a GPU run is for.
-FIRST="tests/test_triton_attention.py tests/test_triton_mean_correction.py tests/test_lse.py tests/test_triton_selection.py
+FIRST="tests/test_triton_attention.py tests/test_triton_mean_correction.py tests/test_lse.py tests/test_fp8.py tests/test_triton_selection.py
 tests/test_nan_and_grad.py tests/test_selection_contract.py tests/test_flex_interop.py tests/test_real_activations.py
 tests/test_hf_backend.py tests/test_hf_fallbacks.py tests/test_hf_varlen.py tests/test_triton_compile.py"
 if [ $# -gt 0 ]; then files="$*"; else

@@ -88,10 +88,10 @@ def jit_kernels() -> dict[str, "triton.runtime.jit.JITFunction"]:  # noqa: F821
     """Every @triton.jit kernel of triton_impl (the functions named *_kernel; the others are device helpers)."""
     import triton.runtime.jit as jit
 
-    from triton_impl import attention, pooling, scoring, selection
+    from triton_impl import attention, fp8, pooling, scoring, selection
 
     found = {}
-    for module in (pooling, scoring, selection, attention):
+    for module in (pooling, scoring, selection, attention, fp8):
         for name, obj in vars(module).items():
             if not name.endswith("_kernel"):
                 continue
@@ -238,6 +238,7 @@ def variants(quick: bool = False, dtypes: list[str] | None = None) -> list[Varia
     import reference
 
     import triton_impl as ti
+    from triton_impl.fp8 import FP8_BLOCK_SIZES, block_sparse_attention_fp8
 
     dtypes = list(DTYPES) if dtypes is None else dtypes
     head_dims = HEAD_DIMS[:1] if quick else HEAD_DIMS
@@ -310,6 +311,9 @@ def variants(quick: bool = False, dtypes: list[str] | None = None) -> list[Varia
                     add(f"{label} varlen{name}", "flash_prefill_varlen", _with_kv_descriptors if tma else _plain_call,
                         ti.flash_prefill_varlen, *packed, block_size=bs, **extras)
                 add(f"{label} +mean", "flash_prefill", ti.flash_prefill, q, k, v, block_size=bs, mean_correction=True)
+                if bs in FP8_BLOCK_SIZES:  # the e4m3 path: three quantise launches (V transposed) and its walk
+                    add(f"{label} fp8", "block_sparse_attention_fp8", block_sparse_attention_fp8, q, k, v, counts,
+                        indices, bs)
                 if dt == "bf16" and D == 128 and bs == 128:  # key_means given: only V is pooled (unsplit, bf16)
                     add(f"{label} physical +mean key_means", "block_sparse_attention", ti.block_sparse_attention, q,
                         k, v, counts, indices, bs, mean_correction=True, key_means=torch.zeros(1, M, k.shape[2], D))

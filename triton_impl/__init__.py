@@ -13,6 +13,8 @@ benchmarks). Bad input to a `launch_*` function is undefined behaviour; use the 
 
 `mean_correction=True` (FlashPrefill V2, Eq. 6: the pruned blocks below the diagonal as their means) runs in the
 attention kernel as in the reference: `block_sparse_attention`, `block_sparse_attention_logical`, `flash_prefill`.
+`block_sparse_attention_fp8` / `flash_prefill(..., fp8=True)` (fp8.py): the physical skip with Q, K, V and P
+quantised per block to e4m3, for Hopper's FP8 tensor cores (block_size 64 or 128, compute capability 9.0+).
 `return_lse=True` (every attention entry point) stores each row's log-sum-exp from the kernel's running softmax
 state; `merge_attention_states`, which combines two partial attentions through it, is the reference's function
 (plain torch arithmetic on the outputs: no kernel of its own).
@@ -29,6 +31,7 @@ from reference.selection import causal_block_density, lists_to_mask
 
 from .attention import block_sparse_attention, block_sparse_attention_logical, dense_attention
 from .flash_prefill import flash_prefill
+from .fp8 import block_sparse_attention_fp8
 from .pooling import mean_pool_keys
 from .scoring import block_scores
 from .selection import compact_blocks, select_and_compact, select_blocks
@@ -43,6 +46,7 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_logical",
     "dense_attention",
+    "block_sparse_attention_fp8",
     "merge_attention_states",
     "flash_prefill",
     "flash_prefill_varlen",

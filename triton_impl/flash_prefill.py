@@ -31,6 +31,7 @@ from reference.validation import check_count, num_blocks
 
 from .attention import PHYSICAL, launch_attention
 from .common import HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_kernel_block_size, check_kernel_runs_on, new_output
+from .fp8 import check_fp8_args, launch_fp8_attention, quantize_qkv
 from .pooling import launch_mean_pool
 from .scoring import launch_block_scores
 from .selection import launch_select_and_compact
@@ -63,6 +64,7 @@ def flash_prefill(
     mean_correction: bool = False,
     max_selection_bytes: int = MAX_SELECTION_BYTES,
     return_lse: bool = False,
+    fp8: bool = False,
 ):
     """Block-sparse causal prefill attention with FlashPrefill's selection. Same contract as the reference, plus
     `max_selection_bytes`, the budget of the per-chunk selection buffers (see the module docstring).
@@ -75,12 +77,16 @@ def flash_prefill(
     mean_correction: as the reference (V2's Eq. 6); costs one more read of V in stage 1 and the means walk in the
     attention kernel (triton_impl/attention.py).
     return_lse: also return lse (B, Hq, L) float32 (each chunk's attention writes its rows). Returns
-    out [, lse] [, stats], as the reference."""
+    out [, lse] [, stats], as the reference.
+    fp8: stage 5 in e4m3 (triton_impl/fp8.py: Q, K, V quantised once, three launches before the first chunk; needs
+    compute capability 9.0+ and block_size 64 or 128); the selection is unchanged."""
     scale = check_flash_prefill_args(q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-                                     softmax_scale, mean_correction, return_lse, dtypes=KERNEL_DTYPES,
+                                     softmax_scale, mean_correction, return_lse, fp8, dtypes=KERNEL_DTYPES,
                                      head_dims=HEAD_DIMS)
     check_kernel_block_size(block_size)
     check_kernel_runs_on(q, k, v)
+    if fp8:
+        check_fp8_args(q, block_size)
     check_count("max_selection_bytes", max_selection_bytes, minimum=1)
     B, L, Hq, D = q.shape
     M = num_blocks(L, block_size)
@@ -97,13 +103,17 @@ def flash_prefill(
     out = new_output(B, L, Hq, D, dtype=q.dtype, device=q.device)
     lse = new_output(B, Hq, L, dtype=torch.float32, device=q.device) if return_lse else None
     all_indices = new_output(B, Hq, M, M, dtype=torch.int32, device=q.device) if return_stats else None
+    quantized = quantize_qkv(q, k, v, block_size) if fp8 else None
     for rows in query_block_chunks(B, Hq, M, max_selection_bytes):
         scores = launch_block_scores(q, kbar_parts, block_size, rows=rows)  # 2. Eq. 1-2
         _, indices = launch_select_and_compact(scores, float(alpha), sink_blocks, window_blocks, last_dense_blocks,
                                                row0=rows[0], counts=counts, pad_lists=return_stats)  # 3-4
         del scores
-        launch_attention(q, k, v, block_size, scale, PHYSICAL, counts=counts, indices=indices, rows=rows,
-                         out=out, means=means, return_lse=return_lse, lse=lse)  # 5. physical skip
+        if fp8:  # 5. physical skip, in e4m3
+            launch_fp8_attention(quantized, L, block_size, scale, counts, indices, out=out, rows=rows)
+        else:  # 5. physical skip
+            launch_attention(q, k, v, block_size, scale, PHYSICAL, counts=counts, indices=indices, rows=rows,
+                             out=out, means=means, return_lse=return_lse, lse=lse)
         if all_indices is not None:
             all_indices[:, :, rows[0]:rows[1]] = indices
         del indices  # before the next chunk allocates its own

@@ -9,9 +9,11 @@ settings, each a `block_selectors.Setting` plus the backend knobs the issue asks
     ARMS["fp_a0.06"] ...    the alpha sweep; "+mc": V2's mean correction; "+dense4": the first 4 layers dense
                             (V2's SGLang example); "fp_v2": V2's alpha 0.1
     ARMS["flex_g0.9"] ...   FlexPrefill's gamma sweep; "xattn_t0.9" ...: XAttention's threshold sweep
+    ARMS["fp+fp8"]          the default with the attention in e4m3 (reference/fp8.py); "dense_fp8": alpha 0 in e4m3,
+                            what the quantisation alone costs
 
 An arm's `group` says what it is for: "floor" (the dense-vs-dense noise floor), "default", "sweep" (the Pareto
-figure), "knob" (choices made on dev, reported on test), "peer".
+figure), "knob" (choices made on dev, reported on test), "peer", "precision" (the FP8 attention; not a dev-rule candidate).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class Arm:
             parts.append("+ mean corr.")
         if self.knobs.get("dense_layers"):
             parts.append(f"+ first {self.knobs['dense_layers']} layers dense")
+        if self.knobs.get("fp8"):
+            parts.append("in fp8")
         return " ".join(parts)
 
     def columns(self) -> dict:
@@ -72,6 +76,9 @@ def _build() -> dict[str, Arm]:
         arms.append(_fp(f"fp_a{alpha:g}", alpha, "sweep"))
     for alpha in (0.06, 0.3):
         arms.append(_fp(f"fp_a{alpha:g}+mc", alpha, "sweep", mean_correction=True))
+    arms += [_fp("fp+fp8", DEFAULT_ALPHA, "precision", fp8=True),
+             Arm("dense_fp8", Setting("flashprefill", 0.0, title="dense (FlashPrefill alpha=0)"), "precision",
+                 dict(fp8=True))]
     for gamma in (0.8, 0.9, 0.95, 0.99):
         arms.append(Arm(f"flex_g{gamma:g}", Setting("flexprefill", gamma), "peer"))
     for threshold in (0.8, 0.9, 0.95, 0.99):
@@ -84,7 +91,7 @@ ARMS: dict[str, Arm] = _build()
 # the peers (a time budget cuts from the end).
 PRIORITY = ("full", "dense_kernels", "fp", "fp+mc", "fp+dense4", "fp_a0.06", "fp_a0.3", "flex_g0.9", "xattn_t0.9",
             "fp_v2", "fp_a0.2", "fp_a0.03", "fp_a0.06+mc", "fp_a0.3+mc", "flex_g0.95", "xattn_t0.95", "flex_g0.8",
-            "xattn_t0.8", "flex_g0.99", "xattn_t0.99")
+            "xattn_t0.8", "flex_g0.99", "xattn_t0.99", "fp+fp8", "dense_fp8")
 assert set(PRIORITY) == set(ARMS), set(PRIORITY) ^ set(ARMS)
 
 
