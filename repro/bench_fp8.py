@@ -11,7 +11,8 @@ Standard shape: B = 1, Hq = 32, Hkv = 4, D = 128, bf16, Bs = 128, planted synthe
 1. check      before anything is timed, at --check-lengths (one >= 16K: several blocks per row): the Triton FP8
               path (`triton_impl.fp8.block_sparse_attention_fp8`) against the reference FP8 path
               (`reference.fp8.block_sparse_attention_fp8`, on the same GPU tensors and lists): max and mean abs
-              difference within MAX_DIFF and MEAN_DIFF, else the script exits with an error and times nothing.
+              difference within MAX_DIFF and MEAN_SHARE x the reference's own mean error against float64, else the
+              script exits with an error and times nothing (each sweep config is checked and reported too).
               Also each path's error against exact attention over the same blocks (`tools.oracle.naive_attention`,
               float64), for the FP8 and the bf16 kernel (`triton_impl.block_sparse_attention`), and their ratio.
               Lists: `repro.masks.controlled_mask` at CHECK_DENSITY.
@@ -64,12 +65,12 @@ QUICK_SHAPE = dict(Hq=2, Hkv=1, D=64, block_size=64)  # the FP8 kernel takes Bs 
 FULL = dict(lengths=[65536, 131072, 262144], densities=[0.035, 0.10], check_lengths=[4096, 16384],
             whole_lengths=[262144], repeats=3)
 QUICK = dict(lengths=[256], densities=[0.5], check_lengths=[200, 320], whole_lengths=[256], repeats=1)
-# Triton FP8 vs reference FP8, max and mean abs difference of the outputs. The mean is the gate that catches a wrong
-# kernel; the max is loose because a logit moved by float32 rounding (the GPU's exp2, FMAs and e4m3 accumulator vs
-# torch's) can move one rounding of P by an e4m3 step (2^-4 relative), which shows as up to ~0.1 in one output at
-# the planted inputs' logits (a CPU experiment: the reference against itself with the scale moved by 2^-20 gave a max
-# of 0.018 and a mean of 1.6e-6).
-MAX_DIFF, MEAN_DIFF = 0.25, 1e-3
+# Triton FP8 vs reference FP8 (the gate). The mean difference must stay a small fraction of the reference's own
+# error against float64 (MEAN_SHARE): the kernel may differ from the emulation only by float32 rounding (the GPU's
+# exp2 and FMAs, the e4m3 wgmma's accumulator), which moves P across an e4m3 rounding now and then; each such flip
+# moves an output by up to 2^-4 of a weight x |v|, up to ~0.1 at the planted inputs' peaked rows, so the max bound
+# (MAX_DIFF) only catches gross errors. A wrong scale, block or row would make the difference as large as the error.
+MAX_DIFF, MEAN_SHARE = 0.25, 0.2
 CHECK_DENSITY = 0.1  # target density of the check's random lists
 SPEEDUP_GOAL, SPEEDUP_GOAL_LENGTHS = 1.6, (65536, 262144)  # fp8 vs bf16 per kept block, at these lengths
 WHOLE_GOAL, WHOLE_GOAL_LENGTH, WHOLE_GOAL_DENSITY = 50.0, 262144, PAPER_DENSITY_256K["FlashPrefill"]  # vs FA2
@@ -85,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"lengths of the correctness check (default {FULL['check_lengths']})")
     parser.add_argument("--stages", type=int, nargs="+", default=[], help="also the FP8 kernel at these num_stages")
     parser.add_argument("--warps", type=int, nargs="+", default=[], help="also the FP8 kernel at these num_warps")
+    parser.add_argument("--imprecise-acc", type=int, nargs="+", default=[],
+                        help="also the FP8 kernel promoting its e4m3 accumulator every this many K elements")
     parser.add_argument("--whole-lengths", type=int, nargs="*", default=None,
                         help=f"lengths of the whole call (default {FULL['whole_lengths']}; none: skip it)")
     parser.add_argument("--whole-density", type=float, default=PAPER_DENSITY_256K["FlashPrefill"],
@@ -106,15 +109,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def sweep_configs(stages, warps) -> dict[str, dict]:
-    """{"fp8 s3 w8": config of launch_fp8_attention} for every (num_stages, num_warps) asked for; {} for none."""
-    if not stages and not warps:
-        return {}
+def sweep_configs(stages, warps, imprecise_acc=()) -> dict[str, dict]:
+    """{"fp8 s3 w8": config of launch_fp8_attention} for every (num_stages, num_warps) asked for, and one config
+    "fp8 acc32" per --imprecise-acc value; {} for none."""
     configs = {}
-    for s in stages or [None]:
-        for w in warps or [None]:
-            label = " ".join(["fp8", *([f"s{s}"] if s else []), *([f"w{w}"] if w else [])])
-            configs[label] = {**({"num_stages": s} if s else {}), **({"num_warps": w} if w else {})}
+    if stages or warps:
+        for s in stages or [None]:
+            for w in warps or [None]:
+                label = " ".join(["fp8", *([f"s{s}"] if s else []), *([f"w{w}"] if w else [])])
+                configs[label] = {**({"num_stages": s} if s else {}), **({"num_warps": w} if w else {})}
+    for acc in imprecise_acc:
+        configs[f"fp8 acc{acc}"] = dict(imprecise_acc=acc)
     return configs
 
 
@@ -128,11 +133,12 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("inf")
 
 
-def check_correctness(lengths, shape, dtype, device) -> list[dict]:
-    """Rows "check" (module docstring, 1); SystemExit when the Triton FP8 output leaves the reference's."""
+def check_correctness(lengths, shape, dtype, device, configs: dict) -> list[dict]:
+    """Rows "check" (module docstring, 1), for the default kernel and every sweep config; SystemExit when the
+    default leaves the reference's output (MAX_DIFF, MEAN_SHARE)."""
     import triton_impl
     from reference.fp8 import block_sparse_attention_fp8 as reference_fp8
-    from triton_impl.fp8 import block_sparse_attention_fp8 as triton_fp8
+    from triton_impl.fp8 import launch_fp8_attention, quantize_qkv
 
     Hq, Hkv, D, bs = shape["Hq"], shape["Hkv"], shape["D"], shape["block_size"]
     rows = []
@@ -143,23 +149,31 @@ def check_correctness(lengths, shape, dtype, device) -> list[dict]:
         base = dict(section="check", L=L, target_density=CHECK_DENSITY,
                     density=float(triton_impl.causal_block_density(counts)), kept_blocks=int(counts.sum()))
         exact = naive_attention(q, k, v, block_mask=mask, block_size=bs)  # float64, the same blocks
-        fp8 = triton_fp8(q, k, v, counts, indices, bs)
-        max_diff, mean_diff = abs_errors(fp8, reference_fp8(q, k, v, counts, indices, bs))
-        ok = max_diff <= MAX_DIFF and mean_diff <= MEAN_DIFF
-        (max8, mean8), (max16, mean16) = (abs_errors(fp8, exact),
-                                          abs_errors(triton_impl.block_sparse_attention(q, k, v, counts, indices, bs),
-                                                     exact))
-        rows.append(dict(base, version="fp8", max_diff_vs_reference=max_diff, mean_diff_vs_reference=mean_diff,
-                         ok=ok, max_error_vs_fp64=max8, mean_error_vs_fp64=mean8, max_error_ratio=ratio(max8, max16),
-                         mean_error_ratio=ratio(mean8, mean16)))
+        emulated = reference_fp8(q, k, v, counts, indices, bs)
+        ref_max, ref_mean = abs_errors(emulated, exact)
+        max16, mean16 = abs_errors(triton_impl.block_sparse_attention(q, k, v, counts, indices, bs), exact)
         rows.append(dict(base, version="bf16", max_error_vs_fp64=max16, mean_error_vs_fp64=mean16))
-        print(f"check L={length_label(L)}: fp8 vs reference fp8 max {max_diff:.3g} (<= {MAX_DIFF}), mean "
-              f"{mean_diff:.3g} (<= {MEAN_DIFF}): {'ok' if ok else 'FAILED'}; vs fp64 max/mean: fp8 {max8:.3g}/"
-              f"{mean8:.3g}, bf16 {max16:.3g}/{mean16:.3g}", flush=True)
-        del q, k, v, mask, counts, indices, exact, fp8
-        if not ok:
-            raise SystemExit(f"the Triton FP8 attention leaves the reference at L={L}: max abs diff {max_diff:.3g} "
-                             f"(tolerance {MAX_DIFF}), mean {mean_diff:.3g} ({MEAN_DIFF}); nothing was timed")
+        rows.append(dict(base, version="reference fp8", max_error_vs_fp64=ref_max, mean_error_vs_fp64=ref_mean))
+        quantized = quantize_qkv(q, k, v, bs)
+        for version, config in {"fp8": {}, **configs}.items():
+            out = launch_fp8_attention(quantized, L, bs, D ** -0.5,
+                                       counts, indices, out=torch.empty_like(q), config=config)
+            max_diff, mean_diff = abs_errors(out, emulated)
+            ok = max_diff <= MAX_DIFF and mean_diff <= MEAN_SHARE * ref_mean
+            max8, mean8 = abs_errors(out, exact)
+            rows.append(dict(base, version=version, config=str(config), max_diff_vs_reference=max_diff,
+                             mean_diff_vs_reference=mean_diff, ok=ok, max_error_vs_fp64=max8,
+                             mean_error_vs_fp64=mean8, max_error_ratio=ratio(max8, max16),
+                             mean_error_ratio=ratio(mean8, mean16)))
+            print(f"check L={length_label(L)} {version}: vs reference fp8 max {max_diff:.3g} (<= {MAX_DIFF}), mean "
+                  f"{mean_diff:.3g} (<= {MEAN_SHARE} x {ref_mean:.3g}): {'ok' if ok else 'FAILED'}; vs fp64 "
+                  f"max/mean {max8:.3g}/{mean8:.3g} (reference fp8 {ref_max:.3g}/{ref_mean:.3g}, bf16 "
+                  f"{max16:.3g}/{mean16:.3g})", flush=True)
+            if version == "fp8" and not ok:
+                raise SystemExit(f"the Triton FP8 attention leaves the reference at L={L}: max abs diff "
+                                 f"{max_diff:.3g} (tolerance {MAX_DIFF}), mean {mean_diff:.3g} (tolerance "
+                                 f"{MEAN_SHARE} x the reference's mean error {ref_mean:.3g}); nothing was timed")
+        del q, k, v, mask, counts, indices, exact, emulated, quantized
     return rows
 
 
@@ -335,7 +349,7 @@ def summary(rows, stamp, info) -> str:
              f"{info['dtype']}, planted synthetic q/k/v (not a model); {info['repeats']} interleaved rounds, median.",
              "", "## Goals (issue 14)", "", *goal_lines(info["goals"]), "",
              "## Correctness (before timing)", "",
-             f"Triton FP8 vs reference FP8 (same lists): max abs diff <= {MAX_DIFF}, mean <= {MEAN_DIFF}. Errors "
+             f"Triton FP8 vs reference FP8 (same lists): max abs diff <= {MAX_DIFF}, mean <= {MEAN_SHARE} x the reference's mean error vs float64. Errors "
              f"against float64 attention over the same blocks, for the FP8 and the {info['dtype']} kernel.", "", check,
              "", f"## Operator speed ({OPERATOR})", "", speed, "", "## Dense baselines (SDPA, causal)", "", dense,
              "", f"## Whole call ({WHOLE}), alpha bisected to {info['whole_density']:.1%} where reachable", "",
@@ -360,16 +374,16 @@ def main(argv=None):
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
     out_dir = args.out_dir or run_dir(EXPERIMENT, device)
     torch.set_grad_enabled(False)
-    timer, configs = make_timer(device), sweep_configs(args.stages, args.warps)
+    timer, configs = make_timer(device), sweep_configs(args.stages, args.warps, args.imprecise_acc)
     stamp = environment_stamp(device)
     info = dict(command="python -m repro.bench_fp8 " + " ".join(sys.argv[1:] if argv is None else argv),
                 quick=args.quick, shape=shape, dtype=str(dtype).removeprefix("torch."), lengths=args.lengths,
                 densities=args.densities, check_lengths=args.check_lengths, configs=configs,
                 whole_lengths=args.whole_lengths, whole_density=args.whole_density, alpha=args.alpha,
-                repeats=args.repeats, time_budget_s=args.time_budget, tolerances=dict(max=MAX_DIFF, mean=MEAN_DIFF),
+                repeats=args.repeats, time_budget_s=args.time_budget, tolerances=dict(max=MAX_DIFF, mean_share=MEAN_SHARE),
                 skipped=[])
 
-    rows = check_correctness(args.check_lengths, shape, dtype, device)
+    rows = check_correctness(args.check_lengths, shape, dtype, device, configs)
     cache, dense = {}, {}
     parts = [("operator", L) for L in args.lengths] + [("whole", L) for L in args.whole_lengths]
     for part, L in parts:

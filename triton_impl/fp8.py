@@ -47,7 +47,9 @@ from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_kernel_device, check
                      new_output, num_warps_for, widen)
 
 FP8_BLOCK_SIZES = (64, 128)  # a query tile is one block (module docstring)
-FP8_CONFIG = dict(num_stages=3, num_warps=None)  # None: 8 warps for Bs = 128 (4 spill at D = 64), else 4
+# num_warps None: 8 for Bs = 128 (4 spill at D = 64), else 4. imprecise_acc: tl.dot's max_num_imprecise_acc, None
+# (Triton's default on sm_90: never promote the e4m3 wgmma's accumulator to float32) or the K-steps between promotions.
+FP8_CONFIG = dict(num_stages=3, num_warps=None, imprecise_acc=None)
 _E4M3_MAX: tl.constexpr = tl.constexpr(E4M3_MAX)
 _P_SCALE: tl.constexpr = tl.constexpr(P_SCALE)
 _ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)  # 1.5 x 2^23: (y + it) - it rounds |y| < 2^22 to even
@@ -144,11 +146,12 @@ def quantize_blocks(x: torch.Tensor, block_size: int = 128) -> tuple[torch.Tenso
 def _fp8_attend_block(
     acc, m_i, l_i, q8, q_pos, K8, VT8, b, kv_col, vt_row, start, tile_scale, v_scale, L,
     BLOCK: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, EMULATE_CAST: tl.constexpr,
+    IMPRECISE_ACC: tl.constexpr,
 ):
     """Fold key block start .. start + BLOCK into the running softmax state (Eq. 3-5)."""
     k = K8.load([b, tl.cast(start, tl.int32), kv_col]).reshape(BLOCK, D)
     vt = VT8.load([vt_row, tl.cast(start, tl.int32)])  # (D, BLOCK): keys contiguous
-    s = tl.dot(q8, tl.trans(k))  # float32 out; Hopper's e4m3 wgmma accumulates at reduced precision (docstring)
+    s = tl.dot(q8, tl.trans(k), max_num_imprecise_acc=IMPRECISE_ACC)  # float32 out (accumulation: docstring)
     if MASKED:  # the diagonal block: causality, and the zero rows past L
         key_pos = start + tl.arange(0, BLOCK)
         s = tl.where((key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < L), s, float("-inf"))
@@ -157,7 +160,7 @@ def _fp8_attend_block(
     p = tl.exp2(s * tile_scale - m_new[:, None])
     correction = tl.exp2(m_i - m_new)
     l_i = l_i * correction + tl.sum(p, axis=1)
-    pv = tl.dot(_to_e4m3(p * _P_SCALE, EMULATE_CAST), tl.trans(vt))
+    pv = tl.dot(_to_e4m3(p * _P_SCALE, EMULATE_CAST), tl.trans(vt), max_num_imprecise_acc=IMPRECISE_ACC)
     acc = acc * correction[:, None] + pv * (v_scale / _P_SCALE)
     return acc, m_new, l_i
 
@@ -169,7 +172,8 @@ def _fp8_attention_kernel(
     stride_ob, stride_ol, stride_oh,
     stride_lb, stride_lh, stride_lm,
     L, M, HQ, HKV, GROUP, qk_scale, ROW0, CAPACITY,
-    BLOCK: tl.constexpr, D: tl.constexpr, EMULATE_CAST: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK: tl.constexpr, D: tl.constexpr, EMULATE_CAST: tl.constexpr, IMPRECISE_ACC: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     bh = widen(tl.program_id(0), WIDE)
     t_row = widen(tl.num_programs(1) - 1 - tl.program_id(1), WIDE)  # longest rows first
@@ -202,12 +206,12 @@ def _fp8_attention_kernel(
         J_next = _listed_block(row, t + 1, n_off_diagonal, I, WIDE, True)  # one iteration ahead
         acc, m_i, l_i = _fp8_attend_block(acc, m_i, l_i, q8, q_pos, K8, VT8, bi, kv_col, vt_row, J * BLOCK,
                                           q_scale * tl.load(SK + scales + J), tl.load(SV + scales + J), L,
-                                          BLOCK, D, False, EMULATE_CAST)
+                                          BLOCK, D, False, EMULATE_CAST, IMPRECISE_ACC)
         J = J_next
     if has_diagonal:
         acc, m_i, l_i = _fp8_attend_block(acc, m_i, l_i, q8, q_pos, K8, VT8, bi, kv_col, vt_row, I * BLOCK,
                                           q_scale * tl.load(SK + scales + I), tl.load(SV + scales + I), L,
-                                          BLOCK, D, True, EMULATE_CAST)
+                                          BLOCK, D, True, EMULATE_CAST, IMPRECISE_ACC)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key gives 0
     out = acc / l_i[:, None]
     tl.store(OUT + b * stride_ob + h * stride_oh + q_pos[:, None] * stride_ol + offs_d[None, :],
@@ -250,7 +254,8 @@ def launch_fp8_attention(quantized, L: int, block_size: int, scale: float, count
         out.stride(0), out.stride(1), out.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2),
         L, M, Hq, Hkv, Hq // Hkv, scale * LOG2E, I0, indices.shape[-1],
-        BLOCK=block_size, D=D, EMULATE_CAST=_emulate_cast(), WIDE=needs_wide_offsets(q8, out, indices),
+        BLOCK=block_size, D=D, EMULATE_CAST=_emulate_cast(), IMPRECISE_ACC=config["imprecise_acc"],
+        WIDE=needs_wide_offsets(q8, out, indices),
         num_warps=config["num_warps"] or (8 if block_size == 128 else 4), num_stages=config["num_stages"],
     )
     return out
