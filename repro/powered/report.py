@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..common import length_label, markdown_table, stamp_line, stamp_of
-from ..stats import format_interval, prompts_needed
+from ..stats import format_interval, prompts_needed, stratified
 from .arms import ARMS
-from .summary import (GOAL_LOSS, GOAL_LOW, arms_in, choose_on_dev, compare, depth_profile, discordant_rate,
-                      splits_in)
+from .summary import (GOAL_LOSS, GOAL_LOW, PROMPT, arms_in, choose_on_dev, compare, depth_profile,
+                      discordant_rate, splits_in)
 
 MIN_PROMPTS = 300  # test prompts per (family, length) before the report calls the goal met or not
 # Densities of the default setting in the independent check the issue quotes (SmolLM2, H200, alpha 0.12).
@@ -180,6 +180,29 @@ def depth_section(rows) -> list[str]:
             markdown_table(header, [[_label(a)] + [_pct(x) for x in prof[a]] for a in arms])]
 
 
+# Each FP8 arm and its twin in the model's dtype (the same selection; only the attention's arithmetic differs).
+FP8_TWINS = {"fp+fp8": "fp", "dense_fp8": "dense_kernels"}
+
+
+def fp8_section(rows) -> list[str]:
+    """Test split: each FP8 arm minus its bf16 twin on the same prompts (issue 14: FP8 against bf16)."""
+    pairs = [(a, b) for a, b in FP8_TWINS.items() if {a, b} <= set(arms_in(rows))]
+    if "test" not in splits_in(rows) or not pairs:
+        return []
+    table = []
+    for arm, twin in pairs:
+        test = [r for r in rows if r["split"] == "test"]
+        for s in stratified(test, PROMPT, {"arm": twin}, {"arm": arm}, by=("length",)):
+            L = s.group["length"]
+            table.append([_label(arm), _label(twin), length_label(int(L)) if L != "all" else "all", s.result.n,
+                          _pct(s.result.mean_a), _pct(s.result.mean_b), format_interval(s.result)])
+    return ["", "## FP8 attention against the same setting in bf16 (test split)", "",
+            "The attention over the kept blocks in e4m3 (reference/fp8.py: Q, K, V and P quantised per block), "
+            "paired with the same arm run in the model's dtype: the selection is the same, so the difference is what "
+            "the quantisation costs.", "",
+            markdown_table(["arm", "against", "length", "prompts", "bf16", "fp8", "fp8 - bf16"], table)]
+
+
 def skipped_section(info, rows=()) -> list[str]:
     """What the time budget cut, in the call that cut it; with rows, arms that a later --append call ran are said
     to be run."""
@@ -195,7 +218,7 @@ def skipped_section(info, rows=()) -> list[str]:
 
 def write_report(path: Path, rows, info) -> Path:
     lines = (header_section(rows, info) + headline_section(rows) + goal_section(rows) + family_section(rows)
-             + dev_section(rows) + arms_section(rows) + depth_section(rows) + power_section(rows)
+             + dev_section(rows) + arms_section(rows) + fp8_section(rows) + depth_section(rows) + power_section(rows)
              + skipped_section(info, rows))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
