@@ -1,7 +1,8 @@
 """FP8 (e4m3) attention against the bf16 kernel, and the whole FP8 call against dense attention (GPU): issue 14's goals.
 
     python -m repro.bench_fp8 [--lengths 65536 131072 262144] [--densities 0.035 0.10] [--check-lengths 4096 16384]
-                              [--stages 2 3 4] [--warps 4 8] [--whole-lengths 262144] [--whole-density 0.035]
+                              [--stages 2 3 4] [--warps 4 8] [--imprecise-acc 32] [--block-m 64]
+                              [--whole-lengths 262144] [--whole-density 0.035]
                               [--repeats 3] [--time-budget SECONDS] [--out-dir DIR]
     python -m repro.bench_fp8 --quick     # tiny sizes; on a CPU under the Triton interpreter (CI)
 
@@ -86,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"lengths of the correctness check (default {FULL['check_lengths']})")
     parser.add_argument("--stages", type=int, nargs="+", default=[], help="also the FP8 kernel at these num_stages")
     parser.add_argument("--warps", type=int, nargs="+", default=[], help="also the FP8 kernel at these num_warps")
+    parser.add_argument("--block-m", type=int, nargs="+", default=[],
+                        help="also the FP8 kernel with query tiles of this many rows (a divisor of Bs)")
     parser.add_argument("--imprecise-acc", type=int, nargs="+", default=[],
                         help="also the FP8 kernel promoting its e4m3 accumulator every this many K elements")
     parser.add_argument("--whole-lengths", type=int, nargs="*", default=None,
@@ -109,9 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def sweep_configs(stages, warps, imprecise_acc=()) -> dict[str, dict]:
-    """{"fp8 s3 w8": config of launch_fp8_attention} for every (num_stages, num_warps) asked for, and one config
-    "fp8 acc32" per --imprecise-acc value; {} for none."""
+def sweep_configs(stages, warps, imprecise_acc=(), block_m=()) -> dict[str, dict]:
+    """{"fp8 s3 w8": config of launch_fp8_attention} for every (num_stages, num_warps) asked for, one config
+    "fp8 acc32" per --imprecise-acc value and "fp8 m64" per --block-m value; {} for none."""
     configs = {}
     if stages or warps:
         for s in stages or [None]:
@@ -120,6 +123,8 @@ def sweep_configs(stages, warps, imprecise_acc=()) -> dict[str, dict]:
                 configs[label] = {**({"num_stages": s} if s else {}), **({"num_warps": w} if w else {})}
     for acc in imprecise_acc:
         configs[f"fp8 acc{acc}"] = dict(imprecise_acc=acc)
+    for rows in block_m:
+        configs[f"fp8 m{rows}"] = dict(block_m=rows)
     return configs
 
 
@@ -374,7 +379,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
     out_dir = args.out_dir or run_dir(EXPERIMENT, device)
     torch.set_grad_enabled(False)
-    timer, configs = make_timer(device), sweep_configs(args.stages, args.warps, args.imprecise_acc)
+    timer, configs = make_timer(device), sweep_configs(args.stages, args.warps, args.imprecise_acc, args.block_m)
     stamp = environment_stamp(device)
     info = dict(command="python -m repro.bench_fp8 " + " ".join(sys.argv[1:] if argv is None else argv),
                 quick=args.quick, shape=shape, dtype=str(dtype).removeprefix("torch."), lengths=args.lengths,

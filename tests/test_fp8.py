@@ -548,6 +548,20 @@ def test_flash_prefill_fp8_in_chunks_of_query_blocks():
     assert_matches_reference(chunked, expected, (q, k, v, stats.counts, stats.indices, bs, None))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_query_tiles_of_half_a_block_give_the_same_output(dtype):
+    """config block_m=64 at Bs = 128 (two programs per query block, each with the block's scale) computes every row
+    as the whole-block tile does: the same output to the bit."""
+    B, L, Hq, Hkv, D, bs = 1, 3 * 128 - 5, 4, 2, 64, 128
+    q, k, v = random_qkv(B, L, Hq, Hkv, D, dtype=dtype, seed=36, device=DEVICE)
+    counts, indices = lists(random_block_mask(B, Hq, num_blocks(L, bs), keep=0.6, seed=37, device=DEVICE))
+    quantized = tri_fp8.quantize_qkv(q, k, v, bs)
+    whole, halves = (tri_fp8.launch_fp8_attention(quantized, L, bs, D ** -0.5, counts, indices,
+                                                  out=torch.full_like(q, float("nan")), config=config)
+                     for config in ({}, dict(block_m=64)))
+    assert torch.equal(halves, whole)
+
+
 @pytest.mark.parametrize("impl", [reference, triton_impl], ids=["reference", "triton"])
 @pytest.mark.parametrize("other", [dict(mean_correction=True), dict(return_lse=True),
                                    dict(mean_correction=True, return_lse=True)],

@@ -49,7 +49,7 @@ from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_kernel_device, check
 FP8_BLOCK_SIZES = (64, 128)  # a query tile is one block (module docstring)
 # num_warps None: 8 for Bs = 128 (4 spill at D = 64), else 4. imprecise_acc: tl.dot's max_num_imprecise_acc, None
 # (Triton's default on sm_90: never promote the e4m3 wgmma's accumulator to float32) or the K-steps between promotions.
-FP8_CONFIG = dict(num_stages=3, num_warps=None, imprecise_acc=None)
+FP8_CONFIG = dict(num_stages=3, num_warps=None, imprecise_acc=None, block_m=None)  # block_m None: Bs
 _E4M3_MAX: tl.constexpr = tl.constexpr(E4M3_MAX)
 _P_SCALE: tl.constexpr = tl.constexpr(P_SCALE)
 _ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)  # 1.5 x 2^23: (y + it) - it rounds |y| < 2^22 to even
@@ -172,16 +172,18 @@ def _fp8_attention_kernel(
     stride_ob, stride_ol, stride_oh,
     stride_lb, stride_lh, stride_lm,
     L, M, HQ, HKV, GROUP, qk_scale, ROW0, CAPACITY,
-    BLOCK: tl.constexpr, D: tl.constexpr, EMULATE_CAST: tl.constexpr, IMPRECISE_ACC: tl.constexpr,
-    WIDE: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, EMULATE_CAST: tl.constexpr,
+    IMPRECISE_ACC: tl.constexpr, WIDE: tl.constexpr,
 ):
+    TILES_PER_BLOCK: tl.constexpr = BLOCK // BLOCK_M
     bh = widen(tl.program_id(0), WIDE)
-    t_row = widen(tl.num_programs(1) - 1 - tl.program_id(1), WIDE)  # longest rows first
+    tile = widen(tl.num_programs(1) - 1 - tl.program_id(1), WIDE)  # longest rows first
+    t_row = tile // TILES_PER_BLOCK
     I = t_row + ROW0  # query block; its list is row t_row of INDICES (rows ROW0 .. of COUNTS, as attention.py)
     b = bh // HQ
     h = bh % HQ
     kv_head = h // GROUP
-    q_pos = I * BLOCK + tl.arange(0, BLOCK)
+    q_pos = I * BLOCK + (tile % TILES_PER_BLOCK) * BLOCK_M + tl.arange(0, BLOCK_M)  # this tile's rows of block I
     offs_d = tl.arange(0, D)
     q8 = tl.load(Q8 + b * stride_qb + h * stride_qh + q_pos[:, None] * stride_ql + offs_d[None, :])  # zero past L
     stat = (b * HQ + h) * M + I
@@ -192,9 +194,9 @@ def _fp8_attention_kernel(
     bi = tl.cast(b, tl.int32)
     row = INDICES + b * stride_lb + h * stride_lh + t_row * stride_lm
 
-    acc = tl.zeros([BLOCK, D], dtype=tl.float32)
-    m_i = tl.full([BLOCK], FLOAT32_LOWEST, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], FLOAT32_LOWEST, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # The list walk of attention.py's PHYSICAL mode: at most min(I + 1, CAPACITY) entries read, whatever the list
     # holds; TMA zero-fills a box outside the tensor, so a malformed id gives a wrong row, never a wild read.
     count = tl.minimum(tl.maximum(tl.load(COUNTS + stat), 0), tl.minimum(I + 1, CAPACITY))
@@ -248,15 +250,17 @@ def launch_fp8_attention(quantized, L: int, block_size: int, scale: float, count
     I0, I1 = rows or (0, M)
     indices = indices if indices.stride(-1) == 1 else indices.contiguous()
     k_desc, v_desc = fp8_descriptors(k8, vt8, block_size)
-    _fp8_attention_kernel[(B * Hq, I1 - I0)](
+    block_m = config["block_m"] or block_size
+    assert block_size % block_m == 0
+    _fp8_attention_kernel[(B * Hq, (I1 - I0) * (block_size // block_m))](
         q8, k_desc, v_desc, s_q, s_k, s_v, out, counts, indices,
         q8.stride(0), q8.stride(1), q8.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2),
         L, M, Hq, Hkv, Hq // Hkv, scale * LOG2E, I0, indices.shape[-1],
-        BLOCK=block_size, D=D, EMULATE_CAST=_emulate_cast(), IMPRECISE_ACC=config["imprecise_acc"],
+        BLOCK=block_size, BLOCK_M=block_m, D=D, EMULATE_CAST=_emulate_cast(), IMPRECISE_ACC=config["imprecise_acc"],
         WIDE=needs_wide_offsets(q8, out, indices),
-        num_warps=config["num_warps"] or (8 if block_size == 128 else 4), num_stages=config["num_stages"],
+        num_warps=config["num_warps"] or (8 if block_m == 128 else 4), num_stages=config["num_stages"],
     )
     return out
 
