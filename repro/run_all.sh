@@ -15,7 +15,7 @@ PYTHON=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works without `pip install -e .` too
 export MPLBACKEND=Agg
 
-STEPS="walkthrough triton_check density_vs_alpha activations sparsity mean_correction sparsity_accuracy accuracy powered long_context speed"
+STEPS="walkthrough triton_check density_vs_alpha activations sparsity mean_correction sparsity_accuracy accuracy powered long_context speed fp8"
 ONLY=${RUN_ALL_STEPS:-$STEPS}
 for key in $ONLY; do
     if [[ " $STEPS " != *" $key "* ]]; then
@@ -126,6 +126,13 @@ else
     selected speed && printf '\n==> no CUDA GPU: the speed sweep needs one; re-plotting the committed H200 results\n'
     step speed "speed plots (committed H200 results)" "$PYTHON" -m repro.plot_speed \
         --csv "repro/results/speed/$SPEED_TAG.csv" --out-dir "$RUN_DIR/speed"
+fi
+# FP8 (e4m3) attention against the bf16 kernel and the whole FP8 call (Hopper or newer: e4m3 wgmma and TMA; ~2 min).
+HAS_HOPPER=$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)))')
+if [[ $HAS_HOPPER == 1 ]]; then
+    step fp8 "FP8 attention vs bf16 (Hopper GPU, 64K-256K)" "$PYTHON" -m repro.bench_fp8 --out-dir "$RUN_DIR/fp8"
+elif selected fp8; then
+    printf '\n==> no Hopper GPU (compute capability 9.0+): skipping the FP8 benchmark (committed: repro/results/fp8/)\n'
 fi
 
 # --- summary -----------------------------------------------------------------------------------------------------

@@ -551,3 +551,28 @@ def test_mean_correction_reaches_the_attention(selector):
     assert (corrected - plain).abs().max() > 1e-4  # the pruned blocks' means joined the softmax
     with pytest.raises(TypeError, match="mean_correction must be a bool"):
         FlashPrefillConfig(mean_correction=1)
+
+
+@pytest.mark.parametrize("selector", ["flashprefill", "xattention"])
+def test_fp8_reaches_the_attention_and_varlen_calls_warn(selector):
+    """FlashPrefillConfig(fp8=True): FlashPrefill's and a peer's lists are attended in e4m3 (the logits move by the
+    quantisation, not more); a padded batch (the varlen path, no FP8 kernel) runs in the model's dtype with a warning."""
+    model = tiny_model("llama", **KERNEL_SHAPE)
+    ids = tokens(512)
+    base = dict(block_size=64) if selector == "flashprefill" else dict(block_size=64, selector=selector)
+    config = FlashPrefillConfig(alpha=0.3, **base)
+    flashprefill_hf.configure(model, config)
+    plain = logits(model, ids)
+    fp8_cfg = flashprefill_hf.configure(model, config.replace(fp8=True))
+    quantised = logits(model, ids)
+    assert "fp8" in fp8_cfg.describe() and torch.isfinite(quantised).all()
+    relative = float((quantised - plain).norm() / plain.norm())
+    assert 0 < relative < 0.1, relative  # e4m3's ~2^-4 per operand, through 2 layers of peaked attention
+    if selector == "flashprefill":  # (the peers send padded batches to sdpa, with their own warning)
+        batch = tokens(256, batch=2)
+        mask = torch.ones_like(batch)
+        mask[0, :64] = 0  # left padding: the varlen path
+        with pytest.warns(UserWarning, match="no FP8 kernel"):
+            logits(model, batch, attention_mask=mask)
+    with pytest.raises(ValueError, match="block_size in"):
+        FlashPrefillConfig(fp8=True, block_size=16)
