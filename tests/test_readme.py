@@ -101,7 +101,7 @@ def test_readme_python_block_runs(index):
 def test_quick_start_shows_a_sparse_selection():
     """On the planted inputs the density is clearly below 1 (random inputs would print about 1.0), and it is what
     the snippet prints."""
-    namespace, printed = run_or_skip(find_block("flash_prefill("))
+    namespace, printed = run_or_skip(find_block("alpha=0.12, return_stats=True"))
     density = float(namespace["stats"].density)
     assert 0.05 < density < 0.9, density
     assert f"{density:.1%}" in printed
