@@ -12,9 +12,9 @@ Two kernels:
   L2), longest rows first, the next list id loaded one iteration ahead. K8 and V8^T come through TMA descriptors.
   Per kept block: one e4m3 dot for the logits, scaled by s_Q s_K x scale x log2(e) (one scalar per block: the
   scales are per block), the online softmax in float32 as in the bf16 kernel, P rounded to e4m3 as 2^8 P, one e4m3
-  dot with V8 and the scale s_V / 2^8. The query tile is a whole block (BLOCK_M = BLOCK_N = Bs), so one scale per
-  operand covers a tile: Bs is 64 or 128 here (the 8-bit wgmma reduces over at least 32 elements, and a larger
-  block would not fit a tile's registers).
+  dot with V8 and the scale s_V / 2^8. The key tile is a whole block (BLOCK_N = Bs) and the query tile a whole
+  block or, with config block_m=64 at Bs = 128, half of one, so one scale per operand covers a tile: Bs is 64 or
+  128 here (the 8-bit wgmma reduces over at least 32 elements, and a larger block would not fit a tile's registers).
 
 Accumulation: Triton 3.6 leaves Hopper's e4m3 wgmma on its own accumulator (max_num_imprecise_acc = 2^30: never
 promoted to float32 inside a dot), which keeps fewer mantissa bits than float32 over a dot's 64-128 terms, as in
@@ -22,8 +22,10 @@ FlashAttention-3's FP8 forward. Part of the small kernel-vs-reference difference
 the output is dominated by the e4m3 operands (repro/bench_fp8.py measures both).
 
 Bytes: a kept block of one head moves 2 Bs D bytes of K8 and V8 instead of 4 Bs D (bf16), and the e4m3 wgmma runs
-at twice the bf16 rate; the softmax (exp2, max, sum) is the same work. Quantising reads Q, K, V once and writes
-half of that: ~1 ms at 256K tokens on an H200, 2% of the sparse attention there.
+at twice the bf16 rate; the softmax (exp2, max, sum) is the same work, plus P's conversion and its shuffle into the
+8-bit operand layout. Quantising reads Q, K, V once and writes half of that (1.3 ms at 256K tokens on an H200).
+Measured: 1.14-1.32x the bf16 kernel per kept block, not the 2x the bytes and MMA rate suggest: the compiled loop
+runs the two dots and the softmax one after the other (repro/NOTES.md, "Session 10").
 
 Under the Triton interpreter (CPU tests) the cast float32 -> e4m3 of numpy-emulated Triton does not round correctly
 (a mantissa that rounds up does not carry into the exponent); EMULATE_CAST then rounds to the e4m3 grid in float32
