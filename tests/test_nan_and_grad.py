@@ -204,6 +204,10 @@ def triton_calls(dtype=KERNEL_TEST_DTYPES[-1]):
     mask, counts, indices = full_lists(B, Hq, 2)
     counts, indices = counts.to(DEVICE), indices.to(DEVICE)
     cu = torch.tensor([0, L], dtype=torch.int32, device=DEVICE)
+    # The FP8 kernel takes block sizes 64 and 128 only: its own inputs, two blocks of 64.
+    q8, k8, v8 = random_qkv(B, 128, Hq, Hkv, D, dtype, seed=8, device=DEVICE)
+    _, counts8, indices8 = full_lists(B, Hq, 2)
+    counts8, indices8 = counts8.to(DEVICE), indices8.to(DEVICE)
     return {
         "mean_pool_keys": (lambda k: triton_impl.mean_pool_keys(k, bs), (k,)),
         "block_scores": (lambda q, kbar: triton_impl.block_scores(q, kbar, bs), (q, kbar)),
@@ -215,6 +219,9 @@ def triton_calls(dtype=KERNEL_TEST_DTYPES[-1]):
         "block_sparse_attention_logical": (lambda q, k, v: triton_impl.block_sparse_attention_logical(q, k, v, mask,
                                                                                                       bs), (q, k, v)),
         "dense_attention": (lambda q, k, v: triton_impl.dense_attention(q, k, v), (q, k, v)),
+        "block_sparse_attention_fp8": (lambda q, k, v: triton_impl.block_sparse_attention_fp8(q, k, v, counts8,
+                                                                                              indices8, 64),
+                                       (q8, k8, v8)),
         "flash_prefill_varlen": (lambda q, k, v: triton_impl.flash_prefill_varlen(q[0], k[0], v[0], cu, cu, L, L,
                                                                                   block_size=bs), (q, k, v)),
     }

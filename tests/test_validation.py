@@ -19,6 +19,7 @@ import reference
 from reference import (
     block_scores,
     block_sparse_attention,
+    block_sparse_attention_fp8,
     block_sparse_attention_logical,
     compact_blocks,
     dense_attention,
@@ -63,6 +64,11 @@ ENTRY_POINTS: dict[str, tuple[Callable[[dict], object], set[str]]] = {
                                          softmax_scale=a["softmax_scale"]),
         {"q", "k", "v", "counts", "indices", "block_size", "softmax_scale"},
     ),
+    "block_sparse_attention_fp8": (
+        lambda a: block_sparse_attention_fp8(a["q"], a["k"], a["v"], a["counts"], a["indices"], a["block_size"],
+                                             softmax_scale=a["softmax_scale"]),
+        {"q", "k", "v", "counts", "indices", "block_size", "softmax_scale"},
+    ),
     "block_sparse_attention_logical": (
         lambda a: block_sparse_attention_logical(a["q"], a["k"], a["v"], a["mask"], a["block_size"],
                                                  softmax_scale=a["softmax_scale"]),
@@ -86,7 +92,8 @@ ENTRY_POINTS: dict[str, tuple[Callable[[dict], object], set[str]]] = {
     ),
     "lists_to_mask": (lambda a: lists_to_mask(a["counts"], a["indices"]), {"counts", "indices"}),
 }
-QKV = {"flash_prefill", "dense_attention", "block_sparse_attention", "block_sparse_attention_logical"}
+QKV = {"flash_prefill", "dense_attention", "block_sparse_attention", "block_sparse_attention_logical",
+       "block_sparse_attention_fp8"}
 
 
 @dataclass
