@@ -20,14 +20,14 @@ The walk is FlashAttention's online softmax in base 2 (the kernels' form), per k
     m' = max(m, rowmax S);  P = 2^(S - m');  l = l 2^(m - m') + rowsum P                               (4)
     acc = acc 2^(m - m') + (round_e4m3(2^8 P) V8) s_V[J] / 2^8                                        (5)
 
-and out = acc / l. P in [0, 1] is multiplied by 2^8 before its rounding (as FlashAttention-3 does with P) so that
-weights down to 2^-14 keep e4m3's 3 mantissa bits instead of falling into its subnormals (below 2^-6); the row sum
-l is taken over the unrounded P. Error: each rounding is relative, at most 2^-4 of its operand; the outputs' error
+and out = acc / l. P in [0, 1] is multiplied by 2^8 before its rounding (a power of two: exact) so that weights
+down to 2^-14 keep e4m3's 3 mantissa bits instead of falling into its subnormals (below 2^-6); the row sum l is
+taken over the unrounded P. Error: each rounding is relative, at most 2^-4 of its operand; the outputs' error
 against exact attention is measured in tests/test_fp8.py and repro/bench_fp8.py next to the bf16 kernel's.
 
 NaN and inf: a block holding one gets the scale NaN (its e4m3 values are then meaningless), so every row that reads
-the block is NaN: coarser than dense attention, where a non-finite key reaches only the rows that see it (docs/DESIGN.md
-section 2), but never a finite wrong number. Returns out in q's dtype; no lse, no mean correction (refused by the
+the block is NaN: coarser than dense attention, where a non-finite key reaches only the rows that see it
+(docs/DESIGN.md section 2), but never a finite wrong number. Returns out in q's dtype; no lse, no mean correction (refused by the
 callers).
 """
 
