@@ -49,7 +49,6 @@ import contextlib
 import contextvars
 import dataclasses
 import threading
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +56,7 @@ import torch
 
 from block_selectors import SELECTORS
 
-from .fallbacks import FALLBACK_REMEDIES, FlashPrefillFallbackWarning, warn_fallback
+from .fallbacks import FALLBACK_REMEDIES, FlashPrefillFallbackWarning, warn_fallback, warn_fp8_on_varlen
 from .layout import PackedLayout, batch_layout
 
 # Not "flashprefill": transformers (5.x) treats every implementation name that contains "flash" as a FlashAttention
@@ -375,11 +374,8 @@ def _sparse_prefill(config: FlashPrefillConfig, impl_name: str, q, k, v, scaling
     if id(config) in _CONTINUED.get():  # not the end of the prompt: no dense last blocks (more_chunks_follow)
         kernel_kwargs["last_dense_blocks"] = 0
     if layout is not None:
-        if config.fp8 and id(config) not in _WARNED_FP8_VARLEN:
-            _WARNED_FP8_VARLEN.add(id(config))
-            warnings.warn(f"fp8=True: this {config.describe()} call is a padded batch or a chunk after a cached "
-                          "prefix (the varlen path), which has no FP8 kernel: it runs in the model's dtype",
-                          UserWarning, stacklevel=2)
+        if config.fp8:
+            warn_fp8_on_varlen(config)
         # The layout is valid by construction: the Triton call skips re-reading cu_seqlens (a host sync).
         checks = dict(validate=False) if impl_name == "triton" else {}
         out, stats = impl.flash_prefill_varlen(
@@ -403,8 +399,6 @@ def _sparse_prefill(config: FlashPrefillConfig, impl_name: str, q, k, v, scaling
                                           mean_correction=config.mean_correction, **checks)
     return out, reference.causal_block_density(counts)
 
-
-_WARNED_FP8_VARLEN: set[int] = set()  # configs told that their varlen calls run without fp8
 
 # ids of the configs whose prefill calls are not the end of their prompt (inside `more_chunks_follow`).
 _CONTINUED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("flashprefill_continued",

@@ -60,7 +60,7 @@ FALLBACK_REMEDIES = {
 class _OncePerModel:
     """Which (model, reason) pairs have warned. A model is the transformers config object its attention modules
     share (one per loaded model; configs are unhashable, hence the id and a weak reference that drops the entry
-    when the model goes)."""
+    when the model goes); a FlashPrefillConfig serves as the owner the same way (warn_fp8_on_varlen)."""
 
     def __init__(self) -> None:
         self._seen: dict[int, tuple[weakref.ref, set[str]]] = {}
@@ -90,6 +90,15 @@ def _first_frame_outside(packages: tuple[str, ...]):
     while frame is not None and frame.f_code.co_filename.startswith(prefixes):
         frame = frame.f_back
     return frame
+
+
+def warn_fp8_on_varlen(config) -> None:
+    """Warn once per FlashPrefillConfig that its varlen calls (padded batches, chunks after a cached prefix) run the
+    attention in the model's dtype: `fp8=True` has no varlen kernel. Not a dense fallback: the selection still runs."""
+    if _WARNED.first(config, "fp8_on_varlen"):
+        warnings.warn(f"fp8=True: this {config.describe()} call is a padded batch or a chunk after a cached prefix "
+                      "(the varlen path), which has no FP8 kernel: it runs in the model's dtype", UserWarning,
+                      stacklevel=3)
 
 
 def warn_fallback(module, reason: str, query: torch.Tensor) -> None:

@@ -27,8 +27,8 @@ against exact attention is measured in tests/test_fp8.py and repro/bench_fp8.py 
 
 NaN and inf: a block holding one gets the scale NaN (its e4m3 values are then meaningless), so every row that reads
 the block is NaN: coarser than dense attention, where a non-finite key reaches only the rows that see it
-(docs/DESIGN.md section 2), but never a finite wrong number. Returns out in q's dtype; no lse, no mean correction (refused by the
-callers).
+(docs/DESIGN.md section 2), but never a finite wrong number. Returns out in q's dtype; no lse, no mean correction
+(refused by the callers).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from block_selectors import SELECTORS
 from reference.synthetic import planted_qkv
 from repro.common import (environment_stamp, length_label, markdown_table, run_dir, stamp_line, write_long_csv,
                           write_run_json)
@@ -38,7 +39,9 @@ from repro.timing import bench_ms, dense_baselines, graphed, host_enqueue_ms
 
 EXPERIMENT = "bench_host"
 SHAPE = dict(Hq=32, Hkv=4, D=128)
-ALPHA, BLOCK = 0.12, 128
+DEFAULTS = SELECTORS["flashprefill"].defaults  # alpha 0.12 and the safety net, as flash_prefill's defaults
+ALPHA, BLOCK = DEFAULTS["alpha"], 128
+NET = tuple(DEFAULTS[name] for name in ("sink_blocks", "window_blocks", "last_dense_blocks"))
 GOAL_VS_CUDNN = 0.9
 
 
@@ -69,11 +72,11 @@ def parts(q, k, v):
     kbar = launch_mean_pool(k, BLOCK, out_scale=scale * LOG2E, split_dtype=q.dtype)
     counts = torch.empty(B, Hq, M, dtype=torch.int32, device=q.device)
     scores = launch_block_scores(q, kbar, BLOCK, rows=(0, M))
-    _, indices = launch_select_and_compact(scores, ALPHA, 2, 4, 2, row0=0, counts=counts)
+    _, indices = launch_select_and_compact(scores, ALPHA, *NET, row0=0, counts=counts)
     out = torch.empty_like(q)
 
     def checks():
-        check_flash_prefill_args(q, k, v, ALPHA, BLOCK, 2, 4, 2, None, False, False, False, dtypes=KERNEL_DTYPES,
+        check_flash_prefill_args(q, k, v, ALPHA, BLOCK, *NET, None, False, False, False, dtypes=KERNEL_DTYPES,
                                  head_dims=HEAD_DIMS)
         check_kernel_block_size(BLOCK)
         check_kernel_runs_on(q, k, v)
@@ -83,7 +86,7 @@ def parts(q, k, v):
         "argument checks": checks,
         "pool launch": lambda: launch_mean_pool(k, BLOCK, out_scale=scale * LOG2E, split_dtype=q.dtype),
         "score launch": lambda: launch_block_scores(q, kbar, BLOCK, rows=(0, M)),
-        "select + compact launch": lambda: launch_select_and_compact(scores, ALPHA, 2, 4, 2, row0=0, counts=counts),
+        "select + compact launch": lambda: launch_select_and_compact(scores, ALPHA, *NET, row0=0, counts=counts),
         "attention launch": lambda: launch_attention(q, k, v, BLOCK, scale, PHYSICAL, counts=counts,
                                                      indices=indices, rows=(0, M), out=out),
         "output allocations": lambda: (torch.empty(B, Hq, M, dtype=torch.int32, device=q.device),

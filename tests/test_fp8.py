@@ -677,3 +677,12 @@ def test_a_non_finite_value_makes_its_block_scale_nan_and_its_readers_nan(impl, 
     out = impl.block_sparse_attention_fp8(q, k, v, counts, indices, bs)
     rows_nan = out.isnan().any(dim=-1).any(dim=-1)[0]  # (L,)
     assert not rows_nan[:bs].any() and rows_nan[bs:].all()  # block 0 never reads block 1; every later row does
+
+
+def test_triton_quantisation_refuses_inputs_that_require_grad():
+    """Like every Triton entry point: no backward, so an input autograd would track is refused, not quantised."""
+    x = torch.randn(1, 64, 1, 64, dtype=DTYPES[-1], device=DEVICE, requires_grad=True)
+    with torch.enable_grad(), pytest.raises(RuntimeError, match="inference-only"):
+        tri_fp8.quantize_blocks(x, 64)
+    with torch.no_grad():
+        tri_fp8.quantize_blocks(x, 64)

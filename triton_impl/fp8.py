@@ -45,10 +45,10 @@ from reference.fp8 import E4M3_MAX, P_SCALE
 from reference.validation import check_block_layout, check_flag, check_tensor, num_blocks
 
 from .attention import FLOAT32_LOWEST, _check_attention_args, _listed_block, check_block_lists
-from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_kernel_device, check_kernel_dtype, needs_wide_offsets,
-                     new_output, num_warps_for, widen)
+from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_inference_only, check_kernel_device, check_kernel_dtype,
+                     needs_wide_offsets, new_output, num_warps_for, widen)
 
-FP8_BLOCK_SIZES = (64, 128)  # a query tile is one block (module docstring)
+FP8_BLOCK_SIZES = (64, 128)  # a key tile is one block (module docstring)
 # num_warps None: 8 for Bs = 128 (4 spill at D = 64), else 4. imprecise_acc: tl.dot's max_num_imprecise_acc, None
 # (Triton's default on sm_90: never promote the e4m3 wgmma's accumulator to float32) or the K-steps between promotions.
 FP8_CONFIG = dict(num_stages=3, num_warps=None, imprecise_acc=None, block_m=None)  # block_m None: Bs
@@ -140,6 +140,7 @@ def quantize_blocks(x: torch.Tensor, block_size: int = 128) -> tuple[torch.Tenso
         raise ValueError(f"x's last dim (the head dim) must be one of {HEAD_DIMS}, got {x.shape[-1]}")
     check_kernel_device(x=x)
     check_kernel_dtype(x=x)
+    check_inference_only(x=x)
     x8, scale = launch_quantize(x, block_size)
     return x8[:, : x.shape[1]], scale
 
@@ -270,7 +271,7 @@ def launch_fp8_attention(quantized, L: int, block_size: int, scale: float, count
 def _check_fp8_block_size(block_size) -> None:
     if block_size not in FP8_BLOCK_SIZES:
         raise ValueError(f"block_size {block_size} is not supported by the FP8 attention kernel; expected one of "
-                         f"{', '.join(map(str, FP8_BLOCK_SIZES))} (a query tile is one block)")
+                         f"{', '.join(map(str, FP8_BLOCK_SIZES))} (its key tiles are whole blocks)")
 
 
 def check_fp8_args(q, block_size) -> None:
