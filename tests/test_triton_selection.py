@@ -94,6 +94,33 @@ def test_select_and_compact_match_reference_exactly_on_the_same_scores(case, alp
     assert torch.equal(counts.cpu(), ref_counts.cpu()) and torch.equal(indices.cpu(), ref_indices.cpu())
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_fused_score_and_select_equals_the_two_stages(case, dtype):
+    """flash_prefill's one-launch stages 2-4 give, bit for bit, the counts and lists of the score kernel followed by
+    the select + compact kernel, in one piece and in a chunk of query blocks (rows=), lists padded or not."""
+    from triton_impl.scoring import launch_block_scores, launch_scores_and_select, split_kbar
+    from triton_impl.selection import launch_select_and_compact
+
+    q, k, v = make_inputs(case, dtype, seed=8)
+    B, L, Hq, _, D, bs = case
+    M = -(-L // bs)
+    kbar_parts = split_kbar(triton_impl.mean_pool_keys(k, bs), D**-0.5, dtype)
+    scores = {rows: launch_block_scores(q, kbar_parts, bs, rows=rows) for rows in [(0, M), (M // 2, M)]}
+    for alpha, rows, pad_lists in [(0.0, (0, M), True), (0.12, (M // 2, M), False), (0.6, (0, M), False)]:
+        net = (alpha, 1, 2, 1)
+        counts = torch.zeros(B, Hq, M, dtype=torch.int32, device=DEVICE)
+        fused_counts = counts.clone()
+        _, indices = launch_select_and_compact(scores[rows], *net, row0=rows[0], counts=counts, pad_lists=pad_lists)
+        _, fused = launch_scores_and_select(q, kbar_parts, bs, *net, rows=rows, counts=fused_counts,
+                                            pad_lists=pad_lists)
+        assert torch.equal(fused_counts, counts)
+        if not pad_lists:  # only the first count slots of a list are written
+            listed = torch.arange(M, device=DEVICE) < counts[:, :, rows[0]:rows[1], None]
+            fused, indices = fused.where(listed, -1), indices.where(listed, -1)
+        assert torch.equal(fused, indices)
+
+
 @pytest.mark.parametrize("keep", [0.0, 0.3, 1.0])
 def test_compact_random_masks(keep):
     mask = random_block_mask(2, 3, 37, keep=keep, seed=4, device=DEVICE)

@@ -54,8 +54,8 @@ from reference.validation import (BAD_COUNTS, BAD_INDEX, NOT_ASCENDING, check_bl
 from reference.attention import attention_outputs, check_mean_correction
 
 from .common import (LOG2E, VarlenLayout, check_inference_only, check_kernel_block_size, check_kernel_device,
-                     check_kernel_qkv, dot_precision, needs_wide_offsets, new_output, num_warps_for, sequence_span,
-                     widen)
+                     check_kernel_qkv, dot_precision, launch, needs_wide_offsets, new_output, num_warps_for,
+                     sequence_span, widen)
 from .pooling import launch_mean_pool
 from .scoring import split_kbar
 
@@ -465,7 +465,7 @@ def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=N
         mean_descriptors = None not in descriptors
         kbar, vbar = descriptors if mean_descriptors else (kbar, vbar)
     cu_q, cu_k = (varlen.cu_q, varlen.cu_k) if varlen is not None else (out, out)
-    _attention_kernel[grid](
+    launch(_attention_kernel, grid,
         q, *kv, out, counts, lists, bits, visits, kbar, vbar, lse if return_lse else out, cu_q, cu_k,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -519,7 +519,7 @@ def check_block_lists(counts: torch.Tensor, indices: torch.Tensor) -> None:
     int32), instead of several passes over the lists, each synchronising (repro/NOTES.md has the cost)."""
     B, Hq, M = counts.shape
     errors = torch.zeros(1, dtype=torch.int32, device=counts.device)
-    _check_lists_kernel[(M, B * Hq)](
+    launch(_check_lists_kernel, (M, B * Hq),
         counts, indices, errors, *counts.stride(), *indices.stride(), indices.shape[-1], Hq,
         TILE=128, WIDE=needs_wide_offsets(indices),
     )

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton.runtime.driver import driver
+
+try:  # Triton internals the fast launch path relies on (present in 3.6-3.8); without them kernels launch the usual way
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    native_specialize_impl = None
+    warnings.warn("this Triton lacks the internals of triton_impl's fast launch path; kernels launch through "
+                  "kernel[grid](...), which adds ~20-70 us of host time per launch", stacklevel=1)
 
 from reference.validation import check_block_size, check_qkv
 
@@ -40,8 +51,8 @@ def check_kernel_dtype(**tensors) -> None:
 
     bfloat16 is refused under the interpreter, which computes tl.dot on bfloat16 wrongly; float32 is refused on a
     GPU, where its full-precision dots would run without tensor cores (nothing is tuned or tested for it there).
-    Reads TRITON_INTERPRET itself rather than calling `interpreting()`: tools.hopper_compile patches that to True while it
-    compiles the bfloat16 kernels for a GPU in a process without the interpreter, where bfloat16 is fine."""
+    Reads TRITON_INTERPRET itself rather than calling `interpreting()`: tools.hopper_compile patches that to True while
+    it compiles the bfloat16 kernels for a GPU in a process without the interpreter, where bfloat16 is fine."""
     interpreter = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     for name, x in tensors.items():
         dtype = x.dtype if isinstance(x, torch.Tensor) else x
@@ -107,8 +118,11 @@ def needs_wide_offsets(*tensors: torch.Tensor) -> bool:
     kernels then compute offsets in int64. Otherwise int32, which costs fewer instructions per address (the H200
     timings of both are in repro/NOTES.md). The margin covers the masked lanes of a tile that runs past the end
     (their addresses are computed, never read)."""
-    margin = 2**24
-    return any(sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + margin >= 2**31 for t in tensors)
+    limit = 2**31 - 2**24
+    for t in tensors:  # a contiguous tensor's largest offset is numel - 1 (the cheap test: this runs every launch)
+        if (t.numel() - 1 if t.is_contiguous() else sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) >= limit:
+            return True
+    return False
 
 
 @triton.jit
@@ -122,6 +136,46 @@ def widen(x, WIDE: tl.constexpr):
 
 def num_warps_for(block_m: int, head_dim: int) -> int:
     return 8 if block_m * head_dim >= 128 * 128 else 4
+
+
+# Launching a @triton.jit kernel: `kernel[grid](...)` redoes on every call what only the first call of a given
+# specialisation needs (binding arguments by name, the options' cache key, knob and hook look-ups, a check of the
+# globals the kernel read), ~20-70 us a launch on a server CPU: more than the GPU work of a 4K-token prefill
+# (repro/NOTES.md). `launch` keeps the compiled kernel of each specialisation and calls its launcher directly.
+FAST_LAUNCH = native_specialize_impl is not None  # False: every launch is kernel[grid](...) (repro.bench_host's A/B)
+_COMPILED: dict = {}
+
+
+def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
+    """kernel[grid](*args, **meta): runtime arguments by position, constexprs and launch options (num_warps,
+    num_stages) by keyword.
+
+    The first call of a specialisation goes through Triton, which binds, specialises, compiles (or loads) and
+    launches; later calls find its compiled kernel under a key made of exactly what Triton specialises on (each
+    argument's `native_specialize_impl` result: dtype and 16-byte alignment of a tensor, type, == 1 and divisibility
+    by 16 of an int, ...) and the keywords, and call its launcher on the current stream. Under the interpreter, and
+    while a launch hook is installed (profilers), every call goes through Triton."""
+    hooked = knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+    if not FAST_LAUNCH or hooked or interpreting():
+        kernel[grid](*args, **meta)
+        return
+    device = driver.active.get_current_device()  # Triton's rule: the current device, whatever the tensors'
+    key = (kernel, device, *(native_specialize_impl(BaseBackend, a, False, True, True) for a in args),
+           *meta.items())
+    entry = _COMPILED.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **meta)
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled  # Triton's asynchronous compile mode
+        # The launcher takes every parameter in signature order, the constexprs included (it skips them).
+        assert all(p.is_constexpr for p in kernel.params[len(args):]), "runtime arguments go by position"
+        tail = [meta[p.name] if p.name in meta else p.default for p in kernel.params[len(args):]]
+        _COMPILED[key] = (compiled, tail)
+        return
+    compiled, tail = entry
+    stream = driver.active.get_current_stream(device)
+    grid = (*grid, 1, 1)
+    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+                 *args, *tail)
 
 
 # Tests set this (see tests/conftest.py) so that every kernel output starts as NaN (floats) or -1 (ints) and an

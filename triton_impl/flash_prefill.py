@@ -1,7 +1,8 @@
 """FlashPrefill end to end in Triton (twin of reference/flash_prefill.py).
 
-Four launches per chunk of query blocks, no host synchronisation, no sort, no torch.compile:
-pool (stage 1) -> score (stage 2) -> fused threshold + compaction (stages 3-4) -> block-sparse attention (5).
+One pooling launch, then two launches per chunk of query blocks; no host synchronisation, no sort, no torch.compile:
+pool (stage 1) -> score + threshold + compaction (stages 2-4, one kernel: scoring.launch_scores_and_select) ->
+block-sparse attention (5).
 
 Mean correction (opt-in): stage 1 pools V in the same pass as K (one launch, K read once), and the attention reads
 the score kernel's scaled kbar (its hi part) as k_bar: nothing is pooled twice. Selection is unchanged.
@@ -33,8 +34,7 @@ from .attention import PHYSICAL, launch_attention
 from .common import HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_kernel_block_size, check_kernel_runs_on, new_output
 from .fp8 import check_fp8_args, launch_fp8_attention, quantize_qkv
 from .pooling import launch_mean_pool
-from .scoring import launch_block_scores
-from .selection import launch_select_and_compact
+from .scoring import launch_scores_and_select
 
 MAX_SELECTION_BYTES = 1 << 30  # scores + indices of one chunk of query blocks
 _BYTES_PER_PAIR = 4 + 4  # float32 score + int32 list slot per (query block, key block) pair
@@ -105,10 +105,9 @@ def flash_prefill(
     all_indices = new_output(B, Hq, M, M, dtype=torch.int32, device=q.device) if return_stats else None
     quantized = quantize_qkv(q, k, v, block_size) if fp8 else None
     for rows in query_block_chunks(B, Hq, M, max_selection_bytes):
-        scores = launch_block_scores(q, kbar_parts, block_size, rows=rows)  # 2. Eq. 1-2
-        _, indices = launch_select_and_compact(scores, float(alpha), sink_blocks, window_blocks, last_dense_blocks,
-                                               row0=rows[0], counts=counts, pad_lists=return_stats)  # 3-4
-        del scores
+        _, indices = launch_scores_and_select(q, kbar_parts, block_size, alpha, sink_blocks, window_blocks,
+                                              last_dense_blocks, rows=rows, counts=counts,
+                                              pad_lists=return_stats)  # 2-4. Eq. 1-3 in one launch
         if fp8:  # 5. physical skip, in e4m3
             launch_fp8_attention(quantized, L, block_size, scale, counts, indices, out=out, rows=rows)
         else:  # 5. physical skip

@@ -46,7 +46,7 @@ from reference.validation import check_block_layout, check_flag, check_tensor, n
 
 from .attention import FLOAT32_LOWEST, _check_attention_args, _listed_block, check_block_lists
 from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_inference_only, check_kernel_device, check_kernel_dtype,
-                     needs_wide_offsets, new_output, num_warps_for, widen)
+                     launch, needs_wide_offsets, new_output, num_warps_for, widen)
 
 FP8_BLOCK_SIZES = (64, 128)  # a key tile is one block (module docstring)
 # num_warps None: 8 for Bs = 128 (4 spill at D = 64), else 4. imprecise_acc: tl.dot's max_num_imprecise_acc, None
@@ -123,7 +123,7 @@ def launch_quantize(x: torch.Tensor, block_size: int, *, transpose: bool = False
         strides = (x8.stride(0), x8.stride(1), x8.stride(2), 1)
     scale = new_output(B, H, N, dtype=torch.float32, device=x.device)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    _quantize_kernel[(N, B * H)](
+    launch(_quantize_kernel, (N, B * H),
         x, x8, scale, x.stride(0), x.stride(1), x.stride(2), *strides, L, H, N,
         BLOCK_SIZE=block_size, D=D, EMULATE_CAST=_emulate_cast(), WIDE=needs_wide_offsets(x, x8),
         num_warps=num_warps_for(block_size, D),
@@ -255,7 +255,7 @@ def launch_fp8_attention(quantized, L: int, block_size: int, scale: float, count
     k_desc, v_desc = fp8_descriptors(k8, vt8, block_size)
     block_m = config["block_m"] or block_size
     assert block_size % block_m == 0
-    _fp8_attention_kernel[(B * Hq, (I1 - I0) * (block_size // block_m))](
+    launch(_fp8_attention_kernel, (B * Hq, (I1 - I0) * (block_size // block_m)),
         q8, k_desc, v_desc, s_q, s_k, s_v, out, counts, indices,
         q8.stride(0), q8.stride(1), q8.stride(2),
         out.stride(0), out.stride(1), out.stride(2),

@@ -17,8 +17,9 @@ import triton.language as tl
 
 from reference.validation import check_tensor, num_blocks
 
-from .common import (HEAD_DIMS, KERNEL_DTYPES, VarlenLayout, check_inference_only, check_kernel_dtype,
-                     check_kernel_block_size, check_kernel_device, needs_wide_offsets, new_output, sequence_span, widen)
+from .common import (HEAD_DIMS, KERNEL_DTYPES, VarlenLayout, check_inference_only, check_kernel_block_size,
+                     check_kernel_device, check_kernel_dtype, launch, needs_wide_offsets, new_output, sequence_span,
+                     widen)
 
 
 @triton.jit
@@ -113,7 +114,7 @@ def launch_mean_pool(k: torch.Tensor, block_size: int, *, out_scale: float = 1.0
     vbar = new_output(B, N, H, D, dtype=dtype, device=k.device) if values is not None else kbar
     v = values if values is not None else k
     cu_q, cu_k, first = (varlen.cu_q, varlen.cu_k, varlen.first_pooled) if varlen is not None else (kbar,) * 3
-    _mean_pool_kernel[(N, B * H)](
+    launch(_mean_pool_kernel, (N, B * H),
         k, kbar, kbar_lo, v, vbar, cu_q, cu_k, first, *k.stride(), *v.stride(), *kbar.stride()[:3], L, H, out_scale,
         *((varlen.total_q, varlen.total_k) if varlen is not None else (0, 0)),
         BLOCK_SIZE=block_size, POOL_ROWS=min(block_size, 64), D=D, SPLIT=split, POOL_V=values is not None,

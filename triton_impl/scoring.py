@@ -34,9 +34,10 @@ import triton.language as tl
 from reference.scoring import SCORE_EPS
 from reference.validation import check_kbar, num_blocks, resolve_scale
 
-from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, VarlenLayout, check_inference_only, check_kernel_dtype,
-                     check_kernel_block_size, check_kernel_device, dot_precision, needs_wide_offsets, new_output,
+from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, VarlenLayout, check_inference_only, check_kernel_block_size,
+                     check_kernel_device, check_kernel_dtype, dot_precision, launch, needs_wide_offsets, new_output,
                      sequence_span, widen)
+from .selection import _append_kept, _keep, _pad_list
 
 
 @triton.jit
@@ -113,15 +114,26 @@ def _score_tile(row_max, denom, j0, row, q_base, KBAR_HI, KBAR_LO, kbar_offset, 
 
 
 @triton.jit
+def _normalised(row, key_blocks, I, safe_max, denom, EPS: tl.constexpr):
+    """Score_IJ = 2^(u_IJ - M_I) / (Z_I + eps) of the key blocks of one tile, from the u_IJ of pass 1 in row;
+    exactly 0 for J > I, whatever the row holds there."""
+    causal = key_blocks <= I
+    u = tl.load(row + key_blocks, mask=causal, other=float("-inf"))
+    return tl.where(causal, tl.exp2(u - safe_max) / (denom + EPS), 0.0)
+
+
+@triton.jit
 def _block_scores_kernel(
-    Q, KBAR_HI, KBAR_LO, SCORES, CU_Q, CU_K,
+    Q, KBAR_HI, KBAR_LO, SCORES, CU_Q, CU_K, COUNTS, INDICES, LAST_DENSE,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh,
     stride_sb, stride_sh, stride_sm,
-    L, N, HQ, GROUP, ROW0, total_q, total_k,
+    stride_ib, stride_ih, stride_im,
+    L, N, HQ, GROUP, ROW0, total_q, total_k, COUNT_ROWS, LIST_WIDTH,
+    alpha, sink_blocks, window_blocks, last_dense_blocks,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     SPLIT_KBAR: tl.constexpr, DOT_PRECISION: tl.constexpr, EPS: tl.constexpr, WIDE: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, SELECT: tl.constexpr, PAD_LISTS: tl.constexpr,
 ):
     bh = widen(tl.program_id(0), WIDE)  # heads vary fastest: a GQA group shares kbar in L2
     local = widen(tl.num_programs(1) - 1 - tl.program_id(1), WIDE)  # longest rows first
@@ -163,16 +175,43 @@ def _block_scores_kernel(
         row_max, denom = _score_tile(row_max, denom, j0, row, q_base, KBAR_HI, KBAR_LO, kbar_offset, stride_kn, I,
                                      stride_ql, stride_qd, L, P, N, q_block, BLOCK_SIZE, BLOCK_M, BLOCK_N, D,
                                      SPLIT_KBAR, True, DOT_PRECISION, VARLEN)
-
-    # Pass 2: normalise (a NaN Z_I makes the whole causal row NaN). Non-contributing pairs score 0; J > I was never
-    # computed and scores exactly 0 whatever the row holds.
+    # The u of pass 1 were stored by whichever threads held them in the dot's layout; the loads below are another
+    # layout, so the whole program syncs first (bar.sync orders the block's global stores before its loads).
+    tl.debug_barrier()
     safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-    for j0 in range(0, N, BLOCK_N):
-        key_blocks = j0 + tl.arange(0, BLOCK_N)
-        causal = key_blocks <= I
-        u = tl.load(row + key_blocks, mask=causal, other=float("-inf"))
-        score = tl.where(causal, tl.exp2(u - safe_max) / (denom + EPS), 0.0)
-        tl.store(row + key_blocks, score, mask=key_blocks < N)
+
+    if SELECT:
+        # Stages 3-4 in the same program (selection.py's rules, the same arithmetic): pass 2 reduces the row max m_I
+        # of the causal scores (NaN if one is NaN), pass 3 keeps J when not below alpha x m_I or forced and appends
+        # it to the row's list. Both recompute Score_IJ from u (the same instructions, so the same bits as a store
+        # and a reload); the scores are never written.
+        best = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        has_nan = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for j0 in range(0, I + 1, BLOCK_N):
+            key_blocks = j0 + tl.arange(0, BLOCK_N)
+            score = _normalised(row, key_blocks, I, safe_max, denom, EPS)
+            is_nan = score != score
+            has_nan = tl.maximum(has_nan, is_nan.to(tl.int32))
+            best = tl.maximum(best, tl.where(is_nan | (key_blocks > I), float("-inf"), score))
+        threshold = alpha * tl.where(tl.max(has_nan, axis=0) > 0, float("nan"), tl.max(best, axis=0))
+        if VARLEN:
+            last_dense_blocks = tl.load(LAST_DENSE + b)  # 0 for a chunk that does not end its prompt
+        list_row = INDICES + b * stride_ib + h * stride_ih + local * stride_im
+        count = tl.zeros([], dtype=tl.int32)
+        for j0 in range(0, I + 1, BLOCK_N):
+            key_blocks = j0 + tl.arange(0, BLOCK_N)
+            keep = _keep(_normalised(row, key_blocks, I, safe_max, denom, EPS), key_blocks, I, N, threshold,
+                         sink_blocks, window_blocks, last_dense_blocks)
+            count = _append_kept(list_row, key_blocks, keep, count)
+        if PAD_LISTS:
+            _pad_list(list_row, count, LIST_WIDTH, BLOCK_N)
+        tl.store(COUNTS + (b * HQ + h) * COUNT_ROWS + ROW0 + local, count)
+    else:
+        # Pass 2: normalise (a NaN Z_I makes the whole causal row NaN). Non-contributing pairs score 0; J > I was
+        # never computed and scores exactly 0 whatever the row holds.
+        for j0 in range(0, N, BLOCK_N):
+            key_blocks = j0 + tl.arange(0, BLOCK_N)
+            tl.store(row + key_blocks, _normalised(row, key_blocks, I, safe_max, denom, EPS), mask=key_blocks < N)
 
 
 # Launch configuration: BLOCK_M query rows x BLOCK_N pooled keys per tile, warps. Tuned on an H200 (repro/NOTES.md).
@@ -220,6 +259,27 @@ def launch_block_scores(q: torch.Tensor, kbar_parts: tuple[torch.Tensor, torch.T
     varlen: q is a packed (total_q, Hq, D) batch, kbar_parts padded (batch, key_blocks, Hkv, D) (launch_mean_pool);
     rows=(t0, t1) then counts the layout's rows of every sequence (row t = query block I0_b + t), into a
     (batch, Hq, t1 - t0, key_blocks) buffer; entries past a sequence's blocks are not written."""
+    return _launch(q, kbar_parts, block_size, _config, rows, varlen)
+
+
+def launch_scores_and_select(q: torch.Tensor, kbar_parts: tuple[torch.Tensor, torch.Tensor], block_size: int,
+                             alpha: float, sink_blocks: int, window_blocks: int, last_dense_blocks: int, *,
+                             rows: tuple[int, int] | None = None, counts: torch.Tensor | None = None,
+                             pad_lists: bool = True, varlen: VarlenLayout | None = None,
+                             _config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stages 2-4 in one launch: (counts, indices), exactly what `selection.launch_select_and_compact` returns for
+    the scores of `launch_block_scores` with the same arguments (the same arithmetic, the scores never written).
+    flash_prefill's path: one launch and one kernel fewer per chunk than the two stages apart.
+
+    counts: the whole (B, Hq, M) buffer (varlen: (batch, Hq, varlen.rows)) that the rows' counts go into, allocated
+    when None; indices come back as (B, Hq, I1 - I0, N). pad_lists, varlen: as launch_select_and_compact's."""
+    selection = dict(alpha=float(alpha), sink_blocks=sink_blocks, window_blocks=window_blocks,
+                     last_dense_blocks=last_dense_blocks, counts=counts, pad_lists=pad_lists)
+    return _launch(q, kbar_parts, block_size, _config, rows, varlen, selection)
+
+
+def _launch(q, kbar_parts, block_size, config, rows, varlen, selection=None):
+    """The score kernel's launch: scores (selection None), or (counts, indices) with the selection's arguments."""
     hi, lo = kbar_parts
     if varlen is not None:
         q = q.unsqueeze(0)  # (1, total_q, Hq, D): the kernel finds each sequence through the layout
@@ -228,16 +288,30 @@ def launch_block_scores(q: torch.Tensor, kbar_parts: tuple[torch.Tensor, torch.T
         B, M, N = q.shape[0], num_blocks(q.shape[1], block_size), num_blocks(q.shape[1], block_size)
     _, L, Hq, D = q.shape
     I0, I1 = rows or (0, M)
+    # Fused, the buffer holds pass 1's u_IJ, which only the program of its row reads back.
     scores = new_output(B, Hq, I1 - I0, N, dtype=torch.float32, device=q.device)
-    config = dict(SCORE_CONFIG, **(_config or {}))
+    config = dict(SCORE_CONFIG, **(config or {}))
     BLOCK_M, BLOCK_N = score_tile_sizes(block_size, config)
-    cu_q, cu_k = (varlen.cu_q, varlen.cu_k) if varlen is not None else (scores, scores)
-    _block_scores_kernel[(B * Hq, I1 - I0)](
-        q, hi, lo, scores, cu_q, cu_k, *q.stride(), *hi.stride()[:3], *scores.stride()[:3],
+    cu_q, cu_k, last_dense = ((varlen.cu_q, varlen.cu_k, varlen.last_dense) if varlen is not None
+                              else (scores, scores, scores))
+    if selection is not None:
+        counts = selection["counts"]
+        if counts is None:
+            counts = new_output(B, Hq, M, dtype=torch.int32, device=q.device)
+        indices = new_output(B, Hq, I1 - I0, N, dtype=torch.int32, device=q.device)
+        net = [selection[name] for name in ("alpha", "sink_blocks", "window_blocks", "last_dense_blocks")]
+        pad_lists = selection["pad_lists"]
+    else:
+        counts = indices = scores  # unused
+        net, pad_lists = [0.0, 0, 0, 0], False
+    launch(_block_scores_kernel, (B * Hq, I1 - I0),
+        q, hi, lo, scores, cu_q, cu_k, counts, indices, last_dense, *q.stride(), *hi.stride()[:3],
+        *scores.stride()[:3], *indices.stride()[:3],
         L, N, Hq, Hq // hi.shape[2], I0, *((varlen.total_q, varlen.total_k) if varlen is not None else (0, 0)),
+        M, N, *net,
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
         SPLIT_KBAR=q.dtype != torch.float32, DOT_PRECISION=dot_precision(q.dtype), EPS=SCORE_EPS,
-        WIDE=needs_wide_offsets(q, scores), VARLEN=varlen is not None, num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
+        WIDE=needs_wide_offsets(q, scores, indices), VARLEN=varlen is not None, SELECT=selection is not None,
+        PAD_LISTS=pad_lists, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
-    return scores
+    return scores if selection is None else (counts, indices)

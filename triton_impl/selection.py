@@ -22,7 +22,7 @@ import triton.language as tl
 
 from reference.validation import check_mask, check_scores, check_selection_params
 
-from .common import (VarlenLayout, check_inference_only, check_kernel_device, needs_wide_offsets, new_output,
+from .common import (VarlenLayout, check_inference_only, check_kernel_device, launch, needs_wide_offsets, new_output,
                      sequence_span, widen)
 
 TILE_N = 128  # key blocks per tile of a row
@@ -50,14 +50,20 @@ def _row_max(row, I, TILE: tl.constexpr):
 
 
 @triton.jit
-def _keep_tile(row, J, I, M, threshold, sink_blocks, window_blocks, last_dense_blocks):
-    """Keep bits of the key blocks J of row I of M query blocks: causal and (not below alpha * m_I, or a sink,
-    window or dense row). "Not below" rather than ">=": a NaN score or a NaN threshold keeps the block."""
-    causal = J <= I
-    score = tl.load(row + J, mask=causal, other=0.0)
+def _keep(score, J, I, M, threshold, sink_blocks, window_blocks, last_dense_blocks):
+    """Keep bits of the key blocks J of row I of M query blocks, given their scores: causal and (not below
+    alpha * m_I, or a sink, window or dense row). "Not below" rather than ">=": a NaN score or a NaN threshold keeps
+    the block."""
     forced = (J < sink_blocks) | (I - J < window_blocks) | (I >= M - last_dense_blocks)
     below = score < threshold
-    return causal & ((below == 0) | forced)
+    return (J <= I) & ((below == 0) | forced)
+
+
+@triton.jit
+def _keep_tile(row, J, I, M, threshold, sink_blocks, window_blocks, last_dense_blocks):
+    """`_keep` on the scores stored in row."""
+    score = tl.load(row + J, mask=J <= I, other=0.0)
+    return _keep(score, J, I, M, threshold, sink_blocks, window_blocks, last_dense_blocks)
 
 
 @triton.jit
@@ -156,7 +162,7 @@ def select_blocks(scores: torch.Tensor, alpha: float = 0.12, sink_blocks: int = 
     alpha, scores = _check_selection_args(scores, alpha, sink_blocks, window_blocks, last_dense_blocks)
     B, Hq, M, _ = scores.shape
     mask = new_output(B, Hq, M, M, dtype=torch.bool, device=scores.device)
-    _select_kernel[(M, B * Hq)](
+    launch(_select_kernel, (M, B * Hq),
         scores, mask.view(torch.int8), *scores.stride()[:3], *mask.stride()[:3],
         M, Hq, alpha, sink_blocks, window_blocks, last_dense_blocks, TILE=TILE_N,
         WIDE=needs_wide_offsets(scores, mask),
@@ -172,7 +178,7 @@ def compact_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, Hq, M, _ = mask.shape
     counts = new_output(B, Hq, M, dtype=torch.int32, device=mask.device)
     indices = new_output(B, Hq, M, M, dtype=torch.int32, device=mask.device)
-    _compact_kernel[(M, B * Hq)](
+    launch(_compact_kernel, (M, B * Hq),
         mask.view(torch.int8), counts, indices, *mask.stride()[:3], *indices.stride()[:3], M, Hq, TILE=TILE_N,
         WIDE=needs_wide_offsets(mask, indices),
     )
@@ -206,7 +212,7 @@ def launch_select_and_compact(scores, alpha, sink_blocks, window_blocks, last_de
         counts = new_output(B, Hq, count_rows, dtype=torch.int32, device=scores.device)
     indices = new_output(B, Hq, rows, M, dtype=torch.int32, device=scores.device)
     cu_q, cu_k, last = (varlen.cu_q, varlen.cu_k, varlen.last_dense) if varlen is not None else (counts,) * 3
-    _select_compact_kernel[(rows, B * Hq)](
+    launch(_select_compact_kernel, (rows, B * Hq),
         scores, counts, indices, cu_q, cu_k, last, *scores.stride()[:3], *indices.stride()[:3],
         M, count_rows, Hq, alpha, sink_blocks, window_blocks, last_dense_blocks, row0,
         *((varlen.total_q, varlen.total_k) if varlen is not None else (0, 0)), TILE=TILE_N,

@@ -1,7 +1,7 @@
 """FlashPrefill for serving-style calls in Triton: packed variable-length batches and chunked prefill over a cached
 prefix (twin of reference/varlen.py, whose docstring has the layout, the positions and the one-sequence view).
 
-The same four launches per chunk of query-block rows as `flash_prefill` (pool, score, select + compact, attend),
+The same launches per chunk of query-block rows as `flash_prefill` (pool, score + select + compact, attend),
 each kernel running in its VARLEN mode (`common.VarlenLayout`): a program reads its sequence's bounds from
 cu_seqlens (`common.sequence_span`) and works at absolute positions, so nothing is copied into a one-sequence view.
 
@@ -35,8 +35,7 @@ from .common import (HEAD_DIMS, KERNEL_DTYPES, VarlenLayout, check_kernel_block_
                      new_output)
 from .flash_prefill import MAX_SELECTION_BYTES, query_block_chunks
 from .pooling import launch_mean_pool
-from .scoring import launch_block_scores, split_kbar
-from .selection import launch_select_and_compact
+from .scoring import launch_scores_and_select, split_kbar
 
 
 def flash_prefill_varlen(
@@ -103,11 +102,9 @@ def flash_prefill_varlen(
     all_indices = (torch.full((layout.batch, Hq, layout.rows, layout.key_blocks), -1, dtype=torch.int32,
                               device=q.device) if return_stats else None)
     for rows in query_block_chunks(layout.batch, Hq, layout.key_blocks, max_selection_bytes, rows=layout.rows):
-        scores = launch_block_scores(q, kbar_parts, block_size, rows=rows, varlen=layout)  # 2. Eq. 1-2
-        _, indices = launch_select_and_compact(scores, float(alpha), sink_blocks, window_blocks, last_dense_blocks,
-                                               row0=rows[0], counts=counts, pad_lists=return_stats,
-                                               varlen=layout)  # 3-4, absolute block ids
-        del scores
+        _, indices = launch_scores_and_select(q, kbar_parts, block_size, alpha, sink_blocks, window_blocks,
+                                              last_dense_blocks, rows=rows, counts=counts, pad_lists=return_stats,
+                                              varlen=layout)  # 2-4. Eq. 1-3 in one launch, absolute block ids
         launch_attention(q, k, v, block_size, scale, PHYSICAL, counts=counts, indices=indices, rows=rows, out=out,
                          means=means, return_lse=return_lse, lse=lse, varlen=layout)  # 5. physical skip
         if all_indices is not None:
