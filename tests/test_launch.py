@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import HAS_CUDA
+from triton import knobs
 
 import triton_impl
 from reference.synthetic import planted_qkv
@@ -76,3 +77,38 @@ def test_a_cached_specialisation_does_not_go_back_through_triton(monkeypatch):
     monkeypatch.setattr(common, "FAST_LAUNCH", False)
     assert torch.equal(triton_impl.flash_prefill(q2, k2, v2), out) and calls == [1]
 
+
+
+def _with_enter_hook(hook):
+    """Install `hook` as a launch-enter hook the way a profiler does; returns the undo."""
+    chain = knobs.runtime.launch_enter_hook
+    if hasattr(chain, "add"):  # Triton 3.6: a HookChain
+        chain.add(hook)
+        return lambda: chain.remove(hook)
+    knobs.runtime.launch_enter_hook = hook  # older Triton: one callable or None
+    return lambda: setattr(knobs.runtime, "launch_enter_hook", chain)
+
+
+def test_only_an_installed_hook_counts_as_one():
+    # Triton's default (an empty chain, or None) is no hook: the fast path must stay on without a profiler.
+    assert not common.launch_hooks_installed()
+    undo = _with_enter_hook(lambda metadata: None)
+    try:
+        assert common.launch_hooks_installed()
+    finally:
+        undo()
+    assert not common.launch_hooks_installed()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_a_profiler_hook_sees_every_launch():
+    q, k, v = _inputs(4096, misaligned=False)
+    triton_impl.flash_prefill(q, k, v)  # cached: without the hook these launches skip Triton
+    seen = []
+    undo = _with_enter_hook(lambda metadata: seen.append(metadata))
+    try:
+        triton_impl.flash_prefill(q, k, v)
+    finally:
+        undo()
+    assert len(seen) == 3, f"{len(seen)} launches reached the hook; a call makes three (pool, score + select, attention)"

@@ -146,6 +146,14 @@ FAST_LAUNCH = native_specialize_impl is not None  # False: every launch is kerne
 _COMPILED: dict = {}
 
 
+def launch_hooks_installed() -> bool:
+    """Whether a profiler (e.g. Proton) has installed a launch hook, which needs Triton's own launch path (it builds
+    the launch metadata the hook reads). Triton 3.6 keeps the hooks in a HookChain that is never None: an empty
+    chain means no hook; older versions hold a callable or None."""
+    return any(hook is not None and bool(getattr(hook, "calls", True))
+               for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
+
+
 def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
     """kernel[grid](*args, **meta): runtime arguments by position, constexprs and launch options (num_warps,
     num_stages) by keyword.
@@ -155,8 +163,7 @@ def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
     argument's `native_specialize_impl` result: dtype and 16-byte alignment of a tensor, type, == 1 and divisibility
     by 16 of an int, ...) and the keywords, and call its launcher on the current stream. Under the interpreter, and
     while a launch hook is installed (profilers), every call goes through Triton."""
-    hooked = knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
-    if not FAST_LAUNCH or hooked or interpreting():
+    if not FAST_LAUNCH or launch_hooks_installed() or interpreting():
         kernel[grid](*args, **meta)
         return
     device = driver.active.get_current_device()  # Triton's rule: the current device, whatever the tensors'
