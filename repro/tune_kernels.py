@@ -3,6 +3,7 @@
     python -m repro.tune_kernels [--length 65536] [--out-dir DIR]
     python -m repro.tune_kernels --diagnose        # per-block cost of the list walk, L2 sharing, index prefetch
     python -m repro.tune_kernels --kv-loads        # K/V loads: TMA descriptors vs pointers, tiles, stages
+    python -m repro.tune_kernels --short-rows [--lengths 16384 65536 262144]   # tiles, warps, stages, interleaved
 
 Standard shape (bf16, B=1, Hq=32, Hkv=4, D=128, Bs=128), synthetic planted-pattern inputs. Every configuration's
 output is compared with the default configuration's before it is timed, so a fast-but-wrong variant is flagged.
@@ -36,12 +37,20 @@ def main(argv=None):
                         help="only the physical-vs-dense per-block diagnosis, not the full sweep")
     parser.add_argument("--kv-loads", action="store_true",
                         help="only the K/V load sweep (TMA descriptors vs pointer loads, key tile, stages)")
+    parser.add_argument("--short-rows", action="store_true",
+                        help="only the per-block cost of short rows: query tile, key tile, warps, stages at 3.5%% "
+                             "and 10%%, interleaved, against cuDNN per block (issue 14's per-block gap)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536, 262144],
+                        help="lengths of --short-rows (default 16384 65536 262144)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of --short-rows (median)")
     args = parser.parse_args(argv)
     args.out_dir = args.out_dir or run_dir("kernel_tuning")
     if args.diagnose:
         return diagnose(args)
     if args.kv_loads:
         return kv_loads(args)
+    if args.short_rows:
+        return short_rows(args)
     return sweep(args)
 
 
@@ -253,6 +262,61 @@ def kv_loads(args):
     finally:
         ATTENTION_CONFIG["kv_descriptors"] = default
     write_long_csv(args.out_dir / f"kv_loads_L{L}.csv", rows, environment_stamp("cuda"))
+
+
+# 1 stage with BLOCK_M 64: 16 KiB of Q + 64 KiB of K/V, so two programs share an SM and one's start-up (Q, count,
+# first K/V) runs under the other's loop. A key tile smaller than the block does not save shared memory: the
+# loop walks blocks, so a stage holds Bs / BLOCK_N tiles.
+SHORT_ROW_CONFIGS = (  # the first is the default and the reference for the outputs
+    dict(),
+    dict(num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=1),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+)
+
+
+def short_rows(args):
+    """Per kept block against cuDNN's dense time per causal block, for every SHORT_ROW_CONFIGS entry, at 3.5% and
+    10% (independent random lists), each length's configurations timed round-robin (--repeats rounds, median)."""
+    import statistics
+
+    import triton_impl
+    from reference.synthetic import planted_qkv
+    from repro.timing import interleaved
+    from triton_impl.attention import PHYSICAL, launch_attention
+
+    Hq, Hkv, D = 32, 4, 128
+    rows = []
+    for L in args.lengths:
+        M, scale = L // 128, D ** -0.5
+        q, k, v = planted_qkv(1, L, Hq, Hkv, D, seed=0, dtype=torch.bfloat16, device="cuda")
+        cudnn_ns = dense_baselines(q, k, v)["sdpa_cudnn"] * 1e6 / (M * (M + 1) // 2 * Hq)
+        for target in (0.035, 0.1):
+            counts, indices = triton_impl.compact_blocks(controlled_mask(1, Hq, M, target, seed=1))
+            blocks = int(counts.sum())
+            calls, diffs, reference = {}, {}, None
+            for cfg in SHORT_ROW_CONFIGS:
+                fn = lambda cfg=cfg: launch_attention(q, k, v, 128, scale, PHYSICAL, counts=counts,  # noqa: E731
+                                                      indices=indices, config=cfg)
+                try:
+                    out = fn().float()
+                except Exception as err:  # e.g. out of shared memory for this configuration
+                    print(f"L={L} {target:.1%} {cfg}: failed ({type(err).__name__}: {str(err).splitlines()[0][:100]})")
+                    continue
+                reference = out if reference is None else reference
+                calls[str(cfg or "default")], diffs[str(cfg or "default")] = fn, (out - reference).abs().max().item()
+            for name, ms in interleaved(calls, args.repeats, bench_ms).items():
+                ns = statistics.median(ms) * 1e6 / blocks
+                rows.append(dict(what=f"{target:.1%} independent", L=L, config=name, ms=statistics.median(ms),
+                                 spread=max(ms) - min(ms), blocks=blocks, ns_per_block=ns,
+                                 ratio_to_cudnn=ns / cudnn_ns, max_diff=diffs[name]))
+                print(f"L={L:<7} {target:5.1%} {rows[-1]['ms']:9.3f} ms x{ns / cudnn_ns:.3f} cuDNN per block  "
+                      f"diff {diffs[name]:.2g}  {name}", flush=True)
+        del q, k, v
+    write_long_csv(args.out_dir / "short_rows.csv", rows, environment_stamp("cuda"))
 
 
 if __name__ == "__main__":
