@@ -37,8 +37,8 @@ import torch
 
 from block_selectors import SELECTORS
 from reference.synthetic import planted_qkv
-from repro.common import (environment_stamp, length_label, markdown_table, run_dir, stamp_line, write_long_csv,
-                          write_run_json)
+from repro.common import (cpu_model, environment_stamp, length_label, markdown_table, run_dir, stamp_line,
+                          write_long_csv, write_run_json)
 from repro.timing import bench_ms, dense_baselines, graphed, host_enqueue_ms, interleaved
 
 EXPERIMENT = "bench_host"
@@ -156,7 +156,8 @@ def measure(L: int, calls: int, repeats: int) -> tuple[list[dict], list[list]]:
 
 def report(rows, profiles, stamp, info) -> str:
     lines = ["# Short prefills: host and GPU time per call (operator + selection, synthetic planted inputs)", "",
-             stamp_line(stamp), "", f"Command: `{info['command']}`; standard shape, bf16, alpha {ALPHA}.", "",
+             stamp_line(stamp), f"Host CPU: {info['host_cpu']} (the eager timings depend on it as much as on the GPU).",
+             "", f"Command: `{info['command']}`; standard shape, bf16, alpha {ALPHA}.", "",
              f"Goal (issue 14): the eager call <= {GOAL_VS_CUDNN}x cuDNN's dense time.", ""]
     for L in sorted({r["L"] for r in rows}):
         spread = lambda r: f"{r['spread']:.3f}" if r.get("spread") is not None else ""  # noqa: E731
@@ -188,8 +189,10 @@ def main(argv=None) -> int:
         rows += length_rows
     stamp = environment_stamp()
     command = " ".join(["python -m repro.bench_host", *(argv if argv is not None else sys.argv[1:])])
-    info = dict(command=command, calls=args.calls, repeats=args.repeats, lengths=args.lengths,
+    info = dict(command=command, calls=args.calls, repeats=args.repeats, lengths=args.lengths, host_cpu=cpu_model(),
                 wall_seconds=round(time.time() - start))
+    for row in rows:
+        row["host_cpu"] = info["host_cpu"]
     write_long_csv(out_dir / "bench_host.csv", rows, stamp)
     (out_dir / "bench_host.md").write_text(report(rows, profiles, stamp, info) + "\n", encoding="utf-8")
     write_run_json(out_dir / "run.json", info)

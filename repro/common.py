@@ -55,7 +55,8 @@ def run_dir(experiment: str | None = None, device: str | torch.device | None = N
     return path
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The host CPU's model name (for results that depend on the host: launch overheads, CPU runs)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -96,7 +97,7 @@ def environment_stamp(device: str | torch.device | None = None) -> dict[str, str
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+        name = f"{cpu_model()} ({torch.get_num_threads()} threads)"
     return {
         "device": device.type,
         "device_name": name,

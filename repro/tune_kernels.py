@@ -39,10 +39,13 @@ def main(argv=None):
                         help="only the K/V load sweep (TMA descriptors vs pointer loads, key tile, stages)")
     parser.add_argument("--short-rows", action="store_true",
                         help="only the per-block cost of short rows: query tile, key tile, warps, stages at 3.5%% "
-                             "and 10%%, interleaved, against cuDNN per block (issue 14's per-block gap)")
+                             "and 10%%, interleaved, against cuDNN per block (issue 14's per-block gap), and a fit "
+                             "of the cost per kept block and per program on banded lists")
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536, 262144],
                         help="lengths of --short-rows (default 16384 65536 262144)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of --short-rows (median)")
+    parser.add_argument("--configs", type=int, nargs="+", default=None,
+                        help="--short-rows: only these entries of SHORT_ROW_CONFIGS (0: the default; default all)")
     args = parser.parse_args(argv)
     args.out_dir = args.out_dir or run_dir("kernel_tuning")
     if args.diagnose:
@@ -298,7 +301,7 @@ def short_rows(args):
             counts, indices = triton_impl.compact_blocks(controlled_mask(1, Hq, M, target, seed=1))
             blocks = int(counts.sum())
             calls, diffs, reference = {}, {}, None
-            for cfg in SHORT_ROW_CONFIGS:
+            for cfg in [SHORT_ROW_CONFIGS[i] for i in args.configs or range(len(SHORT_ROW_CONFIGS))]:
                 fn = lambda cfg=cfg: launch_attention(q, k, v, 128, scale, PHYSICAL, counts=counts,  # noqa: E731
                                                       indices=indices, config=cfg)
                 try:
@@ -315,8 +318,40 @@ def short_rows(args):
                                  ratio_to_cudnn=ns / cudnn_ns, max_diff=diffs[name]))
                 print(f"L={L:<7} {target:5.1%} {rows[-1]['ms']:9.3f} ms x{ns / cudnn_ns:.3f} cuDNN per block  "
                       f"diff {diffs[name]:.2g}  {name}", flush=True)
+        rows += row_length_fit(q, k, v, L, cudnn_ns) if L <= 65536 else []
         del q, k, v
     write_long_csv(args.out_dir / "short_rows.csv", rows, environment_stamp("cuda"))
+
+
+def row_length_fit(q, k, v, L: int, cudnn_ns: float, widths=(1, 2, 4, 8, 16, 32)) -> list[dict]:
+    """The default kernel on banded lists (every row keeps its `width` blocks ending at the diagonal: contiguous,
+    shared by all heads, so L2-friendly), then a least-squares fit ms = per_block x blocks + per_program x programs
+    (one program per query block and head): what a kept block costs in the loop, and what a program's start-up and
+    epilogue cost beyond it (the short-row overhead), both in ns of the whole GPU."""
+    import triton_impl
+    from triton_impl.attention import PHYSICAL, launch_attention
+
+    B, _, Hq, D = q.shape
+    M = L // 128
+    I, J = torch.arange(M, device=q.device)[:, None], torch.arange(M, device=q.device)[None, :]
+    rows, fit = [], []
+    for width in widths:
+        band = ((J <= I) & (J > I - width)).expand(B, Hq, M, M)
+        counts, indices = triton_impl.compact_blocks(band.contiguous())
+        blocks, programs = int(counts.sum()), B * Hq * M
+        ms = bench_ms(lambda: launch_attention(q, k, v, 128, D ** -0.5, PHYSICAL, counts=counts,  # noqa: E731
+                                               indices=indices))
+        fit.append((blocks, programs, ms))
+        rows.append(dict(what=f"band of {width}", L=L, config="default", ms=ms, blocks=blocks,
+                         ns_per_block=ms * 1e6 / blocks, ratio_to_cudnn=ms * 1e6 / blocks / cudnn_ns))
+        print(f"L={L:<7} band of {width:<3} {ms:9.3f} ms {rows[-1]['ns_per_block']:6.2f} ns per block", flush=True)
+    design = torch.tensor([[b, p] for b, p, _ in fit], dtype=torch.float64)
+    per_block, per_program = torch.linalg.lstsq(design, torch.tensor([[ms] for *_, ms in fit],
+                                                                     dtype=torch.float64)).solution.flatten() * 1e6
+    print(f"L={L}: fit {per_block:.2f} ns per kept block-head + {per_program:.2f} ns per program "
+          f"(cuDNN dense {cudnn_ns:.2f} ns per block)", flush=True)
+    return rows + [dict(what="fit: ns per kept block-head", L=L, config="default", ns_per_block=float(per_block)),
+                   dict(what="fit: ns per program", L=L, config="default", ns_per_block=float(per_program))]
 
 
 if __name__ == "__main__":

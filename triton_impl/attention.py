@@ -411,8 +411,9 @@ def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=N
     varlen (PHYSICAL only): q, out (total_q, Hq, D) and k, v (total_k, Hkv, D) are packed batches laid out as the
     layout says; counts (batch, Hq, varlen.rows) and rows=(t0, t1) count its rows (row t of sequence b = query
     block I0_b + t, the lists absolute block numbers), means padded (batch, key_blocks, Hkv, D), lse (Hq, total_q)."""
+    physical, logical = mode == PHYSICAL, mode == LOGICAL  # once: a tl.constexpr comparison costs ~1 us of host time
     if varlen is not None:
-        assert mode == PHYSICAL and not return_visits
+        assert physical and not return_visits
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # (1, total, H, D): one packed "batch"
         out = out.unsqueeze(0) if out is not None else None
         B, M = varlen.batch, varlen.rows
@@ -442,13 +443,13 @@ def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=N
     assert not return_lse or (lse.is_contiguous() and lse.dtype == torch.float32 and lse.shape == lse_shape)
     # What each row walks: its block list (PHYSICAL), its mask bits (LOGICAL), or nothing (DENSE). Pointers a mode
     # does not read are given `out` as a placeholder.
-    lists = indices.contiguous() if mode == PHYSICAL else out
-    bits = mask.contiguous().view(torch.int8) if mode == LOGICAL else out
-    row_strides = lists.stride()[:3] if mode == PHYSICAL else bits.stride()[:3] if mode == LOGICAL else (0, 0, 0)
-    counts = counts.contiguous() if mode == PHYSICAL else out
+    lists = indices.contiguous() if physical else out
+    bits = mask.contiguous().view(torch.int8) if logical else out
+    row_strides = lists.stride()[:3] if physical else bits.stride()[:3] if logical else (0, 0, 0)
+    counts = counts.contiguous() if physical else out
     grid = (B * Hq, tiles) if config["heads_fastest"] else (tiles, B * Hq)
     if means is not None:
-        assert mode != DENSE and config["mean_chunk"] in MEAN_CHUNKS
+        assert (physical or logical) and config["mean_chunk"] in MEAN_CHUNKS
         assert means[0].stride() == means[1].stride() and means[0].stride(-1) == 1
     kbar, vbar = means if means is not None else (out, out)  # placeholders when unused, as above
     mean_strides = kbar.stride()[:3] if means is not None else (0, 0, 0)
@@ -473,7 +474,7 @@ def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=N
         out.stride(0), out.stride(1), out.stride(2),
         *row_strides,
         *mean_strides,
-        L, M, Hq, Hq // Hkv, scale * LOG2E, math.log2(block_size), I0, lists.shape[-1] if mode == PHYSICAL else M,
+        L, M, Hq, Hq // Hkv, scale * LOG2E, math.log2(block_size), I0, lists.shape[-1] if physical else M,
         *((varlen.total_q, varlen.total_k) if varlen is not None else (0, 0)),
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
         MODE=mode.value, DOT_PRECISION=dot_precision(q.dtype), COUNT_VISITS=return_visits,
