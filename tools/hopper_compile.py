@@ -88,10 +88,10 @@ def jit_kernels() -> dict[str, "triton.runtime.jit.JITFunction"]:  # noqa: F821
     """Every @triton.jit kernel of triton_impl (the functions named *_kernel; the others are device helpers)."""
     import triton.runtime.jit as jit
 
-    from triton_impl import attention, fp8, pooling, scoring, selection
+    from triton_impl import attention, fp8, pooling, scoring, selection, validation
 
     found = {}
-    for module in (pooling, scoring, selection, attention, fp8):
+    for module in (pooling, scoring, selection, attention, fp8, validation):
         for name, obj in vars(module).items():
             if not name.endswith("_kernel"):
                 continue
@@ -358,9 +358,9 @@ def _with_kv_descriptors(fn, *args, **kwargs):
 
 def _with_wide_offsets(fn, *args, **kwargs):
     """Call fn with every launcher choosing 64-bit offsets, as it does for tensors past 2^31 elements."""
-    from triton_impl import attention, pooling, scoring, selection
+    from triton_impl import attention, pooling, scoring, selection, validation
 
-    modules = (attention, pooling, scoring, selection)
+    modules = (attention, pooling, scoring, selection, validation)
     saved = [m.needs_wide_offsets for m in modules]
     try:
         for m in modules:

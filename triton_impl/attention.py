@@ -11,7 +11,8 @@ One FlashAttention-2-style kernel, three ways of choosing the key blocks (MODE, 
 Programs: one per (query tile of BLOCK_M rows, batch * query head), longest rows (the last query tiles) first
 against the causal load imbalance. Query head h reads kv head h // group. Off-diagonal blocks need no mask at
 all; only the diagonal block is masked (causality inside it, and the padding of a partial last block), and the
-lists are ascending, so the diagonal block, when kept, is the last entry of the list.
+lists are ascending, so the diagonal block, when kept, is the last entry of the list. It is attended first: its K/V
+copy starts with the program (whether the row keeps it only masks the tile), not after the walk (repro/NOTES.md).
 
 Inner step in base 2: logits are scaled by scale * log2(e) and exponentiated with exp2.
 
@@ -48,8 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from reference.validation import (BAD_COUNTS, BAD_INDEX, NOT_ASCENDING, check_block_layout, check_flag, num_blocks,
-                                  resolve_scale)
+from reference.validation import check_block_layout, check_flag, num_blocks, resolve_scale
 
 from reference.attention import attention_outputs, check_mean_correction
 
@@ -58,6 +58,7 @@ from .common import (LOG2E, VarlenLayout, check_inference_only, check_kernel_blo
                      sequence_span, widen)
 from .pooling import launch_mean_pool
 from .scoring import split_kbar
+from .validation import check_block_lists
 
 FLOAT32_LOWEST: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # natural log = log2 x ln 2
@@ -96,18 +97,21 @@ def _load_kv_tile(K, V, b, kv_col, kv_row0, start, stride_kl, stride_vl, L,
 
 @triton.jit
 def _attend_tile(
-    acc, m_i, l_i, q, q_pos, K, V, b, kv_col, kv_row0, start, stride_kl, stride_vl, L, qk_scale,
+    acc, m_i, l_i, q, q_pos, K, V, b, kv_col, kv_row0, start, stride_kl, stride_vl, L, qk_scale, keep,
     BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_DESCRIPTORS: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """Fold keys start .. start + BLOCK_N into the running softmax state (acc, m_i, l_i) of the query tile."""
+    """Fold keys start .. start + BLOCK_N into the running softmax state (acc, m_i, l_i) of the query tile.
+    MASKED (the diagonal block): causal mask, and keep = False masks the whole tile (values zeroed, so a
+    non-finite value in a block the row does not keep never reaches it through 0 x inf)."""
     k, v = _load_kv_tile(K, V, b, kv_col, kv_row0, start, stride_kl, stride_vl, L, BLOCK_N, D, MASKED,
                          KV_DESCRIPTORS, VARLEN)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # logits before the scale
     if MASKED:
         key_pos = start + tl.arange(0, BLOCK_N)
-        visible = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < L)
+        visible = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < L) & keep
         s = tl.where(visible, s, float("-inf"))
+        v = tl.where(keep, v, 0.0)
     # Running max in base 2 (qk_scale = scale * log2(e) > 0 commutes with max); exp2(s * qk_scale - m) is one FMA
     # per logit.
     # The running max starts at the lowest finite float32, not -inf: a tile whose logits are all -inf for a row (the
@@ -130,8 +134,8 @@ def _attend_block(
     """Fold in a whole off-diagonal key block J (no mask needed: every key is visible and < L)."""
     for n in tl.static_range(BLOCK_SIZE // BLOCK_N):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, kv_row0,
-                                     J * BLOCK_SIZE + n * BLOCK_N, stride_kl, stride_vl, L, qk_scale, BLOCK_N, D,
-                                     False, DOT_PRECISION, KV_DESCRIPTORS, False)
+                                     J * BLOCK_SIZE + n * BLOCK_N, stride_kl, stride_vl, L, qk_scale, True, BLOCK_N,
+                                     D, False, DOT_PRECISION, KV_DESCRIPTORS, False)
     return acc, m_i, l_i
 
 
@@ -277,7 +281,8 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], FLOAT32_LOWEST, dtype=tl.float32)  # see _attend_tile
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # Off-diagonal blocks, then the diagonal block with its mask.
+    # The diagonal block first, with its mask: its K/V copy starts with the Q load instead of after the walk, and
+    # waits on nothing (whether the row keeps it only masks the tile), so a short row's start-up overlaps it.
     if MODE == PHYSICAL:
         # Lists are trusted (block_sparse_attention checks them only with validate=True), but whatever they hold the
         # walk stays in bounds, so a malformed list gives a wrong row, never a read outside q, k, v or the list: at
@@ -287,6 +292,17 @@ def _attention_kernel(
         count = tl.minimum(tl.maximum(tl.load(COUNTS + stat), 0), tl.minimum(I + 1, CAPACITY))
         last = tl.load(INDICES + row + tl.maximum(count - 1, 0), mask=count > 0, other=-1)
         has_diagonal = last == I
+    elif MODE == LOGICAL:
+        has_diagonal = tl.load(MASK + row + I) != 0
+    else:
+        has_diagonal = I >= 0
+    diagonal_end = tl.minimum(tile * BLOCK_M + BLOCK_M, L)  # keys past this tile's last query are invisible
+    for start in range(I * BLOCK_SIZE, diagonal_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, K, V, kv_b, kv_col, kv_row0, start, stride_kl,
+                                     stride_vl, L, qk_scale, has_diagonal, BLOCK_N, D, True, DOT_PRECISION,
+                                     KV_DESCRIPTORS, VARLEN)
+    # Then the off-diagonal blocks.
+    if MODE == PHYSICAL:
         n_off_diagonal = tl.minimum(count - has_diagonal.to(tl.int32), I)
         if PREFETCH_INDEX:  # the next block id is loaded one iteration ahead, so K/V addresses are known early
             J = _listed_block(INDICES + row, 0, n_off_diagonal, I, WIDE, not KV_DESCRIPTORS)
@@ -309,21 +325,13 @@ def _attention_kernel(
                 acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, kv_b, kv_col, kv_row0, J, stride_kl,
                                               stride_vl, L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION,
                                               KV_DESCRIPTORS)
-        has_diagonal = tl.load(MASK + row + I) != 0
         visits = I + 1
     else:
         for J in range(0, I):
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, kv_b, kv_col, kv_row0, J, stride_kl,
                                           stride_vl, L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION,
                                           KV_DESCRIPTORS)
-        has_diagonal = I >= 0
         visits = I + 1
-    if has_diagonal:
-        diagonal_end = tl.minimum(tile * BLOCK_M + BLOCK_M, L)  # keys past this tile's last query are invisible
-        for start in range(I * BLOCK_SIZE, diagonal_end, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, K, V, kv_b, kv_col, kv_row0, start, stride_kl,
-                                         stride_vl, L, qk_scale, BLOCK_N, D, True, DOT_PRECISION, KV_DESCRIPTORS,
-                                         VARLEN)
 
     # Mean correction: the blocks J < I that the row does not keep, as their means (module docstring). Not visits.
     # The chunks end at I (the first one starts below 0 unless MEAN_CHUNK divides I): no chunk reaches J >= I.
@@ -486,48 +494,6 @@ def launch_attention(q, k, v, block_size, scale, mode, *, counts=None, indices=N
     )
     out = out[0] if varlen is not None else out
     return attention_outputs(out, lse if return_lse else None, visits if return_visits else None)
-
-
-# What a bad list is, by the bit the check kernel sets (the rules of reference.validation.check_block_lists).
-LIST_ERRORS = {1: BAD_COUNTS, 2: BAD_INDEX, 4: NOT_ASCENDING}
-
-
-@triton.jit
-def _check_lists_kernel(COUNTS, INDICES, ERRORS, stride_cb, stride_ch, stride_cm, stride_lb, stride_lh, stride_lm,
-                        stride_ln, C, HQ, TILE: tl.constexpr, WIDE: tl.constexpr):
-    """One program per list (query block I, batch * head): OR the LIST_ERRORS bits of what is wrong with it into
-    ERRORS[0]. Reads counts[I] and the first counts[I] entries of the list, nothing else."""
-    I = tl.program_id(0)
-    bh = widen(tl.program_id(1), WIDE)
-    b, h = bh // HQ, bh % HQ
-    count = tl.load(COUNTS + b * stride_cb + h * stride_ch + I * stride_cm)
-    code = ((count < 0) | (count > tl.minimum(I + 1, C))).to(tl.int32)
-    listed_end = tl.minimum(tl.maximum(count, 0), C)
-    row = INDICES + b * stride_lb + h * stride_lh + widen(I, WIDE) * stride_lm
-    for j0 in range(0, listed_end, TILE):
-        slot = j0 + tl.arange(0, TILE)
-        listed = slot < listed_end
-        J = tl.load(row + slot * stride_ln, mask=listed, other=0)
-        previous = tl.load(row + (slot - 1) * stride_ln, mask=listed & (slot > 0), other=-1)
-        out_of_range = tl.max((listed & ((J < 0) | (J > I))).to(tl.int32), axis=0)
-        not_ascending = tl.max((listed & (J <= previous)).to(tl.int32), axis=0)
-        code = code | (out_of_range * 2) | (not_ascending * 4)
-    tl.atomic_or(ERRORS, code, mask=code != 0)
-
-
-def check_block_lists(counts: torch.Tensor, indices: torch.Tensor) -> None:
-    """reference.validation.check_block_lists in one kernel launch and one host synchronisation (reading a single
-    int32), instead of several passes over the lists, each synchronising (repro/NOTES.md has the cost)."""
-    B, Hq, M = counts.shape
-    errors = torch.zeros(1, dtype=torch.int32, device=counts.device)
-    launch(_check_lists_kernel, (M, B * Hq),
-        counts, indices, errors, *counts.stride(), *indices.stride(), indices.shape[-1], Hq,
-        TILE=128, WIDE=needs_wide_offsets(indices),
-    )
-    code = int(errors.item())  # the one host synchronisation
-    for bit, message in LIST_ERRORS.items():
-        if code & bit:
-            raise ValueError(message)
 
 
 def _check_attention_args(q, k, v, block_size, softmax_scale):

@@ -44,9 +44,10 @@ import triton.language as tl
 from reference.fp8 import E4M3_MAX, P_SCALE
 from reference.validation import check_block_layout, check_flag, check_tensor, num_blocks
 
-from .attention import FLOAT32_LOWEST, _check_attention_args, _listed_block, check_block_lists
+from .attention import FLOAT32_LOWEST, _check_attention_args, _listed_block
 from .common import (HEAD_DIMS, KERNEL_DTYPES, LOG2E, check_inference_only, check_kernel_device, check_kernel_dtype,
                      launch, needs_wide_offsets, new_output, num_warps_for, widen)
+from .validation import check_block_lists
 
 FP8_BLOCK_SIZES = (64, 128)  # a key tile is one block (module docstring)
 # num_warps None: 8 for Bs = 128 (4 spill at D = 64), else 4. imprecise_acc: tl.dot's max_num_imprecise_acc, None
