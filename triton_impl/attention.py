@@ -11,8 +11,7 @@ One FlashAttention-2-style kernel, three ways of choosing the key blocks (MODE, 
 Programs: one per (query tile of BLOCK_M rows, batch * query head), longest rows (the last query tiles) first
 against the causal load imbalance. Query head h reads kv head h // group. Off-diagonal blocks need no mask at
 all; only the diagonal block is masked (causality inside it, and the padding of a partial last block), and the
-lists are ascending, so the diagonal block, when kept, is the last entry of the list. It is attended first: its K/V
-copy starts with the program (whether the row keeps it only masks the tile), not after the walk (repro/NOTES.md).
+lists are ascending, so the diagonal block, when kept, is the last entry of the list.
 
 Inner step in base 2: logits are scaled by scale * log2(e) and exponentiated with exp2.
 
@@ -97,21 +96,18 @@ def _load_kv_tile(K, V, b, kv_col, kv_row0, start, stride_kl, stride_vl, L,
 
 @triton.jit
 def _attend_tile(
-    acc, m_i, l_i, q, q_pos, K, V, b, kv_col, kv_row0, start, stride_kl, stride_vl, L, qk_scale, keep,
+    acc, m_i, l_i, q, q_pos, K, V, b, kv_col, kv_row0, start, stride_kl, stride_vl, L, qk_scale,
     BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_DESCRIPTORS: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """Fold keys start .. start + BLOCK_N into the running softmax state (acc, m_i, l_i) of the query tile.
-    MASKED (the diagonal block): causal mask, and keep = False masks the whole tile (values zeroed, so a
-    non-finite value in a block the row does not keep never reaches it through 0 x inf)."""
+    """Fold keys start .. start + BLOCK_N into the running softmax state (acc, m_i, l_i) of the query tile."""
     k, v = _load_kv_tile(K, V, b, kv_col, kv_row0, start, stride_kl, stride_vl, L, BLOCK_N, D, MASKED,
                          KV_DESCRIPTORS, VARLEN)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # logits before the scale
     if MASKED:
         key_pos = start + tl.arange(0, BLOCK_N)
-        visible = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < L) & keep
+        visible = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < L)
         s = tl.where(visible, s, float("-inf"))
-        v = tl.where(keep, v, 0.0)
     # Running max in base 2 (qk_scale = scale * log2(e) > 0 commutes with max); exp2(s * qk_scale - m) is one FMA
     # per logit.
     # The running max starts at the lowest finite float32, not -inf: a tile whose logits are all -inf for a row (the
@@ -134,8 +130,8 @@ def _attend_block(
     """Fold in a whole off-diagonal key block J (no mask needed: every key is visible and < L)."""
     for n in tl.static_range(BLOCK_SIZE // BLOCK_N):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, K, V, b, kv_col, kv_row0,
-                                     J * BLOCK_SIZE + n * BLOCK_N, stride_kl, stride_vl, L, qk_scale, True, BLOCK_N,
-                                     D, False, DOT_PRECISION, KV_DESCRIPTORS, False)
+                                     J * BLOCK_SIZE + n * BLOCK_N, stride_kl, stride_vl, L, qk_scale, BLOCK_N, D,
+                                     False, DOT_PRECISION, KV_DESCRIPTORS, False)
     return acc, m_i, l_i
 
 
@@ -281,8 +277,7 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], FLOAT32_LOWEST, dtype=tl.float32)  # see _attend_tile
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # The diagonal block first, with its mask: its K/V copy starts with the Q load instead of after the walk, and
-    # waits on nothing (whether the row keeps it only masks the tile), so a short row's start-up overlaps it.
+    # Off-diagonal blocks, then the diagonal block with its mask.
     if MODE == PHYSICAL:
         # Lists are trusted (block_sparse_attention checks them only with validate=True), but whatever they hold the
         # walk stays in bounds, so a malformed list gives a wrong row, never a read outside q, k, v or the list: at
@@ -292,17 +287,6 @@ def _attention_kernel(
         count = tl.minimum(tl.maximum(tl.load(COUNTS + stat), 0), tl.minimum(I + 1, CAPACITY))
         last = tl.load(INDICES + row + tl.maximum(count - 1, 0), mask=count > 0, other=-1)
         has_diagonal = last == I
-    elif MODE == LOGICAL:
-        has_diagonal = tl.load(MASK + row + I) != 0
-    else:
-        has_diagonal = I >= 0
-    diagonal_end = tl.minimum(tile * BLOCK_M + BLOCK_M, L)  # keys past this tile's last query are invisible
-    for start in range(I * BLOCK_SIZE, diagonal_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, K, V, kv_b, kv_col, kv_row0, start, stride_kl,
-                                     stride_vl, L, qk_scale, has_diagonal, BLOCK_N, D, True, DOT_PRECISION,
-                                     KV_DESCRIPTORS, VARLEN)
-    # Then the off-diagonal blocks.
-    if MODE == PHYSICAL:
         n_off_diagonal = tl.minimum(count - has_diagonal.to(tl.int32), I)
         if PREFETCH_INDEX:  # the next block id is loaded one iteration ahead, so K/V addresses are known early
             J = _listed_block(INDICES + row, 0, n_off_diagonal, I, WIDE, not KV_DESCRIPTORS)
@@ -325,13 +309,21 @@ def _attention_kernel(
                 acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, kv_b, kv_col, kv_row0, J, stride_kl,
                                               stride_vl, L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION,
                                               KV_DESCRIPTORS)
+        has_diagonal = tl.load(MASK + row + I) != 0
         visits = I + 1
     else:
         for J in range(0, I):
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_pos, K, V, kv_b, kv_col, kv_row0, J, stride_kl,
                                           stride_vl, L, qk_scale, BLOCK_SIZE, BLOCK_N, D, DOT_PRECISION,
                                           KV_DESCRIPTORS)
+        has_diagonal = I >= 0
         visits = I + 1
+    if has_diagonal:
+        diagonal_end = tl.minimum(tile * BLOCK_M + BLOCK_M, L)  # keys past this tile's last query are invisible
+        for start in range(I * BLOCK_SIZE, diagonal_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, K, V, kv_b, kv_col, kv_row0, start, stride_kl,
+                                         stride_vl, L, qk_scale, BLOCK_N, D, True, DOT_PRECISION, KV_DESCRIPTORS,
+                                         VARLEN)
 
     # Mean correction: the blocks J < I that the row does not keep, as their means (module docstring). Not visits.
     # The chunks end at I (the first one starts below 0 unless MEAN_CHUNK divides I): no chunk reaches J >= I.
