@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from repro.common import environment_stamp, run_dir, write_long_csv
+from repro.common import environment_stamp, read_long_csv, run_dir, write_long_csv
 from repro.masks import controlled_mask, full_causal_mask, group_shared_mask
 from repro.timing import bench_ms, dense_baselines
 from triton_impl.attention import ATTENTION_CONFIG, _load_kv_tile, kv_descriptor
@@ -320,7 +320,11 @@ def short_rows(args):
                       f"diff {diffs[name]:.2g}  {name}", flush=True)
         rows += row_length_fit(q, k, v, L, cudnn_ns) if L <= 65536 else []
         del q, k, v
-    write_long_csv(args.out_dir / "short_rows.csv", rows, environment_stamp("cuda"))
+    path = write_long_csv(args.out_dir / "short_rows.csv", rows, environment_stamp("cuda"))
+    if any(r["what"].startswith("fit") for r in rows):
+        from repro.plot_short_rows import plot
+
+        print(f"wrote {plot(read_long_csv(path), path.with_suffix('.png'))}")
 
 
 def row_length_fit(q, k, v, L: int, cudnn_ns: float, widths=(1, 2, 4, 8, 16, 32)) -> list[dict]:

@@ -106,6 +106,25 @@ def test_plot_speed_redraws_the_committed_run_into_the_run_folder(tmp_path, monk
     assert {p.name: p.stat().st_mtime_ns for p in committed.iterdir()} == before
 
 
+def test_plot_short_rows_redraws_the_committed_fit_into_the_run_folder(tmp_path, monkeypatch):
+    """The short-rows figure is drawn from the committed H200 CSV into the run folder; the fit it draws (a per kept
+    block, b per program) reproduces every banded measurement within 10%."""
+    from repro import common, plot_short_rows
+
+    committed = common.RESULTS_DIR / "kernel_tuning"
+    before = {p.name: p.stat().st_mtime_ns for p in committed.iterdir()}
+    monkeypatch.setattr(common, "RUNS_DIR", tmp_path)
+    plot_short_rows.main([])
+    assert (common.run_dir("kernel_tuning") / "short_rows_band_fit_h200.png").stat().st_size > 10_000
+    assert {p.name: p.stat().st_mtime_ns for p in committed.iterdir()} == before
+    lengths = plot_short_rows.by_length(common.read_long_csv(plot_short_rows.DEFAULT_CSV))
+    assert len(lengths) == 3
+    for fit in lengths.values():
+        assert len(fit["band"]) == 6 and len(fit["random"]) == 2
+        for per_row, ns in fit["band"]:
+            assert abs(fit["a"] + fit["b"] / per_row - ns) < 0.1 * ns
+
+
 def test_stamp_of_reads_back_what_write_long_csv_stamped(tmp_path):
     from repro import common
 
