@@ -106,6 +106,34 @@ def test_plot_speed_redraws_the_committed_run_into_the_run_folder(tmp_path, monk
     assert {p.name: p.stat().st_mtime_ns for p in committed.iterdir()} == before
 
 
+def test_row_length_fit_recovers_the_costs_it_is_given(monkeypatch):
+    """tune_kernels.row_length_fit on banded lists, with every launch timed as a known cost per kept block-head plus
+    one per program: the fit returns those two costs, and each band's row has its kept blocks."""
+    from repro import tune_kernels
+    from triton_impl import attention
+
+    per_block_ns, per_program_ns, seen = 15.0, 40.0, {}
+
+    def launch(q, k, v, block_size, scale, mode, *, counts, indices):
+        seen["counts"] = counts
+
+    def timed(fn):
+        fn()
+        counts = seen["counts"]
+        return (per_block_ns * int(counts.sum()) + per_program_ns * counts.numel()) * 1e-6
+
+    monkeypatch.setattr(attention, "launch_attention", launch)
+    monkeypatch.setattr(tune_kernels, "bench_ms", timed)
+    L, Hq = 1024, 2
+    q = torch.zeros(1, L, Hq, 64, dtype=torch.float16, device=DEVICE)
+    rows = tune_kernels.row_length_fit(q, q, q, L, cudnn_ns=14.0, widths=(1, 2, 4))
+    fit = {r["what"]: r["ns_per_block"] for r in rows if r["what"].startswith("fit")}
+    assert abs(fit["fit: ns per kept block-head"] - per_block_ns) < 1e-6
+    assert abs(fit["fit: ns per program"] - per_program_ns) < 1e-6
+    M = L // 128
+    assert [r["blocks"] for r in rows[:3]] == [Hq * sum(min(w, I + 1) for I in range(M)) for w in (1, 2, 4)]
+
+
 def test_plot_short_rows_redraws_the_committed_fit_into_the_run_folder(tmp_path, monkeypatch):
     """The short-rows figure is drawn from the committed H200 CSV into the run folder; the fit it draws (a per kept
     block, b per program) reproduces every banded measurement within 10%."""
