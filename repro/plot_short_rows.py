@@ -20,7 +20,8 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from repro.common import RESULTS_DIR, length_label, read_long_csv, run_dir  # noqa: E402
+from repro.common import RESULTS_DIR, length_label, read_long_csv, run_dir, stamp_of  # noqa: E402
+from repro.plot_speed import save  # noqa: E402
 
 DEFAULT_CSV = RESULTS_DIR / "kernel_tuning" / "short_rows_band_fit_h200.csv"
 HQ, BLOCK = 32, 128  # tune_kernels' standard shape: programs = Hq x L / Bs
@@ -73,16 +74,10 @@ def plot(rows: list[dict], path: Path) -> Path:
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("kept blocks per row (dots: banded lists; crosses: random lists, mean row)")
     ax.set_ylabel("ns per kept block-head (whole GPU)")
-    ax.set_title("Physical-skip attention, operator only: a program costs ~3 blocks (dashed: cuDNN dense per block)",
-                 fontsize=9)
+    ax.set_title("Physical-skip attention, operator only, synthetic (bf16, Hq 32, Hkv 4, D 128, Bs 128):\n"
+                 "a program costs ~3 blocks (dashed: cuDNN dense per causal block)", fontsize=9)
     ax.legend(fontsize=7)
-    stamp = rows[0]
-    fig.text(0.005, 0.005, f"{stamp['device_name']}, torch {stamp['torch']}, triton {stamp['triton']}, "
-             f"commit {stamp['commit']}, {stamp['date']}; bf16, Hq 32, Hkv 4, D 128, Bs 128, synthetic",
-             fontsize=6, color="0.4")
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save(fig, path, stamp_of(rows[0]))
     return path
 
 

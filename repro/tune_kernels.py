@@ -310,7 +310,8 @@ def short_rows(args):
                     print(f"L={L} {target:.1%} {cfg}: failed ({type(err).__name__}: {str(err).splitlines()[0][:100]})")
                     continue
                 reference = out if reference is None else reference
-                calls[str(cfg or "default")], diffs[str(cfg or "default")] = fn, (out - reference).abs().max().item()
+                name = str(cfg or "default")
+                calls[name], diffs[name] = fn, (out - reference).abs().max().item()
             for name, ms in interleaved(calls, args.repeats, bench_ms).items():
                 ns = statistics.median(ms) * 1e6 / blocks
                 rows.append(dict(what=f"{target:.1%} independent", L=L, config=name, ms=statistics.median(ms),

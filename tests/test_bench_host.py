@@ -30,5 +30,6 @@ def test_report_has_the_goal_every_length_and_the_profile():
     profiles = {4096: [["jit.py:700 run", 4, 0.02, 0.2]]}
     text = bench_host.report(rows, profiles, environment_stamp("cpu"), dict(command="python -m repro.bench_host",
                                                                               calls=10, host_cpu="Some CPU"))
-    for needle in ("Goal (issue 14)", "Host CPU: Some CPU", "## 4K", "flash_prefill eager", "1.19", "argument checks", "jit.py:700 run"):
+    for needle in ("Goal (issue 14)", "Host CPU: Some CPU", "## 4K", "flash_prefill eager", "1.19", "argument checks",
+                   "jit.py:700 run"):
         assert needle in text, needle
