@@ -4,6 +4,7 @@
     python -m repro.tune_kernels --diagnose        # per-block cost of the list walk, L2 sharing, index prefetch
     python -m repro.tune_kernels --kv-loads        # K/V loads: TMA descriptors vs pointers, tiles, stages
     python -m repro.tune_kernels --short-rows [--lengths 16384 65536 262144]   # tiles, warps, stages, interleaved
+    python -m repro.tune_kernels --scores [--lengths 65536 262144]  # the fused score + select kernel, interleaved
 
 Standard shape (bf16, B=1, Hq=32, Hkv=4, D=128, Bs=128), synthetic planted-pattern inputs. Every configuration's
 output is compared with the default configuration's before it is timed, so a fast-but-wrong variant is flagged.
@@ -41,8 +42,11 @@ def main(argv=None):
                         help="only the per-block cost of short rows: query tile, key tile, warps, stages at 3.5%% "
                              "and 10%%, interleaved, against cuDNN per block (issue 14's per-block gap), and a fit "
                              "of the cost per kept block and per program on banded lists")
+    parser.add_argument("--scores", action="store_true",
+                        help="only the score + select kernel of flash_prefill: SCORE_CONFIGS (tiles, warps, stages, "
+                             "heads per program) interleaved, against its MMA floor")
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536, 262144],
-                        help="lengths of --short-rows (default 16384 65536 262144)")
+                        help="lengths of --short-rows and --scores (default 16384 65536 262144)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of --short-rows (median)")
     parser.add_argument("--configs", type=int, nargs="+", default=None,
                         help="--short-rows: only these entries of SHORT_ROW_CONFIGS (0: the default; default all)")
@@ -54,6 +58,8 @@ def main(argv=None):
         return kv_loads(args)
     if args.short_rows:
         return short_rows(args)
+    if args.scores:
+        return scores(args)
     return sweep(args)
 
 
@@ -357,6 +363,66 @@ def row_length_fit(q, k, v, L: int, cudnn_ns: float, widths=(1, 2, 4, 8, 16, 32)
           f"(cuDNN dense {cudnn_ns:.2f} ns per block)", flush=True)
     return rows + [dict(what="fit: ns per kept block-head", L=L, config="default", ns_per_block=float(per_block)),
                    dict(what="fit: ns per program", L=L, config="default", ns_per_block=float(per_program))]
+
+
+
+SCORE_CONFIGS = (  # the first is the reference for the block lists; HEADS = 2: two heads of a GQA group per program
+    dict(HEADS=1, BLOCK_N=64, num_warps=4, num_stages=1),
+    dict(HEADS=2, BLOCK_N=64, num_warps=4, num_stages=1),
+    dict(HEADS=2, BLOCK_N=32, num_warps=4, num_stages=1),
+    dict(HEADS=2, BLOCK_N=64, num_warps=8, num_stages=1),
+    dict(HEADS=2, BLOCK_N=128, num_warps=8, num_stages=1),
+    dict(HEADS=2, BLOCK_N=64, num_warps=4, num_stages=2),
+    dict(HEADS=1, BLOCK_N=128, num_warps=8, num_stages=1),
+)
+
+
+def scores(args):
+    """flash_prefill's stages 2-4 in one launch (`launch_scores_and_select`, alpha 0.12, default safety net) for
+    every SCORE_CONFIGS entry, timed round-robin (--repeats rounds, median). Lists are compared with the first
+    entry's: identical bits are expected where only HEADS differs (the same per-head arithmetic), near-identical
+    elsewhere (another tile width changes the order of the row sums). The MMA floor counts the hi and lo dots of
+    every causal (query row, key block) pair at the H200's measured bf16 ceiling (~790 TFLOP/s, repro/NOTES.md)."""
+    import statistics
+
+    import triton_impl
+    from reference.synthetic import planted_qkv
+    from repro.timing import interleaved
+    from triton_impl.scoring import launch_scores_and_select, split_kbar
+
+    Hq, Hkv, D = 32, 4, 128
+    rows = []
+    for L in args.lengths:
+        M = L // 128
+        q, k, _ = planted_qkv(1, L, Hq, Hkv, D, seed=0, dtype=torch.bfloat16, device="cuda")
+        kbar_parts = split_kbar(triton_impl.mean_pool_keys(k, 128), D ** -0.5, q.dtype)
+        mma_floor_ms = 2 * 2 * 128 * D * Hq * (M * (M + 1) // 2) / 790e12 * 1e3
+        calls, agree, reference = {}, {}, None
+        for cfg in SCORE_CONFIGS:
+            fn = lambda cfg=cfg: launch_scores_and_select(q, kbar_parts, 128, 0.12, 2, 4, 2,  # noqa: E731
+                                                          pad_lists=False, _config=cfg)
+            try:
+                counts, indices = fn()
+            except Exception as err:  # e.g. out of shared memory for this configuration
+                print(f"L={L} {cfg}: failed ({type(err).__name__}: {str(err).splitlines()[0][:100]})")
+                continue
+            listed = torch.arange(M, device="cuda") < counts[..., None]
+            out = (counts, indices.where(listed, -1))
+            reference = out if reference is None else reference
+            name = str(cfg)
+            calls[name] = fn
+            agree[name] = dict(counts_equal=torch.equal(out[0], reference[0]),
+                               lists_equal=torch.equal(out[1], reference[1]),
+                               rows_differing=int((out[1] != reference[1]).any(-1).sum()))
+        for name, ms in interleaved(calls, args.repeats, bench_ms).items():
+            rows.append(dict(what="score+select", L=L, config=name, ms=statistics.median(ms),
+                             spread=max(ms) - min(ms), mma_floor_ms=mma_floor_ms,
+                             ratio_to_floor=statistics.median(ms) / mma_floor_ms, **agree[name]))
+            print(f"L={L:<7} {rows[-1]['ms']:8.3f} ms  x{rows[-1]['ratio_to_floor']:.2f} MMA floor  "
+                  f"lists equal {agree[name]['lists_equal']} ({agree[name]['rows_differing']} rows differ)  {name}",
+                  flush=True)
+        del q, k
+    write_long_csv(args.out_dir / "scores.csv", rows, environment_stamp("cuda"))
 
 
 if __name__ == "__main__":
