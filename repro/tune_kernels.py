@@ -43,8 +43,8 @@ def main(argv=None):
                              "and 10%%, interleaved, against cuDNN per block (issue 14's per-block gap), and a fit "
                              "of the cost per kept block and per program on banded lists")
     parser.add_argument("--scores", action="store_true",
-                        help="only the score + select kernel of flash_prefill: SCORE_CONFIGS (tiles, warps, stages, "
-                             "heads per program) interleaved, against its MMA floor")
+                        help="only the score + select kernel of flash_prefill: SCORE_CONFIGS (tiles, warps, stages) "
+                             "interleaved, against its MMA floor")
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536, 262144],
                         help="lengths of --short-rows and --scores (default 16384 65536 262144)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of --short-rows (median)")
@@ -365,23 +365,21 @@ def row_length_fit(q, k, v, L: int, cudnn_ns: float, widths=(1, 2, 4, 8, 16, 32)
                    dict(what="fit: ns per program", L=L, config="default", ns_per_block=float(per_program))]
 
 
-
-SCORE_CONFIGS = (  # the first is the reference for the block lists; HEADS = 2: two heads of a GQA group per program
-    dict(HEADS=1, BLOCK_N=64, num_warps=4, num_stages=1),
-    dict(HEADS=2, BLOCK_N=64, num_warps=4, num_stages=1),
-    dict(HEADS=2, BLOCK_N=32, num_warps=4, num_stages=1),
-    dict(HEADS=2, BLOCK_N=64, num_warps=8, num_stages=1),
-    dict(HEADS=2, BLOCK_N=128, num_warps=8, num_stages=1),
-    dict(HEADS=2, BLOCK_N=64, num_warps=4, num_stages=2),
-    dict(HEADS=1, BLOCK_N=128, num_warps=8, num_stages=1),
+SCORE_CONFIGS = (  # the first is the default and the reference for the block lists
+    dict(BLOCK_N=64, num_warps=4, num_stages=1),
+    dict(BLOCK_N=64, num_warps=4, num_stages=2),
+    dict(BLOCK_N=128, num_warps=8, num_stages=1),
+    dict(BLOCK_N=128, num_warps=8, num_stages=2),
 )
+# Measured and not kept: two query heads of a GQA group per program sharing each kbar tile (0c7f409, 9-10% slower,
+# repro/results/kernel_tuning/scores_heads_h200.csv).
 
 
 def scores(args):
     """flash_prefill's stages 2-4 in one launch (`launch_scores_and_select`, alpha 0.12, default safety net) for
     every SCORE_CONFIGS entry, timed round-robin (--repeats rounds, median). Lists are compared with the first
-    entry's: identical bits are expected where only HEADS differs (the same per-head arithmetic), near-identical
-    elsewhere (another tile width changes the order of the row sums). The MMA floor counts the hi and lo dots of
+    entry's: identical bits where only the stages differ, near-identical elsewhere (another tile width changes the
+    order of the row sums, which can move a block at a threshold tie). The MMA floor counts the hi and lo dots of
     every causal (query row, key block) pair at the H200's measured bf16 ceiling (~790 TFLOP/s, repro/NOTES.md)."""
     import statistics
 

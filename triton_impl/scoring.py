@@ -41,16 +41,16 @@ from .selection import _append_kept, _keep, _pad_list
 
 
 @triton.jit
-def _scores_t(q, hi, lo, key_blocks, row_pos, L, P,
+def _scores_t(q, hi_ptrs, lo_ptrs, key_blocks, row_pos, L, P,
               BLOCK_SIZE: tl.constexpr, SPLIT_KBAR: tl.constexpr, MASKED: tl.constexpr,
               DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr):
     """(BLOCK_N, BLOCK_M) base-2 logits, transposed (pooled keys x queries) so that the reductions over the
     queries run along axis 1, inside a warp. MASKED: -inf where the query does not contribute (it does iff it
     sees the whole key block: i >= (J + 1) Bs - 1, and i < L; VARLEN: and P <= i, a row of the chunk)."""
     if SPLIT_KBAR:
-        s = tl.dot(hi, tl.trans(q)) + tl.dot(lo, tl.trans(q))
+        s = tl.dot(tl.load(hi_ptrs), tl.trans(q)) + tl.dot(tl.load(lo_ptrs), tl.trans(q))
     else:
-        s = tl.dot(hi, tl.trans(q), input_precision=DOT_PRECISION)
+        s = tl.dot(tl.load(hi_ptrs), tl.trans(q), input_precision=DOT_PRECISION)
     if MASKED:
         contributes = (row_pos[None, :] >= (key_blocks[:, None] + 1) * BLOCK_SIZE - 1) & (row_pos[None, :] < L)
         if VARLEN:
@@ -71,7 +71,7 @@ def _load_rows(q_base, row_pos, stride_ql, stride_qd, L, P, D: tl.constexpr, VAR
 
 
 @triton.jit
-def _fold_tile(m, S, q_base, hi, lo, key_blocks, I, stride_ql, stride_qd, L, P, q_block,
+def _fold_tile(m, S, q_base, hi_ptrs, lo_ptrs, key_blocks, I, stride_ql, stride_qd, L, P, q_block,
                BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, SPLIT_KBAR: tl.constexpr,
                MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr):
     """m_IJ, S_IJ of a tile of key blocks, over the query rows of block I (BLOCK_M at a time)."""
@@ -81,7 +81,8 @@ def _fold_tile(m, S, q_base, hi, lo, key_blocks, I, stride_ql, stride_qd, L, P, 
             q = q_block
         else:
             q = _load_rows(q_base, row_pos, stride_ql, stride_qd, L, P, D, VARLEN)
-        s = _scores_t(q, hi, lo, key_blocks, row_pos, L, P, BLOCK_SIZE, SPLIT_KBAR, MASKED, DOT_PRECISION, VARLEN)
+        s = _scores_t(q, hi_ptrs, lo_ptrs, key_blocks, row_pos, L, P, BLOCK_SIZE, SPLIT_KBAR, MASKED, DOT_PRECISION,
+                      VARLEN)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # Shift by 0 where no query contributes yet (exp2(-inf - 0) = 0, not NaN); a NaN logit makes S NaN through
         # the sum whatever tl.maximum did with it.
@@ -92,15 +93,17 @@ def _fold_tile(m, S, q_base, hi, lo, key_blocks, I, stride_ql, stride_qd, L, P, 
 
 
 @triton.jit
-def _score_tile(row_max, denom, key_blocks, hi, lo, row, q_base, q_block, I, stride_ql, stride_qd, L, P, N,
-                BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                SPLIT_KBAR: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr):
-    """One head's key blocks `key_blocks` of row I (pooled keys hi + lo): store their u_IJ, fold them into
-    (M_I, Z_I)."""
+def _score_tile(row_max, denom, j0, row, q_base, KBAR_HI, KBAR_LO, kbar_offset, stride_kn, I, stride_ql, stride_qd,
+                L, P, N, q_block, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                D: tl.constexpr, SPLIT_KBAR: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                VARLEN: tl.constexpr):
+    """Key blocks j0 .. j0 + BLOCK_N - 1 of row I: store their u_IJ, fold them into (M_I, Z_I)."""
+    key_blocks = j0 + tl.arange(0, BLOCK_N)
+    kbar_rows = kbar_offset + tl.minimum(key_blocks, N - 1)[:, None] * stride_kn + tl.arange(0, D)[None, :]
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     S = tl.zeros([BLOCK_N], dtype=tl.float32)
-    m, S = _fold_tile(m, S, q_base, hi, lo, key_blocks, I, stride_ql, stride_qd, L, P, q_block, BLOCK_SIZE, BLOCK_M,
-                      D, SPLIT_KBAR, MASKED, DOT_PRECISION, VARLEN)
+    m, S = _fold_tile(m, S, q_base, KBAR_HI + kbar_rows, KBAR_LO + kbar_rows, key_blocks, I, stride_ql, stride_qd,
+                      L, P, q_block, BLOCK_SIZE, BLOCK_M, D, SPLIT_KBAR, MASKED, DOT_PRECISION, VARLEN)
     # S == 0: no contributing query; a NaN S stays NaN (S > 0 would turn it into "no query").
     u = tl.where(S == 0, float("-inf"), m + tl.log2(tl.where(S == 0, 1.0, S)))
     tl.store(row + key_blocks, u, mask=key_blocks < N)
@@ -111,75 +114,12 @@ def _score_tile(row_max, denom, key_blocks, hi, lo, row, q_base, q_block, I, str
 
 
 @triton.jit
-def _score_tiles(stats, j_start, j_end, row, q_base, q_block, q_block_2, KBAR_HI, KBAR_LO, kbar_offset, stride_kn,
-                 stride_sh, stride_qh, I, stride_ql, stride_qd, L, P, N,
-                 BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                 SPLIT_KBAR: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-                 HEADS: tl.constexpr):
-    """Pass 1 over the tiles of key blocks j_start .. j_end - 1 for the program's one or two heads, which share
-    the pooled keys: each tile of hi / lo is loaded once and multiplied by both heads' query blocks.
-    stats = (M_I, Z_I, M_I, Z_I) of the first and second head (the second unused when HEADS == 1)."""
-    row_max, denom, row_max_2, denom_2 = stats
-    for j0 in range(j_start, j_end, BLOCK_N):
-        key_blocks = j0 + tl.arange(0, BLOCK_N)
-        kbar_rows = kbar_offset + tl.minimum(key_blocks, N - 1)[:, None] * stride_kn + tl.arange(0, D)[None, :]
-        hi = tl.load(KBAR_HI + kbar_rows)
-        lo = tl.load(KBAR_LO + kbar_rows) if SPLIT_KBAR else hi
-        row_max, denom = _score_tile(row_max, denom, key_blocks, hi, lo, row, q_base, q_block, I, stride_ql,
-                                     stride_qd, L, P, N, BLOCK_SIZE, BLOCK_M, BLOCK_N, D, SPLIT_KBAR, MASKED,
-                                     DOT_PRECISION, VARLEN)
-        if HEADS == 2:
-            row_max_2, denom_2 = _score_tile(row_max_2, denom_2, key_blocks, hi, lo, row + stride_sh,
-                                             q_base + stride_qh, q_block_2, I, stride_ql, stride_qd, L, P, N,
-                                             BLOCK_SIZE, BLOCK_M, BLOCK_N, D, SPLIT_KBAR, MASKED, DOT_PRECISION,
-                                             VARLEN)
-    return row_max, denom, row_max_2, denom_2
-
-
-@triton.jit
 def _normalised(row, key_blocks, I, safe_max, denom, EPS: tl.constexpr):
     """Score_IJ = 2^(u_IJ - M_I) / (Z_I + eps) of the key blocks of one tile, from the u_IJ of pass 1 in row;
     exactly 0 for J > I, whatever the row holds there."""
     causal = key_blocks <= I
     u = tl.load(row + key_blocks, mask=causal, other=float("-inf"))
     return tl.where(causal, tl.exp2(u - safe_max) / (denom + EPS), 0.0)
-
-
-@triton.jit
-def _finish_row(row, list_row, count_ptr, I, N, row_max, denom, alpha, sink_blocks, window_blocks,
-                last_dense_blocks, LIST_WIDTH, BLOCK_N: tl.constexpr, EPS: tl.constexpr, SELECT: tl.constexpr,
-                PAD_LISTS: tl.constexpr):
-    """After pass 1 of one head's row I: its normalised scores (pass 2), or with SELECT its count and list."""
-    safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-    if SELECT:
-        # Stages 3-4 in the same program (selection.py's rules, the same arithmetic): pass 2 reduces the row max m_I
-        # of the causal scores (NaN if one is NaN), pass 3 keeps J when not below alpha x m_I or forced and appends
-        # it to the row's list. Both recompute Score_IJ from u (the same instructions, so the same bits as a store
-        # and a reload); the scores are never written.
-        best = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-        has_nan = tl.zeros([BLOCK_N], dtype=tl.int32)
-        for j0 in range(0, I + 1, BLOCK_N):
-            key_blocks = j0 + tl.arange(0, BLOCK_N)
-            score = _normalised(row, key_blocks, I, safe_max, denom, EPS)
-            is_nan = score != score
-            has_nan = tl.maximum(has_nan, is_nan.to(tl.int32))
-            best = tl.maximum(best, tl.where(is_nan | (key_blocks > I), float("-inf"), score))
-        threshold = alpha * tl.where(tl.max(has_nan, axis=0) > 0, float("nan"), tl.max(best, axis=0))
-        count = tl.zeros([], dtype=tl.int32)
-        for j0 in range(0, I + 1, BLOCK_N):
-            key_blocks = j0 + tl.arange(0, BLOCK_N)
-            keep = _keep(_normalised(row, key_blocks, I, safe_max, denom, EPS), key_blocks, I, N, threshold,
-                         sink_blocks, window_blocks, last_dense_blocks)
-            count = _append_kept(list_row, key_blocks, keep, count)
-        if PAD_LISTS:
-            _pad_list(list_row, count, LIST_WIDTH, BLOCK_N)
-        tl.store(count_ptr, count)
-    else:
-        # Pass 2: normalise (a NaN Z_I makes the whole causal row NaN). Non-contributing pairs score 0; J > I was
-        # never computed and scores exactly 0 whatever the row holds.
-        for j0 in range(0, N, BLOCK_N):
-            key_blocks = j0 + tl.arange(0, BLOCK_N)
-            tl.store(row + key_blocks, _normalised(row, key_blocks, I, safe_max, denom, EPS), mask=key_blocks < N)
 
 
 @triton.jit
@@ -193,10 +133,9 @@ def _block_scores_kernel(
     alpha, sink_blocks, window_blocks, last_dense_blocks,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     SPLIT_KBAR: tl.constexpr, DOT_PRECISION: tl.constexpr, EPS: tl.constexpr, WIDE: tl.constexpr,
-    VARLEN: tl.constexpr, SELECT: tl.constexpr, PAD_LISTS: tl.constexpr, HEADS: tl.constexpr,
+    VARLEN: tl.constexpr, SELECT: tl.constexpr, PAD_LISTS: tl.constexpr,
 ):
-    # HEADS = 2: this program scores heads h and h + 1 of one GQA group (GROUP even), which share kbar.
-    bh = widen(tl.program_id(0), WIDE) * HEADS  # heads vary fastest: a GQA group shares kbar in L2
+    bh = widen(tl.program_id(0), WIDE)  # heads vary fastest: a GQA group shares kbar in L2
     local = widen(tl.num_programs(1) - 1 - tl.program_id(1), WIDE)  # longest rows first
     b = bh // HQ
     h = bh % HQ
@@ -215,13 +154,10 @@ def _block_scores_kernel(
         q_base = Q + b * stride_qb + h * stride_qh
     kbar_offset = b * stride_kb + (h // GROUP) * stride_kh
     row = SCORES + b * stride_sb + h * stride_sh + local * stride_sm
-    q_block = tl.zeros([BLOCK_M, D], dtype=Q.dtype.element_ty)  # unused unless the query block fits one tile
-    q_block_2 = q_block
     if BLOCK_M == BLOCK_SIZE:  # the whole query block fits one tile: load it once
-        q_rows = I * BLOCK_SIZE + tl.arange(0, BLOCK_M)
-        q_block = _load_rows(q_base, q_rows, stride_ql, stride_qd, L, P, D, VARLEN)
-        if HEADS == 2:
-            q_block_2 = _load_rows(q_base + stride_qh, q_rows, stride_ql, stride_qd, L, P, D, VARLEN)
+        q_block = _load_rows(q_base, I * BLOCK_SIZE + tl.arange(0, BLOCK_M), stride_ql, stride_qd, L, P, D, VARLEN)
+    else:
+        q_block = tl.zeros([BLOCK_M, D], dtype=Q.dtype.element_ty)  # unused
     # Tiles that end below the diagonal of a full query block need no mask; the rest (one tile) does.
     block_is_full = (I + 1) * BLOCK_SIZE <= L
     if VARLEN:  # and not the partial first block of a chunk that starts inside it
@@ -229,32 +165,57 @@ def _block_scores_kernel(
     unmasked_end = tl.where(block_is_full, (I // BLOCK_N) * BLOCK_N, 0)
 
     # Pass 1: u_IJ = m_IJ + log2 S_IJ for J <= I, the running row max M_I and the running denominator Z_I.
-    no_row = tl.full([], float("-inf"), dtype=tl.float32)
-    stats = (no_row, tl.zeros([], dtype=tl.float32), no_row, tl.zeros([], dtype=tl.float32))
-    stats = _score_tiles(stats, 0, unmasked_end, row, q_base, q_block, q_block_2, KBAR_HI, KBAR_LO, kbar_offset,
-                         stride_kn, stride_sh, stride_qh, I, stride_ql, stride_qd, L, P, N, BLOCK_SIZE, BLOCK_M,
-                         BLOCK_N, D, SPLIT_KBAR, False, DOT_PRECISION, VARLEN, HEADS)
-    stats = _score_tiles(stats, unmasked_end, I + 1, row, q_base, q_block, q_block_2, KBAR_HI, KBAR_LO, kbar_offset,
-                         stride_kn, stride_sh, stride_qh, I, stride_ql, stride_qd, L, P, N, BLOCK_SIZE, BLOCK_M,
-                         BLOCK_N, D, SPLIT_KBAR, True, DOT_PRECISION, VARLEN, HEADS)
+    row_max = tl.full([], float("-inf"), dtype=tl.float32)
+    denom = tl.zeros([], dtype=tl.float32)
+    for j0 in range(0, unmasked_end, BLOCK_N):
+        row_max, denom = _score_tile(row_max, denom, j0, row, q_base, KBAR_HI, KBAR_LO, kbar_offset, stride_kn, I,
+                                     stride_ql, stride_qd, L, P, N, q_block, BLOCK_SIZE, BLOCK_M, BLOCK_N, D,
+                                     SPLIT_KBAR, False, DOT_PRECISION, VARLEN)
+    for j0 in range(unmasked_end, I + 1, BLOCK_N):
+        row_max, denom = _score_tile(row_max, denom, j0, row, q_base, KBAR_HI, KBAR_LO, kbar_offset, stride_kn, I,
+                                     stride_ql, stride_qd, L, P, N, q_block, BLOCK_SIZE, BLOCK_M, BLOCK_N, D,
+                                     SPLIT_KBAR, True, DOT_PRECISION, VARLEN)
     # The u of pass 1 were stored by whichever threads held them in the dot's layout; the loads below are another
     # layout, so the whole program syncs first (bar.sync orders the block's global stores before its loads).
     tl.debug_barrier()
+    safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
 
-    if VARLEN:
-        last_dense_blocks = tl.load(LAST_DENSE + b)  # 0 for a chunk that does not end its prompt
-    list_row = INDICES + b * stride_ib + h * stride_ih + local * stride_im
-    count_ptr = COUNTS + (b * HQ + h) * COUNT_ROWS + ROW0 + local
-    _finish_row(row, list_row, count_ptr, I, N, stats[0], stats[1], alpha, sink_blocks, window_blocks,
-                last_dense_blocks, LIST_WIDTH, BLOCK_N, EPS, SELECT, PAD_LISTS)
-    if HEADS == 2:
-        _finish_row(row + stride_sh, list_row + stride_ih, count_ptr + COUNT_ROWS, I, N, stats[2], stats[3], alpha,
-                    sink_blocks, window_blocks, last_dense_blocks, LIST_WIDTH, BLOCK_N, EPS, SELECT, PAD_LISTS)
+    if SELECT:
+        # Stages 3-4 in the same program (selection.py's rules, the same arithmetic): pass 2 reduces the row max m_I
+        # of the causal scores (NaN if one is NaN), pass 3 keeps J when not below alpha x m_I or forced and appends
+        # it to the row's list. Both recompute Score_IJ from u (the same instructions, so the same bits as a store
+        # and a reload); the scores are never written.
+        best = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        has_nan = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for j0 in range(0, I + 1, BLOCK_N):
+            key_blocks = j0 + tl.arange(0, BLOCK_N)
+            score = _normalised(row, key_blocks, I, safe_max, denom, EPS)
+            is_nan = score != score
+            has_nan = tl.maximum(has_nan, is_nan.to(tl.int32))
+            best = tl.maximum(best, tl.where(is_nan | (key_blocks > I), float("-inf"), score))
+        threshold = alpha * tl.where(tl.max(has_nan, axis=0) > 0, float("nan"), tl.max(best, axis=0))
+        if VARLEN:
+            last_dense_blocks = tl.load(LAST_DENSE + b)  # 0 for a chunk that does not end its prompt
+        list_row = INDICES + b * stride_ib + h * stride_ih + local * stride_im
+        count = tl.zeros([], dtype=tl.int32)
+        for j0 in range(0, I + 1, BLOCK_N):
+            key_blocks = j0 + tl.arange(0, BLOCK_N)
+            keep = _keep(_normalised(row, key_blocks, I, safe_max, denom, EPS), key_blocks, I, N, threshold,
+                         sink_blocks, window_blocks, last_dense_blocks)
+            count = _append_kept(list_row, key_blocks, keep, count)
+        if PAD_LISTS:
+            _pad_list(list_row, count, LIST_WIDTH, BLOCK_N)
+        tl.store(COUNTS + (b * HQ + h) * COUNT_ROWS + ROW0 + local, count)
+    else:
+        # Pass 2: normalise (a NaN Z_I makes the whole causal row NaN). Non-contributing pairs score 0; J > I was
+        # never computed and scores exactly 0 whatever the row holds.
+        for j0 in range(0, N, BLOCK_N):
+            key_blocks = j0 + tl.arange(0, BLOCK_N)
+            tl.store(row + key_blocks, _normalised(row, key_blocks, I, safe_max, denom, EPS), mask=key_blocks < N)
 
 
-# Launch configuration: BLOCK_M query rows x BLOCK_N pooled keys per tile, warps, and the query heads of a GQA
-# group scored together (HEADS = 2 takes effect where the group size is even). Tuned on an H200 (repro/NOTES.md).
-SCORE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=1, HEADS=1)
+# Launch configuration: BLOCK_M query rows x BLOCK_N pooled keys per tile, warps. Tuned on an H200 (repro/NOTES.md).
+SCORE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=1)
 
 
 def score_tile_sizes(block_size: int, config=None) -> tuple[int, int]:
@@ -343,16 +304,14 @@ def _launch(q, kbar_parts, block_size, config, rows, varlen, selection=None):
     else:
         counts = indices = scores  # unused
         net, pad_lists = [0.0, 0, 0, 0], False
-    group = Hq // hi.shape[2]
-    heads = 2 if config["HEADS"] == 2 and group % 2 == 0 else 1  # a pair must share its kv head
-    launch(_block_scores_kernel, (B * Hq // heads, I1 - I0),
+    launch(_block_scores_kernel, (B * Hq, I1 - I0),
         q, hi, lo, scores, cu_q, cu_k, counts, indices, last_dense, *q.stride(), *hi.stride()[:3],
         *scores.stride()[:3], *indices.stride()[:3],
-        L, N, Hq, group, I0, *((varlen.total_q, varlen.total_k) if varlen is not None else (0, 0)),
+        L, N, Hq, Hq // hi.shape[2], I0, *((varlen.total_q, varlen.total_k) if varlen is not None else (0, 0)),
         M, N, *net,
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
         SPLIT_KBAR=q.dtype != torch.float32, DOT_PRECISION=dot_precision(q.dtype), EPS=SCORE_EPS,
         WIDE=needs_wide_offsets(q, scores, indices), VARLEN=varlen is not None, SELECT=selection is not None,
-        PAD_LISTS=pad_lists, HEADS=heads, num_warps=config["num_warps"], num_stages=config["num_stages"],
+        PAD_LISTS=pad_lists, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return scores if selection is None else (counts, indices)
