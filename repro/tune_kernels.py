@@ -365,11 +365,14 @@ def row_length_fit(q, k, v, L: int, cudnn_ns: float, widths=(1, 2, 4, 8, 16, 32)
                    dict(what="fit: ns per program", L=L, config="default", ns_per_block=float(per_program))]
 
 
-SCORE_CONFIGS = (  # the first is the default and the reference for the block lists
-    dict(BLOCK_N=64, num_warps=4, num_stages=1),
-    dict(BLOCK_N=64, num_warps=4, num_stages=2),
-    dict(BLOCK_N=128, num_warps=8, num_stages=1),
-    dict(BLOCK_N=128, num_warps=8, num_stages=2),
+SCORE_CONFIGS = (  # merged into SCORE_CONFIG; the first is the default and the reference for the block lists
+    dict(),
+    dict(maxnreg=None),
+    dict(maxnreg=120),
+    dict(maxnreg=168),
+    dict(num_stages=2),
+    dict(num_stages=2, maxnreg=None),
+    dict(BLOCK_N=128, num_warps=8, maxnreg=None),
 )
 # Measured and not kept: two query heads of a GQA group per program sharing each kbar tile (0c7f409, 9-10% slower,
 # repro/results/kernel_tuning/scores_heads_h200.csv).
@@ -407,7 +410,7 @@ def scores(args):
             listed = torch.arange(M, device="cuda") < counts[..., None]
             out = (counts, indices.where(listed, -1))
             reference = out if reference is None else reference
-            name = str(cfg)
+            name = str(cfg or "default")
             calls[name] = fn
             agree[name] = dict(counts_equal=torch.equal(out[0], reference[0]),
                                lists_equal=torch.equal(out[1], reference[1]),

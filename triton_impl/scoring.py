@@ -214,8 +214,19 @@ def _block_scores_kernel(
             tl.store(row + key_blocks, _normalised(row, key_blocks, I, safe_max, denom, EPS), mask=key_blocks < N)
 
 
-# Launch configuration: BLOCK_M query rows x BLOCK_N pooled keys per tile, warps. Tuned on an H200 (repro/NOTES.md).
-SCORE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=1)
+# Launch configuration: BLOCK_M query rows x BLOCK_N pooled keys per tile, warps, a register cap (maxnreg, see
+# `_register_cap`). Tuned on an H200 (repro/NOTES.md).
+SCORE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=1, maxnreg=128)
+
+
+def _register_cap(config: dict, block_size: int, dtype: torch.dtype, wide: bool) -> dict:
+    """The launch's maxnreg option. Capped at 128, four CTAs of 4 warps share an SM instead of three (the kernel
+    takes ~150 registers uncapped and the tile is latency-bound: -6 to -10% on an H200, repro/NOTES.md session 14).
+    Not applied where ptxas would spill at that cap (`python -m tools.hopper_compile`): block size 256 and 64-bit
+    offsets; nor for float32 q, whose dot is not the tensor-core path measured."""
+    if not config.get("maxnreg") or block_size > 128 or wide or dtype == torch.float32:
+        return {}
+    return {"maxnreg": config["maxnreg"]}
 
 
 def score_tile_sizes(block_size: int, config=None) -> tuple[int, int]:
@@ -304,6 +315,7 @@ def _launch(q, kbar_parts, block_size, config, rows, varlen, selection=None):
     else:
         counts = indices = scores  # unused
         net, pad_lists = [0.0, 0, 0, 0], False
+    wide = needs_wide_offsets(q, scores, indices)
     launch(_block_scores_kernel, (B * Hq, I1 - I0),
         q, hi, lo, scores, cu_q, cu_k, counts, indices, last_dense, *q.stride(), *hi.stride()[:3],
         *scores.stride()[:3], *indices.stride()[:3],
@@ -311,7 +323,8 @@ def _launch(q, kbar_parts, block_size, config, rows, varlen, selection=None):
         M, N, *net,
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
         SPLIT_KBAR=q.dtype != torch.float32, DOT_PRECISION=dot_precision(q.dtype), EPS=SCORE_EPS,
-        WIDE=needs_wide_offsets(q, scores, indices), VARLEN=varlen is not None, SELECT=selection is not None,
+        WIDE=wide, VARLEN=varlen is not None, SELECT=selection is not None,
         PAD_LISTS=pad_lists, num_warps=config["num_warps"], num_stages=config["num_stages"],
+        **_register_cap(config, block_size, q.dtype, wide),
     )
     return scores if selection is None else (counts, indices)
