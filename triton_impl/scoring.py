@@ -219,12 +219,12 @@ def _block_scores_kernel(
 SCORE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=1, maxnreg=128)
 
 
-def _register_cap(config: dict, block_size: int, dtype: torch.dtype, wide: bool) -> dict:
+def _register_cap(config: dict, block_size: int, wide: bool) -> dict:
     """The launch's maxnreg option. Capped at 128, four CTAs of 4 warps share an SM instead of three (the kernel
     takes ~150 registers uncapped and the tile is latency-bound: -6 to -10% on an H200, repro/NOTES.md session 14).
     Not applied where ptxas would spill at that cap (`python -m tools.hopper_compile`): block size 256 and 64-bit
-    offsets; nor for float32 q, whose dot is not the tensor-core path measured."""
-    if not config.get("maxnreg") or block_size > 128 or wide or dtype == torch.float32:
+    offsets."""
+    if not config.get("maxnreg") or block_size > 128 or wide:
         return {}
     return {"maxnreg": config["maxnreg"]}
 
@@ -325,6 +325,6 @@ def _launch(q, kbar_parts, block_size, config, rows, varlen, selection=None):
         SPLIT_KBAR=q.dtype != torch.float32, DOT_PRECISION=dot_precision(q.dtype), EPS=SCORE_EPS,
         WIDE=wide, VARLEN=varlen is not None, SELECT=selection is not None,
         PAD_LISTS=pad_lists, num_warps=config["num_warps"], num_stages=config["num_stages"],
-        **_register_cap(config, block_size, q.dtype, wide),
+        **_register_cap(config, block_size, wide),
     )
     return scores if selection is None else (counts, indices)
