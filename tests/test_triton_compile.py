@@ -107,6 +107,17 @@ def test_block_scores_use_wgmma(report, dtype):
     assert [r["variant"] for r in rows(report, "_block_scores_kernel", dtype) if r["mma"] != "wgmma"] == []
 
 
+def test_block_scores_fit_the_register_cap_without_spilling(report):
+    """At block sizes <= 128 without 64-bit offsets the score kernel launches with maxnreg=128, so that four CTAs
+    share an SM (triton_impl.scoring._register_cap): there it must hold 128 registers and spill nothing; with 64-bit
+    offsets it runs uncapped and must not spill either."""
+    found = [r for r in rows(report, "_block_scores_kernel") if r["constexprs"]["BLOCK_SIZE"] <= 128]
+    assert any(not r["constexprs"]["WIDE"] for r in found) and any(r["constexprs"]["WIDE"] for r in found)
+    for row in found:
+        assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row["variant"]
+        assert row["constexprs"]["WIDE"] or row["registers"] <= 128, (row["variant"], row["registers"])
+
+
 def test_standard_shape_attention_does_not_spill(report):
     """bf16, D=128, Bs=128 (the benchmark shape): the physical-skip kernel, with TMA or pointer K/V loads, keeps
     everything in registers."""
