@@ -551,7 +551,9 @@ def test_flash_prefill_fp8_in_chunks_of_query_blocks():
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_query_tiles_of_half_a_block_give_the_same_output(dtype):
     """config block_m=64 at Bs = 128 (two programs per query block, each with the block's scale) computes every row
-    as the whole-block tile does: the same output to the bit."""
+    as the whole-block tile does: the same output to the bit, except in float32 under the interpreter, where tl.dot is
+    numpy's matmul, whose float32 sums are ordered by the matrix's height (a 64-row product differs from the top half
+    of a 128-row one in the last bits): there to float32 rounding."""
     B, L, Hq, Hkv, D, bs = 1, 3 * 128 - 5, 4, 2, 64, 128
     q, k, v = random_qkv(B, L, Hq, Hkv, D, dtype=dtype, seed=36, device=DEVICE)
     counts, indices = lists(random_block_mask(B, Hq, num_blocks(L, bs), keep=0.6, seed=37, device=DEVICE))
@@ -559,7 +561,8 @@ def test_query_tiles_of_half_a_block_give_the_same_output(dtype):
     whole, halves = (tri_fp8.launch_fp8_attention(quantized, L, bs, D ** -0.5, counts, indices,
                                                   out=torch.full_like(q, float("nan")), config=config)
                      for config in ({}, dict(block_m=64)))
-    assert torch.equal(halves, whole)
+    exact = dtype != torch.float32
+    torch.testing.assert_close(halves, whole, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
 
 
 @pytest.mark.parametrize("impl", [reference, triton_impl], ids=["reference", "triton"])
