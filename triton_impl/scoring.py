@@ -221,9 +221,9 @@ SCORE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=1, maxnreg=128)
 
 def _register_cap(config: dict, block_size: int, wide: bool) -> dict:
     """The launch's maxnreg option. Capped at 128, four CTAs of 4 warps share an SM instead of three (the kernel
-    takes ~150 registers uncapped and the tile is latency-bound: -6 to -10% on an H200, repro/NOTES.md session 14).
-    Not applied where ptxas would spill at that cap (`python -m tools.hopper_compile`): block size 256 and 64-bit
-    offsets."""
+    takes ~150 registers uncapped and the tile is latency-bound: -5.5 to -10% on an H200, repro/NOTES.md session
+    14). Not applied where ptxas would spill at that cap (`python -m tools.hopper_compile`): block size 256 and
+    64-bit offsets."""
     if not config.get("maxnreg") or block_size > 128 or wide:
         return {}
     return {"maxnreg": config["maxnreg"]}
