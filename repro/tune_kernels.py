@@ -51,6 +51,8 @@ def main(argv=None):
     parser.add_argument("--configs", type=int, nargs="+", default=None,
                         help="--short-rows: only these entries of SHORT_ROW_CONFIGS (0: the default; default all)")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():  # every mode times native kernels; the interpreter's times would mean nothing
+        raise SystemExit("repro.tune_kernels needs a CUDA GPU")
     args.out_dir = args.out_dir or run_dir("kernel_tuning")
     if args.diagnose:
         return diagnose(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import DEVICE
 
@@ -160,3 +161,13 @@ def test_stamp_of_reads_back_what_write_long_csv_stamped(tmp_path):
     assert tuple(stamp) == common.STAMP_FIELDS
     path = common.write_long_csv(tmp_path / "rows.csv", [dict(x=1)], stamp)
     assert common.stamp_of(common.read_long_csv(path)[0]) == stamp
+
+
+def test_tune_kernels_without_a_gpu_says_so(monkeypatch):
+    """Every mode of repro.tune_kernels times native kernels: on a machine without a GPU it stops with a message
+    instead of failing inside torch."""
+    from repro import tune_kernels
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        tune_kernels.main(["--scores"])
