@@ -367,17 +367,18 @@ def row_length_fit(q, k, v, L: int, cudnn_ns: float, widths=(1, 2, 4, 8, 16, 32)
                    dict(what="fit: ns per program", L=L, config="default", ns_per_block=float(per_program))]
 
 
-SCORE_CONFIGS = (  # merged into SCORE_CONFIG; the first is the default and the reference for the block lists
-    dict(),
-    dict(maxnreg=None),
-    dict(maxnreg=120),
-    dict(maxnreg=168),
-    dict(num_stages=2),
-    dict(num_stages=2, maxnreg=None),
-    dict(BLOCK_N=128, num_warps=8, maxnreg=None),
+SCORE_CONFIGS = (  # merged into SCORE_CONFIG; the first is the reference for the block lists
+    dict(sm90=False),  # the Triton kernel
+    dict(),  # the default: the Gluon kernel of scoring_sm90.py on an sm_90 GPU from 8K tokens on
+    dict(sm90=dict(EARLY_HI=True)),
+    dict(sm90=dict(Q_TMA=True)),
+    dict(sm90=dict(EARLY_HI=True, Q_TMA=True)),
+    dict(sm90=dict(DIAG=1)),
+    dict(sm90=dict(DIAG=2)),
 )
-# Measured and not kept: two query heads of a GQA group per program sharing each kbar tile (0c7f409, 9-10% slower,
-# repro/results/kernel_tuning/scores_heads_h200.csv).
+# Measured and not kept (Triton kernel): two query heads of a GQA group per program sharing each kbar tile (0c7f409,
+# 9-10% slower, repro/results/kernel_tuning/scores_heads_h200.csv); maxnreg 120 / 168 / none, 2 stages, 128-wide
+# tiles with 8 warps (scores_maxnreg_h200.csv).
 
 
 def scores(args):

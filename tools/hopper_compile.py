@@ -88,10 +88,10 @@ def jit_kernels() -> dict[str, "triton.runtime.jit.JITFunction"]:  # noqa: F821
     """Every @triton.jit kernel of triton_impl (the functions named *_kernel; the others are device helpers)."""
     import triton.runtime.jit as jit
 
-    from triton_impl import attention, fp8, pooling, scoring, selection, validation
+    from triton_impl import attention, fp8, pooling, scoring, scoring_sm90, selection, validation
 
     found = {}
-    for module in (pooling, scoring, selection, attention, fp8, validation):
+    for module in (pooling, scoring, scoring_sm90, selection, attention, fp8, validation):
         for name, obj in vars(module).items():
             if not name.endswith("_kernel"):
                 continue
@@ -296,6 +296,9 @@ def variants(quick: bool = False, dtypes: list[str] | None = None) -> list[Varia
                     add(f"{dt} D={D} dense TMA", "dense_attention", _with_kv_descriptors, ti.dense_attention, q, k,
                         v)
                 add(label, "flash_prefill", ti.flash_prefill, q, k, v, block_size=bs)
+                if bs == 128:  # the score stage's Gluon kernel (sm_90, from 8K tokens on): fused and scores only
+                    add(f"{label} sm90 scores", "flash_prefill", _with_sm90_scores, ti.flash_prefill, q, k, v)
+                    add(f"{label} sm90 scores", "block_scores", _with_sm90_scores, ti.block_scores, q, kbar, bs)
                 # Varlen (the VARLEN mode of every kernel): two sequences, the second a chunk over a prefix.
                 cu_q = torch.tensor([0, q.shape[1] // 2, q.shape[1] // 2 + bs], dtype=torch.int32)
                 cu_k = torch.tensor([0, q.shape[1] // 2, q.shape[1]], dtype=torch.int32)
@@ -354,6 +357,18 @@ def _with_kv_descriptors(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     finally:
         ATTENTION_CONFIG["kv_descriptors_min_length"] = saved
+
+
+def _with_sm90_scores(fn, *args, **kwargs):
+    """Call fn with the score stage on the Gluon kernel of scoring_sm90.py, as on an sm_90 GPU from 8K tokens on."""
+    from triton_impl import scoring_sm90
+
+    saved = scoring_sm90.sm90_available, scoring_sm90.SM90_MIN_LENGTH
+    try:
+        scoring_sm90.sm90_available, scoring_sm90.SM90_MIN_LENGTH = (lambda device: True), 0
+        return fn(*args, **kwargs)
+    finally:
+        scoring_sm90.sm90_available, scoring_sm90.SM90_MIN_LENGTH = saved
 
 
 def _with_wide_offsets(fn, *args, **kwargs):

@@ -27,6 +27,9 @@ padding of a partial last query block) with the mask.
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -229,6 +232,35 @@ def _register_cap(config: dict, block_size: int, wide: bool) -> dict:
     return {"maxnreg": config["maxnreg"]}
 
 
+def _takes_sm90_path(q, hi, block_size, varlen, wide, config) -> bool:
+    """Whether this launch goes to the Gluon kernel of scoring_sm90.py (the same lists, its tile loads issued ahead
+    by TMA): on an sm_90 GPU, for flash_prefill's standard path (fp16 / bf16, D 64 / 128, Bs 128, not varlen, 32-bit
+    offsets, q contiguous in D) from SM90_MIN_LENGTH tokens on. config["sm90"]: None decides by length, False keeps
+    the Triton kernel, True or a dict of SM90_CONFIG overrides takes the Gluon kernel at every length (A/B, tests)."""
+    sm90 = _sm90_scores()
+    wanted = config.get("sm90")
+    if sm90 is None or wanted is False or varlen is not None or wide or block_size != 128:
+        return False
+    if wanted is None and q.shape[1] < sm90.SM90_MIN_LENGTH:
+        return False
+    return (q.dtype in (torch.float16, torch.bfloat16) and q.shape[3] in (64, 128) and q.stride(3) == 1
+            and hi.data_ptr() % 16 == 0 and sm90.sm90_available(q.device))
+
+
+@functools.cache
+def _sm90_scores():
+    """The module triton_impl.scoring_sm90, or None (warned once) where this Triton's Gluon lacks what it uses:
+    the Triton kernel then scores every call."""
+    try:
+        from . import scoring_sm90
+    except (ImportError, AttributeError) as err:  # Gluon is experimental: its names move between Triton releases
+        warnings.warn(f"the Gluon score kernel for sm_90 is unavailable with Triton {triton.__version__} ({err}); "
+                      "the Triton score kernel runs instead (about 6-9% slower from 64K tokens on, repro/NOTES.md)",
+                      stacklevel=3)
+        return None
+    return scoring_sm90
+
+
 def score_tile_sizes(block_size: int, config=None) -> tuple[int, int]:
     """(BLOCK_M query rows, BLOCK_N pooled keys) per tile."""
     return min(block_size, 128), (config or SCORE_CONFIG)["BLOCK_N"]
@@ -316,6 +348,11 @@ def _launch(q, kbar_parts, block_size, config, rows, varlen, selection=None):
         counts = indices = scores  # unused
         net, pad_lists = [0.0, 0, 0, 0], False
     wide = needs_wide_offsets(q, scores, indices)
+    if _takes_sm90_path(q, hi, block_size, varlen, wide, config):
+        overrides = config["sm90"] if isinstance(config.get("sm90"), dict) else None
+        _sm90_scores().launch_sm90(q, hi, lo, scores, counts, indices, block_size, (I0, I1), net, pad_lists, N,
+                                   overrides)
+        return scores if selection is None else (counts, indices)
     launch(_block_scores_kernel, (B * Hq, I1 - I0),
         q, hi, lo, scores, cu_q, cu_k, counts, indices, last_dense, *q.stride(), *hi.stride()[:3],
         *scores.stride()[:3], *indices.stride()[:3],

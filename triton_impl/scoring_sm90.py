@@ -1,0 +1,274 @@
+"""Stage 2 (+ 3-4) for Hopper in Gluon: `scoring._block_scores_kernel` with its score tiles pipelined.
+
+The Triton kernel's score tile is latency-bound (repro/NOTES.md, session 14): each tile loads its hi / lo pooled keys,
+stores them to shared memory, runs the two wgmma and waits for them, then reduces, one step after the other, and only
+the other CTAs of the SM hide the chain. Plain Triton 3.6 cannot overlap it inside a program (the dot's result is
+consumed in the same iteration, so the wgmma is always waited on at once). This kernel is the same program written
+in Gluon with the overlap made explicit:
+
+  * the hi / lo tiles of the row arrive by TMA into a ring of STAGES buffers, issued STAGES tiles ahead;
+  * the two wgmma of tile t + 1 are issued before tile t's reductions and exp2 run (one accumulator in flight while
+    the previous one is reduced), as FlashAttention-3 overlaps its QK^T with the softmax.
+
+Everything else is the Triton kernel's arithmetic, instruction for instruction where it matters for the bits (the
+same dot order, hi first then lo accumulated onto it; the same reductions in the same layouts; the same selection),
+so both kernels give the same lists; tests/test_scoring_sm90.py checks that on the GPU.
+
+Covers flash_prefill's standard path: fp16 / bf16 q, head dim 64 or 128, block size 128, one padded batch (not
+varlen), 32-bit offsets. `scoring._launch` picks it for those on an sm_90 GPU from SM90_MIN_LENGTH tokens on (below
+that the two TMA descriptors cost more host time than the kernel saves) and the Triton kernel otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_init, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .common import interpreting
+
+SM90_CONFIG = dict(BLOCK_N=64, STAGES=1, OVERLAP=False, EARLY_HI=False, Q_TMA=False, DIAG=0, num_warps=4)
+SM90_MIN_LENGTH = 8192
+
+
+def sm90_available(device: torch.device) -> bool:
+    """A Hopper (sm_90) GPU, where the kernel's wgmma and TMA exist, and no Triton interpreter."""
+    if device.type != "cuda" or interpreting():
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) == (9, 0)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@gluon.jit
+def _issue_load(desc, smem, ready, t, kbar_row0, kv_col, pred, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """TMA copy of tile t's hi or lo pooled keys into ring slot t % STAGES (only where pred)."""
+    slot = t % STAGES
+    bar = ready.index(slot)
+    mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(desc, [kbar_row0 + t * BLOCK_N, kv_col], bar, smem.index(slot), pred=pred)
+
+
+@gluon.jit
+def _issue_tile_dots(hi_smem, lo_smem, ready_hi, ready_lo, q_t, acc, t, STAGES: gl.constexpr, WAIT: gl.constexpr):
+    """s = hi . q^T + lo . q^T of tile t, asynchronous (the Triton kernel's order: lo accumulated onto hi)."""
+    slot = t % STAGES
+    if WAIT:
+        mbarrier.wait(ready_hi.index(slot), (t // STAGES) & 1)
+    acc = warpgroup_mma(hi_smem.index(slot), q_t, acc, use_acc=False, is_async=True)
+    if WAIT:
+        mbarrier.wait(ready_lo.index(slot), (t // STAGES) & 1)
+    return warpgroup_mma(lo_smem.index(slot), q_t, acc, is_async=True)
+
+
+@gluon.jit
+def _normalised(row, key_blocks, I, safe_max, denom, EPS: gl.constexpr):
+    """scoring._normalised: Score_IJ = 2^(u_IJ - M_I) / (Z_I + eps); exactly 0 for J > I."""
+    causal = key_blocks <= I
+    u = gl.load(row + key_blocks, mask=causal, other=float("-inf"))
+    return gl.where(causal, gl.exp2(u - safe_max) / (denom + EPS), 0.0)
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _block_scores_sm90_kernel(
+    Q, q_desc, hi_desc, lo_desc, SCORES, COUNTS, INDICES,
+    stride_qb, stride_ql, stride_qh,
+    stride_sb, stride_sh, stride_sm,
+    stride_ib, stride_ih, stride_im,
+    L, N, HQ, GROUP, HKV, ROW0, COUNT_ROWS, LIST_WIDTH,
+    alpha, sink_blocks, window_blocks, last_dense_blocks,
+    BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, EPS: gl.constexpr,
+    SELECT: gl.constexpr, PAD_LISTS: gl.constexpr, OVERLAP: gl.constexpr, EARLY_HI: gl.constexpr,
+    Q_TMA: gl.constexpr, DIAG: gl.constexpr, num_warps: gl.constexpr,
+):
+    BLOCK_M: gl.constexpr = BLOCK_SIZE
+    # The Triton kernel's layouts: the wgmma accumulator (pooled keys x queries), a row-major tile for q's load,
+    # one lane per key block for the selection passes.
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    q_load: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+    lanes: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    keys_of_tile: gl.constexpr = gl.SliceLayout(1, mma)
+    queries_of_tile: gl.constexpr = gl.SliceLayout(0, mma)
+
+    bh = gl.program_id(0)  # heads vary fastest: a GQA group shares kbar in L2
+    local = gl.num_programs(1) - 1 - gl.program_id(1)  # longest rows first
+    b = bh // HQ
+    h = bh % HQ
+    I = ROW0 + local
+    q_base = Q + b * stride_qb + h * stride_qh
+    row = SCORES + b * stride_sb + h * stride_sh + local * stride_sm
+    kbar_row0 = b * N  # the descriptors view kbar (B, N, Hkv, D) as (B N, Hkv D)
+    kv_col = (h // GROUP) * D
+    num_tiles = gl.cdiv(I + 1, BLOCK_N)
+    block_is_full = (I + 1) * BLOCK_SIZE <= L
+    unmasked_end = gl.where(block_is_full, (I // BLOCK_N) * BLOCK_N, 0)
+
+    # The ring of hi / lo tiles and q^T, all in shared memory; the first STAGES tiles' copies go out before q's load.
+    hi_smem = gl.allocate_shared_memory(hi_desc.dtype, [STAGES, BLOCK_N, D], hi_desc.layout)
+    lo_smem = gl.allocate_shared_memory(lo_desc.dtype, [STAGES, BLOCK_N, D], lo_desc.layout)
+    ready_hi = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ready_lo = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready_hi.index(i), count=1)
+        mbarrier.init(ready_lo.index(i), count=1)
+    if Q_TMA:
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, D], q_desc.layout)
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b * L + I * BLOCK_SIZE, h * D], q_bar, q_smem)
+    for i in gl.static_range(STAGES):
+        _issue_load(hi_desc, hi_smem, ready_hi, i, kbar_row0, kv_col, i < num_tiles, BLOCK_N, STAGES)
+        _issue_load(lo_desc, lo_smem, ready_lo, i, kbar_row0, kv_col, i < num_tiles, BLOCK_N, STAGES)
+    if Q_TMA:
+        mbarrier.wait(q_bar, 0)
+    else:
+        q_rows = I * BLOCK_SIZE + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_load))
+        q_cols = gl.arange(0, D, layout=gl.SliceLayout(0, q_load))
+        q = gl.load(q_base + q_rows[:, None] * stride_ql + q_cols[None, :], mask=(q_rows < L)[:, None], other=0.0)
+        q_smem = gl.allocate_shared_memory(q.dtype, [BLOCK_M, D],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], q.dtype), q)
+        fence_async_shared()
+    q_t = q_smem.permute((1, 0))
+
+    key_offsets = gl.arange(0, BLOCK_N, layout=keys_of_tile)
+    row_pos = I * BLOCK_SIZE + gl.arange(0, BLOCK_M, layout=queries_of_tile)
+
+    # Pass 1 (scoring._score_tile / _fold_tile): tile t's dots run while tile t - 1 is reduced.
+    zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
+    acc = _issue_tile_dots(hi_smem, lo_smem, ready_hi, ready_lo, q_t, zero, 0, STAGES, True)
+    row_max = gl.full([], float("-inf"), gl.float32)
+    denom = gl.zeros([], gl.float32)
+    for t in range(num_tiles):
+        more = t + STAGES < num_tiles
+        if DIAG == 2:
+            more = False
+        if EARLY_HI:  # the hi dot is done before the lo dot: its slot is refilled while lo runs
+            hi_done = warpgroup_mma_wait(1, deps=[acc])
+            gl.thread_barrier()
+            _issue_load(hi_desc, hi_smem, ready_hi, t + STAGES, kbar_row0, kv_col, more, BLOCK_N, STAGES)
+            s = warpgroup_mma_wait(0, deps=[hi_done])
+            gl.thread_barrier()
+            _issue_load(lo_desc, lo_smem, ready_lo, t + STAGES, kbar_row0, kv_col, more, BLOCK_N, STAGES)
+        else:
+            s = warpgroup_mma_wait(0, deps=[acc])
+            gl.thread_barrier()  # every warp's share of tile t's dots is done before its slot is refilled
+            _issue_load(hi_desc, hi_smem, ready_hi, t + STAGES, kbar_row0, kv_col, more, BLOCK_N, STAGES)
+            _issue_load(lo_desc, lo_smem, ready_lo, t + STAGES, kbar_row0, kv_col, more, BLOCK_N, STAGES)
+        if OVERLAP:
+            if t + 1 < num_tiles:
+                acc = _issue_tile_dots(hi_smem, lo_smem, ready_hi, ready_lo, q_t, zero, t + 1, STAGES, DIAG != 2)
+            else:
+                acc = warpgroup_mma_init(s)
+
+        key_blocks = t * BLOCK_N + key_offsets
+        if t * BLOCK_N >= unmasked_end:
+            contributes = (row_pos[None, :] >= (key_blocks[:, None] + 1) * BLOCK_SIZE - 1) & (row_pos[None, :] < L)
+            s = gl.where(contributes, s, float("-inf"))
+        m = gl.maximum(gl.full([BLOCK_N], float("-inf"), gl.float32, layout=keys_of_tile), gl.max(s, axis=1))
+        m_safe = gl.where(m == float("-inf"), 0.0, m)
+        if DIAG == 1:
+            S = m_safe + 1.0
+        else:
+            S = gl.zeros([BLOCK_N], gl.float32, layout=keys_of_tile) * gl.exp2(float("-inf") - m_safe) + \
+                gl.sum(gl.exp2(s - m_safe[:, None]), axis=1)
+        u = gl.where(S == 0, float("-inf"), m + gl.log2(gl.where(S == 0, 1.0, S)))
+        gl.store(row + key_blocks, u, mask=key_blocks < N)
+        new_max = gl.maximum(row_max, gl.max(m, axis=0))
+        safe_max = gl.where(new_max == float("-inf"), 0.0, new_max)
+        denom = denom * gl.exp2(row_max - safe_max) + gl.sum(gl.exp2(u - safe_max), axis=0)
+        row_max = new_max
+        if not OVERLAP:  # tile t + 1's dots only now: one accumulator live, the loads still ahead
+            if t + 1 < num_tiles:
+                acc = _issue_tile_dots(hi_smem, lo_smem, ready_hi, ready_lo, q_t, zero, t + 1, STAGES, DIAG != 2)
+            else:
+                acc = warpgroup_mma_init(s)
+    warpgroup_mma_wait(0, deps=[acc])
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready_hi.index(i))
+        mbarrier.invalidate(ready_lo.index(i))
+    gl.thread_barrier()  # pass 1's u were stored in the accumulator's layout; the passes below read another one
+    safe_max = gl.where(row_max == float("-inf"), 0.0, row_max)
+
+    offsets = gl.arange(0, BLOCK_N, layout=lanes)
+    if SELECT:
+        best = gl.full([BLOCK_N], float("-inf"), gl.float32, layout=lanes)
+        has_nan = gl.zeros([BLOCK_N], gl.int32, layout=lanes)
+        for j0 in range(0, I + 1, BLOCK_N):
+            key_blocks = j0 + offsets
+            score = _normalised(row, key_blocks, I, safe_max, denom, EPS)
+            is_nan = score != score
+            has_nan = gl.maximum(has_nan, is_nan.to(gl.int32))
+            best = gl.maximum(best, gl.where(is_nan | (key_blocks > I), float("-inf"), score))
+        threshold = alpha * gl.where(gl.max(has_nan, axis=0) > 0, float("nan"), gl.max(best, axis=0))
+        list_row = INDICES + b * stride_ib + h * stride_ih + local * stride_im
+        count = gl.zeros([], gl.int32)
+        for j0 in range(0, I + 1, BLOCK_N):
+            J = j0 + offsets
+            score = _normalised(row, J, I, safe_max, denom, EPS)
+            # selection._keep and _append_kept
+            forced = (J < sink_blocks) | (I - J < window_blocks) | (I >= N - last_dense_blocks)
+            below = score < threshold
+            keep = (J <= I) & ((below == 0) | forced)
+            keep_i = keep.to(gl.int32)
+            slot = count + gl.associative_scan(keep_i, 0, _add) - 1
+            gl.store(list_row + slot, J, mask=keep)
+            count = count + gl.sum(keep_i, axis=0)
+        if PAD_LISTS:  # selection._pad_list
+            for j0 in range(count - count % BLOCK_N, LIST_WIDTH, BLOCK_N):
+                slot = j0 + offsets
+                gl.store(list_row + slot, -1, mask=(slot >= count) & (slot < LIST_WIDTH))
+        gl.store(COUNTS + (b * HQ + h) * COUNT_ROWS + ROW0 + local, count)
+    else:
+        for j0 in range(0, N, BLOCK_N):
+            key_blocks = j0 + offsets
+            gl.store(row + key_blocks, _normalised(row, key_blocks, I, safe_max, denom, EPS), mask=key_blocks < N)
+
+
+def sm90_q_descriptor(q: torch.Tensor, block_size: int) -> TensorDescriptor:
+    """A TMA descriptor over a contiguous q (B, L, Hq, D), viewed as (B L, Hq D), box (block_size, D)."""
+    B, L, Hq, D = q.shape
+    dtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+    layout = gl.NVMMASharedLayout.get_default_for([block_size, D], dtype)
+    return TensorDescriptor(q, [B * L, Hq * D], [Hq * D, 1], [block_size, D], layout)
+
+
+def sm90_kbar_descriptor(part: torch.Tensor, block_n: int) -> TensorDescriptor:
+    """A TMA descriptor over one of kbar's (hi, lo) parts (B, N, Hkv, D), viewed as (B N, Hkv D), box (block_n, D)."""
+    B, N, Hkv, D = part.shape
+    dtype = gl.float16 if part.dtype == torch.float16 else gl.bfloat16
+    layout = gl.NVMMASharedLayout.get_default_for([block_n, D], dtype)
+    return TensorDescriptor(part, [B * N, Hkv * D], [Hkv * D, 1], [block_n, D], layout)
+
+
+def launch_sm90(q, hi, lo, scores, counts, indices, block_size, rows, net, pad_lists, list_width, config=None):
+    """The kernel's launch, arguments as scoring._launch has them (non-varlen)."""
+    config = dict(SM90_CONFIG, **(config or {}))
+    B, L, Hq, D = q.shape
+    N = hi.shape[1]
+    I0, I1 = rows
+    hi_desc, lo_desc = (sm90_kbar_descriptor(x, config["BLOCK_N"]) for x in (hi, lo))
+    q_tma = config["Q_TMA"] and q.is_contiguous()
+    q_desc = sm90_q_descriptor(q, block_size) if q_tma else hi_desc
+    _block_scores_sm90_kernel[(B * Hq, I1 - I0)](
+        q, q_desc, hi_desc, lo_desc, scores, counts, indices,
+        q.stride(0), q.stride(1), q.stride(2), *scores.stride()[:3], *indices.stride()[:3],
+        L, N, Hq, Hq // hi.shape[2], hi.shape[2], I0, counts.shape[-1], list_width, *net,
+        BLOCK_SIZE=block_size, BLOCK_N=config["BLOCK_N"], D=D, STAGES=config["STAGES"], EPS=1e-9,
+        SELECT=indices is not scores, PAD_LISTS=pad_lists, OVERLAP=config["OVERLAP"], EARLY_HI=config["EARLY_HI"],
+        Q_TMA=q_tma, DIAG=config["DIAG"], num_warps=config["num_warps"],
+    )
