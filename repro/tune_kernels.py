@@ -369,13 +369,12 @@ def row_length_fit(q, k, v, L: int, cudnn_ns: float, widths=(1, 2, 4, 8, 16, 32)
 
 SCORE_CONFIGS = (  # merged into SCORE_CONFIG; the first is the reference for the block lists
     dict(sm90=False),  # the Triton kernel
-    dict(),  # the default: the Gluon kernel of scoring_sm90.py on an sm_90 GPU from 8K tokens on
-    dict(sm90=dict(EARLY_HI=True)),
-    dict(sm90=dict(Q_TMA=True)),
-    dict(sm90=dict(EARLY_HI=True, Q_TMA=True)),
-    dict(sm90=dict(DIAG=1)),
-    dict(sm90=dict(DIAG=2)),
+    dict(),  # the default: the Gluon kernel of scoring_sm90.py on an sm_90 GPU from 32K tokens on
+    dict(sm90=True),  # the Gluon kernel at every length
+    dict(sm90=dict(STAGES=2)),
 )
+# Measured and not kept (Gluon kernel, repro/results/kernel_tuning/scores_sm90_variants_run*_h200.csv): the next tile's
+# dots issued before this tile's reductions, early refill of the hi slot, three ring slots.
 # Measured and not kept (Triton kernel): two query heads of a GQA group per program sharing each kbar tile (0c7f409,
 # 9-10% slower, repro/results/kernel_tuning/scores_heads_h200.csv); maxnreg 120 / 168 / none, 2 stages, 128-wide
 # tiles with 8 warps (scores_maxnreg_h200.csv).

@@ -72,6 +72,15 @@ def test_selection_equal(case, pad_lists):
     assert_same_selection(*calls)
 
 
+def test_strided_queries():
+    """q as a (B, Hq, L, D) tensor seen as (B, L, Hq, D), as attention layers hold it: read by pointers, not TMA."""
+    q, parts = inputs(CASES[1], seed=2)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not q.is_contiguous()
+    gluon, triton = (launch_block_scores(q, parts, 128, cfg) for cfg in (GLUON, TRITON))
+    torch.testing.assert_close(gluon, triton, rtol=0, atol=0, equal_nan=True)
+
+
 def test_row_chunks_and_shared_counts():
     """flash_prefill's chunked calls: rows (I0, I1) into one counts buffer, lists of the chunk only."""
     q, parts = inputs(CASES[3])

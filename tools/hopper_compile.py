@@ -299,6 +299,9 @@ def variants(quick: bool = False, dtypes: list[str] | None = None) -> list[Varia
                 if bs == 128:  # the score stage's Gluon kernel (sm_90, from 8K tokens on): fused and scores only
                     add(f"{label} sm90 scores", "flash_prefill", _with_sm90_scores, ti.flash_prefill, q, k, v)
                     add(f"{label} sm90 scores", "block_scores", _with_sm90_scores, ti.block_scores, q, kbar, bs)
+                    q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # q by pointers: no TMA descriptor
+                    add(f"{label} sm90 scores q strided", "flash_prefill", _with_sm90_scores, ti.flash_prefill,
+                        q_strided, k, v)
                 # Varlen (the VARLEN mode of every kernel): two sequences, the second a chunk over a prefix.
                 cu_q = torch.tensor([0, q.shape[1] // 2, q.shape[1] // 2 + bs], dtype=torch.int32)
                 cu_k = torch.tensor([0, q.shape[1] // 2, q.shape[1]], dtype=torch.int32)

@@ -1,22 +1,24 @@
-"""Stage 2 (+ 3-4) for Hopper in Gluon: `scoring._block_scores_kernel` with its score tiles pipelined.
+"""Stages 2-4 for Hopper in Gluon: `scoring._block_scores_kernel` with its tile loads issued ahead by TMA.
 
-The Triton kernel's score tile is latency-bound (repro/NOTES.md, session 14): each tile loads its hi / lo pooled keys,
-stores them to shared memory, runs the two wgmma and waits for them, then reduces, one step after the other, and only
-the other CTAs of the SM hide the chain. Plain Triton 3.6 cannot overlap it inside a program (the dot's result is
-consumed in the same iteration, so the wgmma is always waited on at once). This kernel is the same program written
-in Gluon with the overlap made explicit:
+The Triton kernel's score tile is latency-bound (repro/NOTES.md, sessions 14-15): each tile loads its hi / lo pooled
+keys through registers into shared memory, runs the two wgmma, waits for them and reduces, one step after the other,
+and only the other CTAs of the SM hide the chain. This kernel is the same program written in Gluon, where the copies
+are explicit:
 
-  * the hi / lo tiles of the row arrive by TMA into a ring of STAGES buffers, issued STAGES tiles ahead;
-  * the two wgmma of tile t + 1 are issued before tile t's reductions and exp2 run (one accumulator in flight while
-    the previous one is reduced), as FlashAttention-3 overlaps its QK^T with the softmax.
+  * q and the row's hi / lo tiles arrive by TMA (no trip through registers); each tile's copies are issued as soon
+    as the previous tile's dots have read its ring slot, so they land while that tile is reduced;
+  * one ring slot (64 KiB of shared memory with q at D = 128, 167 registers): three CTAs per SM. A second slot, or
+    the next tile's dots issued before this tile's reductions (FlashAttention-3's overlap, two accumulators live),
+    cost a CTA per SM and measured slower (repro/NOTES.md, session 15).
 
-Everything else is the Triton kernel's arithmetic, instruction for instruction where it matters for the bits (the
-same dot order, hi first then lo accumulated onto it; the same reductions in the same layouts; the same selection),
-so both kernels give the same lists; tests/test_scoring_sm90.py checks that on the GPU.
+Everything else is the Triton kernel's arithmetic in the same order and layouts (hi dot first, lo accumulated onto
+it; the same reductions; the same selection), so the two kernels give the same scores and lists bit for bit;
+tests/test_scoring_sm90.py checks that on the GPU.
 
 Covers flash_prefill's standard path: fp16 / bf16 q, head dim 64 or 128, block size 128, one padded batch (not
-varlen), 32-bit offsets. `scoring._launch` picks it for those on an sm_90 GPU from SM90_MIN_LENGTH tokens on (below
-that the two TMA descriptors cost more host time than the kernel saves) and the Triton kernel otherwise.
+varlen), 32-bit offsets. `scoring._launch` takes it for those on an sm_90 GPU from SM90_MIN_LENGTH tokens on (below
+that its launch, three TMA descriptors through `kernel[grid]`, costs more host time than the kernel saves) and the
+Triton kernel otherwise.
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_init, warpgroup_mma_wait)
+                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from reference.scoring import SCORE_EPS
 
 from .common import interpreting
 
-SM90_CONFIG = dict(BLOCK_N=64, STAGES=1, OVERLAP=False, EARLY_HI=False, Q_TMA=False, DIAG=0, num_warps=4)
-SM90_MIN_LENGTH = 8192
+SM90_CONFIG = dict(BLOCK_N=64, STAGES=1, num_warps=4)  # measured on an H200: repro/NOTES.md, session 15
+SM90_MIN_LENGTH = 32768
 
 
 def sm90_available(device: torch.device) -> bool:
@@ -58,15 +62,16 @@ def _issue_load(desc, smem, ready, t, kbar_row0, kv_col, pred, BLOCK_N: gl.const
 
 
 @gluon.jit
-def _issue_tile_dots(hi_smem, lo_smem, ready_hi, ready_lo, q_t, acc, t, STAGES: gl.constexpr, WAIT: gl.constexpr):
-    """s = hi . q^T + lo . q^T of tile t, asynchronous (the Triton kernel's order: lo accumulated onto hi)."""
+def _tile_logits(hi_smem, lo_smem, ready_hi, ready_lo, q_t, zero, t, STAGES: gl.constexpr):
+    """s = hi . q^T + lo . q^T of tile t (pooled keys x queries, base 2), once its copies have landed; the Triton
+    kernel's order: lo accumulated onto hi."""
     slot = t % STAGES
-    if WAIT:
-        mbarrier.wait(ready_hi.index(slot), (t // STAGES) & 1)
-    acc = warpgroup_mma(hi_smem.index(slot), q_t, acc, use_acc=False, is_async=True)
-    if WAIT:
-        mbarrier.wait(ready_lo.index(slot), (t // STAGES) & 1)
-    return warpgroup_mma(lo_smem.index(slot), q_t, acc, is_async=True)
+    phase = (t // STAGES) & 1
+    mbarrier.wait(ready_hi.index(slot), phase)
+    acc = warpgroup_mma(hi_smem.index(slot), q_t, zero, use_acc=False, is_async=True)
+    mbarrier.wait(ready_lo.index(slot), phase)
+    acc = warpgroup_mma(lo_smem.index(slot), q_t, acc, is_async=True)
+    return warpgroup_mma_wait(0, deps=[acc])
 
 
 @gluon.jit
@@ -88,11 +93,10 @@ def _block_scores_sm90_kernel(
     stride_qb, stride_ql, stride_qh,
     stride_sb, stride_sh, stride_sm,
     stride_ib, stride_ih, stride_im,
-    L, N, HQ, GROUP, HKV, ROW0, COUNT_ROWS, LIST_WIDTH,
+    L, N, HQ, GROUP, ROW0, COUNT_ROWS, LIST_WIDTH,
     alpha, sink_blocks, window_blocks, last_dense_blocks,
     BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, EPS: gl.constexpr,
-    SELECT: gl.constexpr, PAD_LISTS: gl.constexpr, OVERLAP: gl.constexpr, EARLY_HI: gl.constexpr,
-    Q_TMA: gl.constexpr, DIAG: gl.constexpr, num_warps: gl.constexpr,
+    SELECT: gl.constexpr, PAD_LISTS: gl.constexpr, Q_TMA: gl.constexpr, num_warps: gl.constexpr,
 ):
     BLOCK_M: gl.constexpr = BLOCK_SIZE
     # The Triton kernel's layouts: the wgmma accumulator (pooled keys x queries), a row-major tile for q's load,
@@ -117,7 +121,8 @@ def _block_scores_sm90_kernel(
     block_is_full = (I + 1) * BLOCK_SIZE <= L
     unmasked_end = gl.where(block_is_full, (I // BLOCK_N) * BLOCK_N, 0)
 
-    # The ring of hi / lo tiles and q^T, all in shared memory; the first STAGES tiles' copies go out before q's load.
+    # q and a ring of STAGES hi / lo tiles in shared memory, filled by TMA; q's copy and the first tiles' go out
+    # together.
     hi_smem = gl.allocate_shared_memory(hi_desc.dtype, [STAGES, BLOCK_N, D], hi_desc.layout)
     lo_smem = gl.allocate_shared_memory(lo_desc.dtype, [STAGES, BLOCK_N, D], lo_desc.layout)
     ready_hi = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -136,7 +141,8 @@ def _block_scores_sm90_kernel(
         _issue_load(lo_desc, lo_smem, ready_lo, i, kbar_row0, kv_col, i < num_tiles, BLOCK_N, STAGES)
     if Q_TMA:
         mbarrier.wait(q_bar, 0)
-    else:
+        mbarrier.invalidate(q_bar)
+    else:  # q not contiguous: through registers, zeros past L
         q_rows = I * BLOCK_SIZE + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_load))
         q_cols = gl.arange(0, D, layout=gl.SliceLayout(0, q_load))
         q = gl.load(q_base + q_rows[:, None] * stride_ql + q_cols[None, :], mask=(q_rows < L)[:, None], other=0.0)
@@ -148,32 +154,16 @@ def _block_scores_sm90_kernel(
     key_offsets = gl.arange(0, BLOCK_N, layout=keys_of_tile)
     row_pos = I * BLOCK_SIZE + gl.arange(0, BLOCK_M, layout=queries_of_tile)
 
-    # Pass 1 (scoring._score_tile / _fold_tile): tile t's dots run while tile t - 1 is reduced.
+    # Pass 1 (scoring._score_tile / _fold_tile), one tile of BLOCK_N key blocks at a time.
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
-    acc = _issue_tile_dots(hi_smem, lo_smem, ready_hi, ready_lo, q_t, zero, 0, STAGES, True)
     row_max = gl.full([], float("-inf"), gl.float32)
     denom = gl.zeros([], gl.float32)
     for t in range(num_tiles):
+        s = _tile_logits(hi_smem, lo_smem, ready_hi, ready_lo, q_t, zero, t, STAGES)
+        gl.thread_barrier()  # every warp's share of the dots has read the slot before it is refilled
         more = t + STAGES < num_tiles
-        if DIAG == 2:
-            more = False
-        if EARLY_HI:  # the hi dot is done before the lo dot: its slot is refilled while lo runs
-            hi_done = warpgroup_mma_wait(1, deps=[acc])
-            gl.thread_barrier()
-            _issue_load(hi_desc, hi_smem, ready_hi, t + STAGES, kbar_row0, kv_col, more, BLOCK_N, STAGES)
-            s = warpgroup_mma_wait(0, deps=[hi_done])
-            gl.thread_barrier()
-            _issue_load(lo_desc, lo_smem, ready_lo, t + STAGES, kbar_row0, kv_col, more, BLOCK_N, STAGES)
-        else:
-            s = warpgroup_mma_wait(0, deps=[acc])
-            gl.thread_barrier()  # every warp's share of tile t's dots is done before its slot is refilled
-            _issue_load(hi_desc, hi_smem, ready_hi, t + STAGES, kbar_row0, kv_col, more, BLOCK_N, STAGES)
-            _issue_load(lo_desc, lo_smem, ready_lo, t + STAGES, kbar_row0, kv_col, more, BLOCK_N, STAGES)
-        if OVERLAP:
-            if t + 1 < num_tiles:
-                acc = _issue_tile_dots(hi_smem, lo_smem, ready_hi, ready_lo, q_t, zero, t + 1, STAGES, DIAG != 2)
-            else:
-                acc = warpgroup_mma_init(s)
+        _issue_load(hi_desc, hi_smem, ready_hi, t + STAGES, kbar_row0, kv_col, more, BLOCK_N, STAGES)
+        _issue_load(lo_desc, lo_smem, ready_lo, t + STAGES, kbar_row0, kv_col, more, BLOCK_N, STAGES)
 
         key_blocks = t * BLOCK_N + key_offsets
         if t * BLOCK_N >= unmasked_end:
@@ -181,23 +171,15 @@ def _block_scores_sm90_kernel(
             s = gl.where(contributes, s, float("-inf"))
         m = gl.maximum(gl.full([BLOCK_N], float("-inf"), gl.float32, layout=keys_of_tile), gl.max(s, axis=1))
         m_safe = gl.where(m == float("-inf"), 0.0, m)
-        if DIAG == 1:
-            S = m_safe + 1.0
-        else:
-            S = gl.zeros([BLOCK_N], gl.float32, layout=keys_of_tile) * gl.exp2(float("-inf") - m_safe) + \
-                gl.sum(gl.exp2(s - m_safe[:, None]), axis=1)
+        # As _fold_tile's first (and, with BLOCK_M = Bs, only) step from m = -inf, S = 0: the same bits.
+        S = gl.zeros([BLOCK_N], gl.float32, layout=keys_of_tile) * gl.exp2(float("-inf") - m_safe) + \
+            gl.sum(gl.exp2(s - m_safe[:, None]), axis=1)
         u = gl.where(S == 0, float("-inf"), m + gl.log2(gl.where(S == 0, 1.0, S)))
         gl.store(row + key_blocks, u, mask=key_blocks < N)
         new_max = gl.maximum(row_max, gl.max(m, axis=0))
         safe_max = gl.where(new_max == float("-inf"), 0.0, new_max)
         denom = denom * gl.exp2(row_max - safe_max) + gl.sum(gl.exp2(u - safe_max), axis=0)
         row_max = new_max
-        if not OVERLAP:  # tile t + 1's dots only now: one accumulator live, the loads still ahead
-            if t + 1 < num_tiles:
-                acc = _issue_tile_dots(hi_smem, lo_smem, ready_hi, ready_lo, q_t, zero, t + 1, STAGES, DIAG != 2)
-            else:
-                acc = warpgroup_mma_init(s)
-    warpgroup_mma_wait(0, deps=[acc])
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready_hi.index(i))
         mbarrier.invalidate(ready_lo.index(i))
@@ -256,19 +238,18 @@ def sm90_kbar_descriptor(part: torch.Tensor, block_n: int) -> TensorDescriptor:
 
 
 def launch_sm90(q, hi, lo, scores, counts, indices, block_size, rows, net, pad_lists, list_width, config=None):
-    """The kernel's launch, arguments as scoring._launch has them (non-varlen)."""
+    """The kernel's launch, arguments as scoring._launch has them (not varlen); config: SM90_CONFIG overrides."""
     config = dict(SM90_CONFIG, **(config or {}))
     B, L, Hq, D = q.shape
     N = hi.shape[1]
     I0, I1 = rows
     hi_desc, lo_desc = (sm90_kbar_descriptor(x, config["BLOCK_N"]) for x in (hi, lo))
-    q_tma = config["Q_TMA"] and q.is_contiguous()
-    q_desc = sm90_q_descriptor(q, block_size) if q_tma else hi_desc
+    q_tma = q.is_contiguous() and q.data_ptr() % 16 == 0  # what a (B L, Hq D) descriptor can describe
+    q_desc = sm90_q_descriptor(q, block_size) if q_tma else hi_desc  # unused then: any descriptor fills the slot
     _block_scores_sm90_kernel[(B * Hq, I1 - I0)](
         q, q_desc, hi_desc, lo_desc, scores, counts, indices,
         q.stride(0), q.stride(1), q.stride(2), *scores.stride()[:3], *indices.stride()[:3],
-        L, N, Hq, Hq // hi.shape[2], hi.shape[2], I0, counts.shape[-1], list_width, *net,
-        BLOCK_SIZE=block_size, BLOCK_N=config["BLOCK_N"], D=D, STAGES=config["STAGES"], EPS=1e-9,
-        SELECT=indices is not scores, PAD_LISTS=pad_lists, OVERLAP=config["OVERLAP"], EARLY_HI=config["EARLY_HI"],
-        Q_TMA=q_tma, DIAG=config["DIAG"], num_warps=config["num_warps"],
+        L, N, Hq, Hq // hi.shape[2], I0, counts.shape[-1], list_width, *net,
+        BLOCK_SIZE=block_size, BLOCK_N=config["BLOCK_N"], D=D, STAGES=config["STAGES"], EPS=SCORE_EPS,
+        SELECT=indices is not scores, PAD_LISTS=pad_lists, Q_TMA=q_tma, num_warps=config["num_warps"],
     )
