@@ -2,7 +2,7 @@
 
 Both compute the same arithmetic in the same order, so they must agree bit for bit: the same scores (NaN where one
 is NaN), the same counts, the same lists. The Triton kernel is itself tested against the reference and float64
-(test_triton_selection.py, whose GPU cases now reach the Gluon kernel from 8K tokens on). Runs on an sm_90 GPU only;
+(test_triton_selection.py, whose 32K GPU case now reaches the Gluon kernel). Runs on an sm_90 GPU only;
 on a CPU, tests/test_triton_compile.py compiles the kernel for sm_90.
 """
 

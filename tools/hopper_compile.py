@@ -296,7 +296,7 @@ def variants(quick: bool = False, dtypes: list[str] | None = None) -> list[Varia
                     add(f"{dt} D={D} dense TMA", "dense_attention", _with_kv_descriptors, ti.dense_attention, q, k,
                         v)
                 add(label, "flash_prefill", ti.flash_prefill, q, k, v, block_size=bs)
-                if bs == 128:  # the score stage's Gluon kernel (sm_90, from 8K tokens on): fused and scores only
+                if bs == 128:  # the score stage's Gluon kernel (sm_90, from 32K tokens on): fused and scores only
                     add(f"{label} sm90 scores", "flash_prefill", _with_sm90_scores, ti.flash_prefill, q, k, v)
                     add(f"{label} sm90 scores", "block_scores", _with_sm90_scores, ti.block_scores, q, kbar, bs)
                     q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # q by pointers: no TMA descriptor
@@ -363,7 +363,7 @@ def _with_kv_descriptors(fn, *args, **kwargs):
 
 
 def _with_sm90_scores(fn, *args, **kwargs):
-    """Call fn with the score stage on the Gluon kernel of scoring_sm90.py, as on an sm_90 GPU from 8K tokens on."""
+    """Call fn with the score stage on the Gluon kernel of scoring_sm90.py, as on an sm_90 GPU from 32K tokens on."""
     from triton_impl import scoring_sm90
 
     saved = scoring_sm90.sm90_available, scoring_sm90.SM90_MIN_LENGTH

@@ -23,6 +23,10 @@ the sums alone, never from tl.maximum's NaN handling (the interpreter propagates
 Masks: a tile of key blocks entirely below the diagonal of a full query block needs none (every query sees every
 key of those blocks), so each row runs its tiles unmasked and only its last tile (the one holding J = I, and the
 padding of a partial last query block) with the mask.
+
+On an sm_90 GPU from 32K tokens on, flash_prefill's standard path runs this same program written in Gluon
+(scoring_sm90.py: its tile loads issued ahead by TMA, the same scores and lists bit for bit); `_takes_sm90_path`
+decides.
 """
 
 from __future__ import annotations
@@ -255,7 +259,7 @@ def _sm90_scores():
         from . import scoring_sm90
     except (ImportError, AttributeError) as err:  # Gluon is experimental: its names move between Triton releases
         warnings.warn(f"the Gluon score kernel for sm_90 is unavailable with Triton {triton.__version__} ({err}); "
-                      "the Triton score kernel runs instead (about 6-9% slower from 64K tokens on, repro/NOTES.md)",
+                      "the Triton score kernel runs instead (12-14% slower from 32K tokens on an H200, repro/NOTES.md)",
                       stacklevel=3)
         return None
     return scoring_sm90

@@ -36,6 +36,9 @@ from reference.scoring import SCORE_EPS
 
 from .common import interpreting
 
+# The CTA-wide barrier (bar.sync): `gl.thread_barrier` in Triton 3.6, `gl.barrier` from 3.8 on.
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
 SM90_CONFIG = dict(BLOCK_N=64, STAGES=1, num_warps=4)  # measured on an H200: repro/NOTES.md, session 15
 SM90_MIN_LENGTH = 32768
 
@@ -160,7 +163,7 @@ def _block_scores_sm90_kernel(
     denom = gl.zeros([], gl.float32)
     for t in range(num_tiles):
         s = _tile_logits(hi_smem, lo_smem, ready_hi, ready_lo, q_t, zero, t, STAGES)
-        gl.thread_barrier()  # every warp's share of the dots has read the slot before it is refilled
+        _cta_barrier()  # every warp's share of the dots has read the slot before it is refilled
         more = t + STAGES < num_tiles
         _issue_load(hi_desc, hi_smem, ready_hi, t + STAGES, kbar_row0, kv_col, more, BLOCK_N, STAGES)
         _issue_load(lo_desc, lo_smem, ready_lo, t + STAGES, kbar_row0, kv_col, more, BLOCK_N, STAGES)
@@ -183,7 +186,7 @@ def _block_scores_sm90_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready_hi.index(i))
         mbarrier.invalidate(ready_lo.index(i))
-    gl.thread_barrier()  # pass 1's u were stored in the accumulator's layout; the passes below read another one
+    _cta_barrier()  # pass 1's u were stored in the accumulator's layout; the passes below read another one
     safe_max = gl.where(row_max == float("-inf"), 0.0, row_max)
 
     offsets = gl.arange(0, BLOCK_N, layout=lanes)
