@@ -2,8 +2,8 @@
 
 Both compute the same arithmetic in the same order, so they must agree bit for bit: the same scores (NaN where one
 is NaN), the same counts, the same lists. The Triton kernel is itself tested against the reference and float64
-(test_triton_selection.py, whose 32K GPU case now reaches the Gluon kernel). Runs on an sm_90 GPU only;
-on a CPU, tests/test_triton_compile.py compiles the kernel for sm_90.
+(test_triton_selection.py, whose 32K GPU case now reaches the Gluon kernel). The kernel runs on an sm_90 GPU only; on
+a CPU, tests/test_triton_compile.py compiles it for sm_90, and the rules that pick it are tested here.
 """
 
 from __future__ import annotations
@@ -14,24 +14,19 @@ from helpers import HAS_CUDA, random_qkv
 
 import triton_impl
 from reference.synthetic import planted_qkv
+from triton_impl import scoring
 from triton_impl.scoring import launch_block_scores, launch_scores_and_select, split_kbar
 
-pytestmark = pytest.mark.gpu
-
-if HAS_CUDA:
-    from triton_impl.scoring_sm90 import sm90_available
-
-    if not sm90_available(torch.device("cuda")):
-        pytest.skip("the Gluon score kernel runs on sm_90 GPUs only", allow_module_level=True)
-else:
-    pytest.skip("needs an sm_90 GPU", allow_module_level=True)
+SM90 = scoring._sm90_scores()  # None where this Triton's Gluon lacks the kernel's names (a warning says so)
+ON_SM90 = HAS_CUDA and SM90 is not None and SM90.sm90_available(torch.device("cuda"))
+sm90_gpu = pytest.mark.skipif(not ON_SM90, reason="the Gluon score kernel runs on sm_90 GPUs")
 
 GLUON, TRITON = dict(sm90=True), dict(sm90=False)
 CASES = [  # (B, L, Hq, Hkv, D, dtype, planted)
     (1, 8192, 32, 4, 128, torch.bfloat16, True),
     (2, 5000, 8, 1, 64, torch.float16, False),  # a partial last block; batch 1's TMA boxes run into batch 2's rows
-    (1, 300, 4, 4, 128, torch.bfloat16, False),  # three blocks: one tile, fewer tiles than ring slots
-    (1, 20000, 16, 2, 128, torch.float16, True),  # more tiles than ring slots, a partial last tile
+    (1, 300, 4, 4, 128, torch.bfloat16, False),  # three blocks: a single tile per row
+    (1, 20000, 16, 2, 128, torch.float16, True),  # up to three tiles a row through the ring, a partial last one
 ]
 
 
@@ -53,6 +48,8 @@ def case_name(case):
     return f"B{B}-L{L}-g{Hq // Hkv}-D{D}-{str(dtype)[6:]}-{'planted' if planted else 'random'}"
 
 
+@pytest.mark.gpu
+@sm90_gpu
 @pytest.mark.parametrize("case", CASES, ids=case_name)
 def test_scores_equal_bit_for_bit(case):
     q, parts = inputs(case)
@@ -60,6 +57,8 @@ def test_scores_equal_bit_for_bit(case):
     torch.testing.assert_close(gluon, triton, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.gpu
+@sm90_gpu
 @pytest.mark.parametrize("pad_lists", [True, False])
 @pytest.mark.parametrize("case", CASES, ids=case_name)
 def test_selection_equal(case, pad_lists):
@@ -72,6 +71,8 @@ def test_selection_equal(case, pad_lists):
     assert_same_selection(*calls)
 
 
+@pytest.mark.gpu
+@sm90_gpu
 def test_strided_queries():
     """q as a (B, Hq, L, D) tensor seen as (B, L, Hq, D), as attention layers hold it: read by pointers, not TMA."""
     q, parts = inputs(CASES[1], seed=2)
@@ -81,6 +82,8 @@ def test_strided_queries():
     torch.testing.assert_close(gluon, triton, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.gpu
+@sm90_gpu
 def test_row_chunks_and_shared_counts():
     """flash_prefill's chunked calls: rows (I0, I1) into one counts buffer, lists of the chunk only."""
     q, parts = inputs(CASES[3])
@@ -94,6 +97,8 @@ def test_row_chunks_and_shared_counts():
     assert_same_selection(out["gluon"], out["triton"])
 
 
+@pytest.mark.gpu
+@sm90_gpu
 def test_nan_rows():
     """A NaN query makes its row's causal scores NaN (every causal block kept); the rows around it are unchanged."""
     q, parts = inputs(CASES[1])
@@ -105,16 +110,23 @@ def test_nan_rows():
                             for cfg in (GLUON, TRITON)))
 
 
-def test_dispatch_by_length():
-    """Without a config the Gluon kernel serves flash_prefill's standard path from SM90_MIN_LENGTH tokens on."""
-    from triton_impl import scoring
-    from triton_impl.scoring_sm90 import SM90_MIN_LENGTH
+@pytest.mark.skipif(SM90 is None, reason="this Triton's Gluon lacks the kernel's names")
+def test_which_launches_take_the_gluon_kernel(monkeypatch):
+    """scoring._takes_sm90_path on a stand-in sm_90 device (no GPU needed): flash_prefill's standard path from
+    SM90_MIN_LENGTH tokens on, config sm90=False / True to choose, everything else on the Triton kernel."""
+    monkeypatch.setattr(SM90, "sm90_available", lambda device: True)
+    N0 = SM90.SM90_MIN_LENGTH
 
-    def uses_gluon(L, **kw):
-        q = torch.empty(1, L, 2, 128, dtype=torch.bfloat16, device="cuda")
-        hi = torch.empty(1, L // 128, 1, 128, dtype=torch.bfloat16, device="cuda")
-        return scoring._takes_sm90_path(q, hi, kw.get("block_size", 128), None, False, kw.get("config", {}))
+    def takes(L=N0, dtype=torch.bfloat16, D=128, block_size=128, varlen=None, wide=False, config=None, q=None):
+        q = torch.empty(1, L, 2, D, dtype=dtype) if q is None else q
+        hi = torch.empty(1, max(1, L // 128), 1, D, dtype=dtype)
+        return scoring._takes_sm90_path(q, hi, block_size, varlen, wide, config or {})
 
-    assert uses_gluon(SM90_MIN_LENGTH) and not uses_gluon(SM90_MIN_LENGTH - 128)
-    assert uses_gluon(1024, config=GLUON) and not uses_gluon(SM90_MIN_LENGTH, config=TRITON)
-    assert not uses_gluon(SM90_MIN_LENGTH, block_size=64)
+    assert takes() and takes(dtype=torch.float16) and takes(D=64)
+    assert not takes(L=N0 - 128) and takes(L=1024, config=GLUON) and takes(L=1024, config=dict(sm90=dict(STAGES=2)))
+    assert not takes(config=TRITON)
+    assert not takes(block_size=64) and not takes(dtype=torch.float32) and not takes(D=32)
+    assert not takes(varlen=object()) and not takes(wide=True)
+    assert not takes(q=torch.empty(1, N0, 2, 256, dtype=torch.bfloat16)[..., ::2])  # D not contiguous
+    monkeypatch.setattr(SM90, "sm90_available", lambda device: False)
+    assert not takes() and not takes(config=GLUON)
