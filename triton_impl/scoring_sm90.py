@@ -7,7 +7,7 @@ are explicit:
 
   * q and the row's hi / lo tiles arrive by TMA (no trip through registers); each tile's copies are issued as soon
     as the previous tile's dots have read its ring slot, so they land while that tile is reduced;
-  * one ring slot (64 KiB of shared memory with q at D = 128, 167 registers): three CTAs per SM. A second slot, or
+  * one ring slot (64 KiB of shared memory with q at D = 128, 151-168 registers): three CTAs per SM. A second slot, or
     the next tile's dots issued before this tile's reductions (FlashAttention-3's overlap, two accumulators live),
     cost a CTA per SM and measured slower (repro/NOTES.md, session 15).
 
