@@ -354,7 +354,7 @@ def _launch(q, kbar_parts, block_size, config, rows, varlen, selection=None):
     wide = needs_wide_offsets(q, scores, indices)
     if _takes_sm90_path(q, hi, block_size, varlen, wide, config):
         overrides = config["sm90"] if isinstance(config.get("sm90"), dict) else None
-        _sm90_scores().launch_sm90(q, hi, lo, scores, counts, indices, block_size, (I0, I1), net, pad_lists, N,
+        _sm90_scores().launch_sm90(q, hi, lo, scores, counts, indices, block_size, (I0, I1), net, pad_lists,
                                    overrides)
         return scores if selection is None else (counts, indices)
     launch(_block_scores_kernel, (B * Hq, I1 - I0),

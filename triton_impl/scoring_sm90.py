@@ -96,7 +96,7 @@ def _block_scores_sm90_kernel(
     stride_qb, stride_ql, stride_qh,
     stride_sb, stride_sh, stride_sm,
     stride_ib, stride_ih, stride_im,
-    L, N, HQ, GROUP, ROW0, COUNT_ROWS, LIST_WIDTH,
+    L, N, HQ, GROUP, ROW0,
     alpha, sink_blocks, window_blocks, last_dense_blocks,
     BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, EPS: gl.constexpr,
     SELECT: gl.constexpr, PAD_LISTS: gl.constexpr, Q_TMA: gl.constexpr, num_warps: gl.constexpr,
@@ -214,45 +214,39 @@ def _block_scores_sm90_kernel(
             gl.store(list_row + slot, J, mask=keep)
             count = count + gl.sum(keep_i, axis=0)
         if PAD_LISTS:  # selection._pad_list
-            for j0 in range(count - count % BLOCK_N, LIST_WIDTH, BLOCK_N):
+            for j0 in range(count - count % BLOCK_N, N, BLOCK_N):
                 slot = j0 + offsets
-                gl.store(list_row + slot, -1, mask=(slot >= count) & (slot < LIST_WIDTH))
-        gl.store(COUNTS + (b * HQ + h) * COUNT_ROWS + ROW0 + local, count)
+                gl.store(list_row + slot, -1, mask=(slot >= count) & (slot < N))
+        gl.store(COUNTS + (b * HQ + h) * N + ROW0 + local, count)  # counts (B, Hq, M), M = N
     else:
         for j0 in range(0, N, BLOCK_N):
             key_blocks = j0 + offsets
             gl.store(row + key_blocks, _normalised(row, key_blocks, I, safe_max, denom, EPS), mask=key_blocks < N)
 
 
-def sm90_q_descriptor(q: torch.Tensor, block_size: int) -> TensorDescriptor:
-    """A TMA descriptor over a contiguous q (B, L, Hq, D), viewed as (B L, Hq D), box (block_size, D)."""
-    B, L, Hq, D = q.shape
-    dtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
-    layout = gl.NVMMASharedLayout.get_default_for([block_size, D], dtype)
-    return TensorDescriptor(q, [B * L, Hq * D], [Hq * D, 1], [block_size, D], layout)
+def _descriptor(x: torch.Tensor, box_rows: int) -> TensorDescriptor:
+    """A TMA descriptor over a contiguous (B, rows, H, D) tensor viewed as (B rows, H D), box (box_rows, D): q by
+    query blocks, kbar's hi / lo parts by tiles of pooled keys."""
+    B, rows, H, D = x.shape
+    dtype = gl.float16 if x.dtype == torch.float16 else gl.bfloat16
+    layout = gl.NVMMASharedLayout.get_default_for([box_rows, D], dtype)
+    return TensorDescriptor(x, [B * rows, H * D], [H * D, 1], [box_rows, D], layout)
 
 
-def sm90_kbar_descriptor(part: torch.Tensor, block_n: int) -> TensorDescriptor:
-    """A TMA descriptor over one of kbar's (hi, lo) parts (B, N, Hkv, D), viewed as (B N, Hkv D), box (block_n, D)."""
-    B, N, Hkv, D = part.shape
-    dtype = gl.float16 if part.dtype == torch.float16 else gl.bfloat16
-    layout = gl.NVMMASharedLayout.get_default_for([block_n, D], dtype)
-    return TensorDescriptor(part, [B * N, Hkv * D], [Hkv * D, 1], [block_n, D], layout)
-
-
-def launch_sm90(q, hi, lo, scores, counts, indices, block_size, rows, net, pad_lists, list_width, config=None):
-    """The kernel's launch, arguments as scoring._launch has them (not varlen); config: SM90_CONFIG overrides."""
+def launch_sm90(q, hi, lo, scores, counts, indices, block_size, rows, net, pad_lists, config=None):
+    """The kernel's launch, arguments as scoring._launch has them (not varlen: M = N query and key blocks, counts
+    (B, Hq, M), lists N wide); config: SM90_CONFIG overrides."""
     config = dict(SM90_CONFIG, **(config or {}))
     B, L, Hq, D = q.shape
     N = hi.shape[1]
     I0, I1 = rows
-    hi_desc, lo_desc = (sm90_kbar_descriptor(x, config["BLOCK_N"]) for x in (hi, lo))
+    hi_desc, lo_desc = (_descriptor(x, config["BLOCK_N"]) for x in (hi, lo))
     q_tma = q.is_contiguous() and q.data_ptr() % 16 == 0  # what a (B L, Hq D) descriptor can describe
-    q_desc = sm90_q_descriptor(q, block_size) if q_tma else hi_desc  # unused then: any descriptor fills the slot
+    q_desc = _descriptor(q, block_size) if q_tma else hi_desc  # unused then: any descriptor fills the slot
     _block_scores_sm90_kernel[(B * Hq, I1 - I0)](
         q, q_desc, hi_desc, lo_desc, scores, counts, indices,
         q.stride(0), q.stride(1), q.stride(2), *scores.stride()[:3], *indices.stride()[:3],
-        L, N, Hq, Hq // hi.shape[2], I0, counts.shape[-1], list_width, *net,
+        L, N, Hq, Hq // hi.shape[2], I0, *net,
         BLOCK_SIZE=block_size, BLOCK_N=config["BLOCK_N"], D=D, STAGES=config["STAGES"], EPS=SCORE_EPS,
         SELECT=indices is not scores, PAD_LISTS=pad_lists, Q_TMA=q_tma, num_warps=config["num_warps"],
     )
