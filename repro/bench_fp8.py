@@ -21,9 +21,10 @@ Standard shape: B = 1, Hq = 32, Hkv = 4, D = 128, bf16, Bs = 128, planted synthe
               sinks / window / last rows plus random causal blocks, independent per head; the same lists for every
               version): `bf16` (`triton_impl.attention.launch_attention`, physical skip), `fp8`
               (`triton_impl.fp8.launch_fp8_attention` on operands quantised beforehand), `fp8+quantize` (quantize_qkv
-              and the launch), and with --stages / --warps the FP8 kernel at each config ("fp8 s3 w8"). Per row: ms,
-              kept (block, head) pairs, ns per kept block-head, speedup bf16 / version and, against the dense cuDNN
-              time of that length, time / (density x cuDNN). Goal: fp8 >= 1.6x bf16 per kept block at 64K-256K.
+              and the launch), and with --stages / --warps / --block-m the FP8 kernel at each combination
+              ("fp8 s3 m128"; the default config depends on the length: `triton_impl.fp8.fp8_config`). Per row:
+              ms, kept (block, head) pairs, ns per kept block-head, speedup bf16 / version and, against the dense
+              cuDNN time of that length, time / (density x cuDNN). Goal: fp8 >= 1.6x bf16 per kept block at 64K-256K.
    dense      once per length: SDPA FlashAttention-2 and cuDNN (`repro.timing.dense_baselines`).
 3. whole      operator + selection at --whole-lengths: `triton_impl.flash_prefill` with alpha bisected
               (`repro.masks.alpha_for_density`) so that its own selection keeps --whole-density of the causal blocks
@@ -113,18 +114,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def sweep_configs(stages, warps, imprecise_acc=(), block_m=()) -> dict[str, dict]:
-    """{"fp8 s3 w8": config of launch_fp8_attention} for every (num_stages, num_warps) asked for, one config
-    "fp8 acc32" per --imprecise-acc value and "fp8 m64" per --block-m value; {} for none."""
+    """{"fp8 s3 w8 m64": config of launch_fp8_attention} for every combination of the --stages, --warps and --block-m
+    values asked for (a knob not asked for keeps the kernel's choice for the length), and one config "fp8 acc32" per
+    --imprecise-acc value; {} for none."""
     configs = {}
-    if stages or warps:
+    if stages or warps or block_m:
         for s in stages or [None]:
             for w in warps or [None]:
-                label = " ".join(["fp8", *([f"s{s}"] if s else []), *([f"w{w}"] if w else [])])
-                configs[label] = {**({"num_stages": s} if s else {}), **({"num_warps": w} if w else {})}
+                for m in block_m or [None]:
+                    knobs = {("s", "num_stages"): s, ("w", "num_warps"): w, ("m", "block_m"): m}
+                    label = " ".join(["fp8", *(f"{tag}{v}" for (tag, _), v in knobs.items() if v)])
+                    configs[label] = {key: v for (_, key), v in knobs.items() if v}
     for acc in imprecise_acc:
         configs[f"fp8 acc{acc}"] = dict(imprecise_acc=acc)
-    for rows in block_m:
-        configs[f"fp8 m{rows}"] = dict(block_m=rows)
     return configs
 
 

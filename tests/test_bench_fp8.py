@@ -41,12 +41,15 @@ def test_main_on_a_cpu_without_quick_says_it_needs_a_gpu():
         bench_fp8.main(["--lengths", "256"])
 
 
-def test_sweep_configs_label_each_stages_warps_pair():
+def test_sweep_configs_label_each_combination():
     assert bench_fp8.sweep_configs([], []) == {}
     assert bench_fp8.sweep_configs([2, 3], [8]) == {"fp8 s2 w8": dict(num_stages=2, num_warps=8),
                                                     "fp8 s3 w8": dict(num_stages=3, num_warps=8)}
     assert bench_fp8.sweep_configs([4], []) == {"fp8 s4": dict(num_stages=4)}
     assert bench_fp8.sweep_configs([], [4]) == {"fp8 w4": dict(num_warps=4)}
+    assert bench_fp8.sweep_configs([2, 3], [], [32], [64]) == {
+        "fp8 s2 m64": dict(num_stages=2, block_m=64), "fp8 s3 m64": dict(num_stages=3, block_m=64),
+        "fp8 acc32": dict(imprecise_acc=32)}
 
 
 def test_abs_errors_and_nan():

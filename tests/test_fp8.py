@@ -259,10 +259,12 @@ def test_triton_quantisation_equals_the_reference(case, dtype):
     q, k, v = random_qkv(B, L, Hq, Hkv, D, dtype=dtype, seed=L, device=DEVICE)
     for x in (q * 3, k, v / 1000):
         assert_same_quantisation(tri_fp8.quantize_blocks(x, bs), ref_fp8.quantize_blocks(x, bs))
-    # quantize_qkv: the three operands of the attention kernel, V8 transposed, padded to N Bs rows with zeros
+    # quantize_qkv: the three operands of the attention kernel, V8 transposed (keys in P's register order), padded to
+    # N Bs rows with zeros
     q8, k8, vt8, s_q, s_k, s_v = tri_fp8.quantize_qkv(q, k, v, bs)
     Lp = num_blocks(L, bs) * bs
     assert q8.shape == (B, Lp, Hq, D) and k8.shape == (B, Lp, Hkv, D) and vt8.shape == (B, Hkv, D, Lp)
+    vt8 = vt8[..., tri_fp8.pv_key_slots(Lp, device=vt8.device)]  # keys in their natural order
     assert_same_quantisation((q8[:, :L], s_q), ref_fp8.quantize_blocks(q, bs))
     assert_same_quantisation((k8[:, :L], s_k), ref_fp8.quantize_blocks(k, bs))
     assert_same_quantisation((vt8.permute(0, 3, 1, 2)[:, :L], s_v), ref_fp8.quantize_blocks(v, bs))
@@ -280,6 +282,9 @@ def test_launch_quantize_transposed_layout_holds_the_same_values(block_size, dty
     Lp = num_blocks(L, block_size) * block_size
     assert x8.shape == (B, Lp, H, D) and xt8.shape == (B, H, D, Lp) and xt8.is_contiguous()
     assert torch.equal(scale_t, scale)
+    natural = torch.arange(Lp, device=xt8.device)
+    assert not torch.equal(tri_fp8.pv_key_slots(Lp, device=xt8.device), natural)  # the keys are reordered ...
+    xt8 = xt8[..., tri_fp8.pv_key_slots(Lp, device=xt8.device)]  # ... and pv_key_slots puts them back
     assert torch.equal(xt8.view(torch.uint8), x8.permute(0, 2, 3, 1).contiguous().view(torch.uint8))
     assert (xt8[..., L:].contiguous().view(torch.uint8) == 0).all() and (x8[:, L:].view(torch.uint8) == 0).all()
 
@@ -550,19 +555,28 @@ def test_flash_prefill_fp8_in_chunks_of_query_blocks():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_query_tiles_of_half_a_block_give_the_same_output(dtype):
-    """config block_m=64 at Bs = 128 (two programs per query block, each with the block's scale) computes every row
-    as the whole-block tile does: the same output to the bit, except in float32 under the interpreter, where tl.dot is
-    numpy's matmul, whose float32 sums are ordered by the matrix's height (a 64-row product differs from the top half
-    of a 128-row one in the last bits): there to float32 rounding."""
+    """Query tiles of half a block at Bs = 128 (two programs per query block, each with the block's scale; the
+    default up to FP8_SHORT_MAX_LENGTH tokens, so the other tests run it) compute every row as whole-block tiles (the
+    default beyond) do: the same output to the bit, except in float32 under the interpreter, where tl.dot is numpy's
+    matmul, whose float32 sums are ordered by the matrix's height (a 64-row product differs from the top half of a
+    128-row one in the last bits): there to float32 rounding."""
     B, L, Hq, Hkv, D, bs = 1, 3 * 128 - 5, 4, 2, 64, 128
     q, k, v = random_qkv(B, L, Hq, Hkv, D, dtype=dtype, seed=36, device=DEVICE)
     counts, indices = lists(random_block_mask(B, Hq, num_blocks(L, bs), keep=0.6, seed=37, device=DEVICE))
     quantized = tri_fp8.quantize_qkv(q, k, v, bs)
     whole, halves = (tri_fp8.launch_fp8_attention(quantized, L, bs, D ** -0.5, counts, indices,
                                                   out=torch.full_like(q, float("nan")), config=config)
-                     for config in ({}, dict(block_m=64)))
+                     for config in (tri_fp8.FP8_CONFIG, tri_fp8.FP8_SHORT_CONFIG))
     exact = dtype != torch.float32
     torch.testing.assert_close(halves, whole, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
+
+
+def test_the_launch_configuration_follows_the_length():
+    short = tri_fp8.FP8_SHORT_MAX_LENGTH
+    assert tri_fp8.FP8_SHORT_CONFIG["block_m"] == 64 and tri_fp8.FP8_CONFIG["block_m"] is None  # None: Bs
+    assert tri_fp8.fp8_config(short, 128) is tri_fp8.FP8_SHORT_CONFIG
+    assert tri_fp8.fp8_config(short + 1, 128) is tri_fp8.FP8_CONFIG
+    assert tri_fp8.fp8_config(1024, 64) is tri_fp8.FP8_CONFIG  # a block of 64 rows is one tile already
 
 
 @pytest.mark.parametrize("impl", [reference, triton_impl], ids=["reference", "triton"])

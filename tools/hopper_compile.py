@@ -320,6 +320,9 @@ def variants(quick: bool = False, dtypes: list[str] | None = None) -> list[Varia
                 if bs in FP8_BLOCK_SIZES:  # the e4m3 path: three quantise launches (V transposed) and its walk
                     add(f"{label} fp8", "block_sparse_attention_fp8", block_sparse_attention_fp8, q, k, v, counts,
                         indices, bs)
+                    if bs == 128:  # whole-block query tiles, the configuration past FP8_SHORT_MAX_LENGTH tokens
+                        add(f"{label} fp8 long", "block_sparse_attention_fp8", _with_long_fp8_config,
+                            block_sparse_attention_fp8, q, k, v, counts, indices, bs)
                 if dt == "bf16" and D == 128 and bs == 128:  # key_means given: only V is pooled (unsplit, bf16)
                     add(f"{label} physical +mean key_means", "block_sparse_attention", ti.block_sparse_attention, q,
                         k, v, counts, indices, bs, mean_correction=True, key_means=torch.zeros(1, M, k.shape[2], D))
@@ -372,6 +375,18 @@ def _with_sm90_scores(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     finally:
         scoring_sm90.sm90_available, scoring_sm90.SM90_MIN_LENGTH = saved
+
+
+def _with_long_fp8_config(fn, *args, **kwargs):
+    """Call fn with the FP8 attention kernel launched as for sequences past FP8_SHORT_MAX_LENGTH tokens."""
+    from triton_impl import fp8
+
+    saved = fp8.FP8_SHORT_MAX_LENGTH
+    try:
+        fp8.FP8_SHORT_MAX_LENGTH = 0
+        return fn(*args, **kwargs)
+    finally:
+        fp8.FP8_SHORT_MAX_LENGTH = saved
 
 
 def _with_wide_offsets(fn, *args, **kwargs):

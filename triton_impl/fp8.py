@@ -6,7 +6,8 @@ Two kernels:
   scale (Eq. 1, built from amax's exponent bits) and its e4m3 tile (Eq. 2). Output layouts, zero past L (Lp = N Bs):
   q8 and k8 (B, Lp, H, D); v8 transposed, (B, Hkv, D, Lp). Hopper's 8-bit wgmma reads both operands K-major, and
   the reduction of the PV product runs over the keys, so V's keys must be the contiguous dimension (as in
-  FlashAttention-3; for the QK product, K's head dim already is).
+  FlashAttention-3; for the QK product, K's head dim already is). V8^T's keys are also reordered within each slice
+  of 32 (`pv_key_slots`, "P stays in its registers" below).
 * `_fp8_attention_kernel`: the physical walk of triton_impl/attention.py for the case it was tuned for, one program
   per (query block, batch x head), the heads of a query block in consecutive programs (a GQA group shares K/V in
   L2), longest rows first, the next list id loaded one iteration ahead. K8 and V8^T come through TMA descriptors.
@@ -15,6 +16,15 @@ Two kernels:
   dot with V8 and the scale s_V / 2^8. The key tile is a whole block (BLOCK_N = Bs) and the query tile a whole
   block or, with config block_m=64 at Bs = 128, half of one, so one scale per operand covers a tile: Bs is 64 or
   128 here (the 8-bit wgmma reduces over at least 32 elements, and a larger block would not fit a tile's registers).
+
+P stays in its registers. The PV wgmma reads P from registers in the 8-bit A-operand layout, where thread t of a
+quad (lane mod 4) holds keys 4t .. 4t+3 and 16+4t .. 16+4t+3 of each slice of 32 keys; the QK wgmma leaves S, and so
+P, in the float32 accumulator layout, where the same thread holds keys 2t, 2t+1, 8+2t, 9+2t, 16+2t, ... Converting
+one layout into the other moves P between threads (Triton 3.6: 24 shuffles and 16 byte permutes per thread and
+tile). Instead the kernel relabels P's keys so that every thread already holds the keys the A operand wants from it
+(`_as_pv_operand`: a reshape and a permute that compile to no instructions) and the quantiser stores V8^T's keys in
+the same order: P V sums over the keys in any order, so the product is the same. In the bits of a key's offset
+within its slice of 32, [4][3][2:1][0] -> [4][2:1][3][0].
 
 Accumulation: Triton 3.6 leaves Hopper's e4m3 wgmma on its own accumulator (max_num_imprecise_acc = 2^30: never
 promoted to float32 inside a dot), which keeps fewer mantissa bits than float32 over a dot's 64-128 terms, as in
@@ -53,9 +63,27 @@ FP8_BLOCK_SIZES = (64, 128)  # a key tile is one block (module docstring)
 # num_warps None: 8 for Bs = 128 (4 spill at D = 64), else 4. imprecise_acc: tl.dot's max_num_imprecise_acc, None
 # (Triton's default on sm_90: never promote the e4m3 wgmma's accumulator to float32) or the K-steps between promotions.
 FP8_CONFIG = dict(num_stages=3, num_warps=None, imprecise_acc=None, block_m=None)  # block_m None: Bs
+# Up to FP8_SHORT_MAX_LENGTH tokens at Bs = 128: query tiles of half a block at 2 stages (4 warps, 72 KiB: three
+# CTAs per SM, which hide each other's per-program start-up), 19-23% faster at 16K-64K on an H200, even at 128K 3.5%,
+# 2% slower at 128K 10% and 11% at 256K 10% (each K/V block is fetched by both halves). repro/NOTES.md, session 16.
+FP8_SHORT_CONFIG = dict(FP8_CONFIG, num_stages=2, block_m=64)
+FP8_SHORT_MAX_LENGTH = 65536
 _E4M3_MAX: tl.constexpr = tl.constexpr(E4M3_MAX)
 _P_SCALE: tl.constexpr = tl.constexpr(P_SCALE)
 _ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)  # 1.5 x 2^23: (y + it) - it rounds |y| < 2^22 to even
+
+
+@triton.jit
+def _pv_key_slot(key):
+    """Where V8^T stores key `key` (an offset along L): bits [3] and [2:1] of it change places (module docstring)."""
+    return (key & ~15) | (((key >> 1) & 3) << 2) | (((key >> 3) & 1) << 1) | (key & 1)
+
+
+def pv_key_slots(length: int, device=None) -> torch.Tensor:
+    """`_pv_key_slot` of keys 0 .. length - 1 (length a multiple of 32): V8^T[..., pv_key_slots(Lp)] is V8^T with
+    its keys back in their natural order."""
+    key = torch.arange(length, device=device)
+    return (key & ~15) | (((key >> 1) & 3) << 2) | (((key >> 3) & 1) << 1) | (key & 1)
 
 
 def _emulate_cast() -> bool:
@@ -86,7 +114,8 @@ def _quantize_kernel(
     stride_xb, stride_xl, stride_xh,
     stride_8b, stride_8l, stride_8h, stride_8d,
     L, H, N,
-    BLOCK_SIZE: tl.constexpr, D: tl.constexpr, EMULATE_CAST: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, D: tl.constexpr, EMULATE_CAST: tl.constexpr, PV_ORDER: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     J = widen(tl.program_id(0), WIDE)
     bh = widen(tl.program_id(1), WIDE)
@@ -106,13 +135,14 @@ def _quantize_kernel(
     scale = tl.where(tl.sum(tl.sum(x * 0.0, axis=1), axis=0) == 0.0, scale, float("nan"))
     inverse = ((127 - E) << 23).to(tl.float32, bitcast=True)
     x8 = _to_e4m3(x * inverse, EMULATE_CAST)  # Eq. 2
-    tl.store(X8 + b * stride_8b + h * stride_8h + pos[:, None] * stride_8l + offs_d[None, :] * stride_8d, x8)
+    slot = _pv_key_slot(pos) if PV_ORDER else pos  # V8^T: keys in the order P's registers hold them
+    tl.store(X8 + b * stride_8b + h * stride_8h + slot[:, None] * stride_8l + offs_d[None, :] * stride_8d, x8)
     tl.store(SCALE + bh * N + J, scale)
 
 
 def launch_quantize(x: torch.Tensor, block_size: int, *, transpose: bool = False):
     """Eq. 1-2 for x (B, L, H, D): (x8, scale (B, H, N) float32). x8 is (B, Lp, H, D), or (B, H, D, Lp) with
-    transpose (the layout of V8), zero in rows L .. Lp - 1 (Lp = N Bs)."""
+    transpose (the layout of V8, keys in the order `pv_key_slots` gives), zero in rows L .. Lp - 1 (Lp = N Bs)."""
     B, L, H, D = x.shape
     N = num_blocks(L, block_size)
     Lp = N * block_size
@@ -126,7 +156,7 @@ def launch_quantize(x: torch.Tensor, block_size: int, *, transpose: bool = False
     x = x if x.stride(-1) == 1 else x.contiguous()
     launch(_quantize_kernel, (N, B * H),
         x, x8, scale, x.stride(0), x.stride(1), x.stride(2), *strides, L, H, N,
-        BLOCK_SIZE=block_size, D=D, EMULATE_CAST=_emulate_cast(), WIDE=needs_wide_offsets(x, x8),
+        BLOCK_SIZE=block_size, D=D, EMULATE_CAST=_emulate_cast(), PV_ORDER=transpose, WIDE=needs_wide_offsets(x, x8),
         num_warps=num_warps_for(block_size, D),
     )
     return x8, scale
@@ -147,6 +177,16 @@ def quantize_blocks(x: torch.Tensor, block_size: int = 128) -> tuple[torch.Tenso
 
 
 @triton.jit
+def _as_pv_operand(p8):
+    """P8 (BLOCK_M, BLOCK_N) with key j relabelled _pv_key_slot(j), V8^T's order: in the A-operand layout of the PV
+    wgmma, each thread then holds the values it already has in the accumulator layout (module docstring)."""
+    BLOCK_M: tl.constexpr = p8.shape[0]
+    BLOCK_N: tl.constexpr = p8.shape[1]
+    # a key's offset in its slice of 32: bits [4] [3] [2:1] [0] -> [4] [2:1] [3] [0]
+    return p8.reshape(BLOCK_M, BLOCK_N // 32, 2, 2, 4, 2).permute(0, 1, 2, 4, 3, 5).reshape(BLOCK_M, BLOCK_N)
+
+
+@triton.jit
 def _fp8_attend_block(
     acc, m_i, l_i, q8, q_pos, K8, VT8, b, kv_col, vt_row, start, tile_scale, v_scale, L,
     BLOCK: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, EMULATE_CAST: tl.constexpr,
@@ -164,7 +204,7 @@ def _fp8_attend_block(
     p = tl.exp2(s * tile_scale - m_new[:, None])
     correction = tl.exp2(m_i - m_new)
     l_i = l_i * correction + tl.sum(p, axis=1)
-    pv = tl.dot(_to_e4m3(p * _P_SCALE, EMULATE_CAST), tl.trans(vt), max_num_imprecise_acc=IMPRECISE_ACC)
+    pv = tl.dot(_as_pv_operand(_to_e4m3(p * _P_SCALE, EMULATE_CAST)), tl.trans(vt), max_num_imprecise_acc=IMPRECISE_ACC)
     acc = acc * correction[:, None] + pv * (v_scale / _P_SCALE)
     return acc, m_new, l_i
 
@@ -224,6 +264,11 @@ def _fp8_attention_kernel(
              out.to(OUT.dtype.element_ty), mask=(q_pos < L)[:, None])
 
 
+def fp8_config(L: int, block_size: int) -> dict:
+    """The launch configuration `launch_fp8_attention` starts from for a sequence of L tokens."""
+    return FP8_SHORT_CONFIG if block_size == 128 and L <= FP8_SHORT_MAX_LENGTH else FP8_CONFIG
+
+
 def fp8_descriptors(k8: torch.Tensor, vt8: torch.Tensor, block: int):
     """TMA descriptors of K8 (B, Lp, Hkv, D) as (B, Lp, Hkv D), box (1, block, D), and of V8^T (B, Hkv, D, Lp) as
     (B Hkv D, Lp), box (D, block). Both buffers come from launch_quantize: contiguous, rows of 64 or 128 bytes."""
@@ -247,7 +292,7 @@ def launch_fp8_attention(quantized, L: int, block_size: int, scale: float, count
     """The FP8 attention kernel without checks, on `quantize_qkv`'s output, writing out (B, L, Hq, D). rows=(I0, I1)
     and the lists as in launch_attention (rows 0 .. I1 - I0 - 1 of indices are query blocks I0 ..)."""
     q8, k8, vt8, s_q, s_k, s_v = quantized
-    config = dict(FP8_CONFIG, **(config or {}))
+    config = dict(fp8_config(L, block_size), **(config or {}))
     B, _, Hq, D = q8.shape
     Hkv = k8.shape[2]
     M = s_q.shape[-1]
