@@ -14,8 +14,9 @@ Two kernels:
   Per kept block: one e4m3 dot for the logits, scaled by s_Q s_K x scale x log2(e) (one scalar per block: the
   scales are per block), the online softmax in float32 as in the bf16 kernel, P rounded to e4m3 as 2^8 P, one e4m3
   dot with V8 and the scale s_V / 2^8. The key tile is a whole block (BLOCK_N = Bs) and the query tile a whole
-  block or, with config block_m=64 at Bs = 128, half of one, so one scale per operand covers a tile: Bs is 64 or
-  128 here (the 8-bit wgmma reduces over at least 32 elements, and a larger block would not fit a tile's registers).
+  block or, at Bs = 128 up to FP8_SHORT_MAX_LENGTH tokens, half of one, so one scale per operand covers a tile: Bs is
+  64 or 128 here (the 8-bit wgmma reduces over at least 32 elements, and a larger block would not fit a tile's
+  registers).
 
 P stays in its registers. The PV wgmma reads P from registers in the 8-bit A-operand layout, where thread t of a
 quad (lane mod 4) holds keys 4t .. 4t+3 and 16+4t .. 16+4t+3 of each slice of 32 keys; the QK wgmma leaves S, and so
@@ -34,8 +35,9 @@ the output is dominated by the e4m3 operands (repro/bench_fp8.py measures both).
 Bytes: a kept block of one head moves 2 Bs D bytes of K8 and V8 instead of 4 Bs D (bf16), and the e4m3 wgmma runs
 at twice the bf16 rate; the softmax (exp2, max, sum) is the same work, plus P's conversion and its shuffle into the
 8-bit operand layout. Quantising reads Q, K, V once and writes half of that (1.3 ms at 256K tokens on an H200).
-Measured: 1.14-1.32x the bf16 kernel per kept block, not the 2x the bytes and MMA rate suggest: the compiled loop
-runs the two dots and the softmax one after the other (repro/NOTES.md, "Session 10").
+Measured (H200, standard shape): 1.30-1.47x the bf16 kernel per kept block at 64K-256K, not the 2x the bytes and
+MMA rate suggest: the compiled loop runs the two dots and the softmax one after the other (repro/NOTES.md,
+sessions 10 and 16).
 
 Under the Triton interpreter (CPU tests) the cast float32 -> e4m3 of numpy-emulated Triton does not round correctly
 (a mantissa that rounds up does not carry into the exponent); EMULATE_CAST then rounds to the e4m3 grid in float32
