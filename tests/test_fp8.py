@@ -282,9 +282,9 @@ def test_launch_quantize_transposed_layout_holds_the_same_values(block_size, dty
     Lp = num_blocks(L, block_size) * block_size
     assert x8.shape == (B, Lp, H, D) and xt8.shape == (B, H, D, Lp) and xt8.is_contiguous()
     assert torch.equal(scale_t, scale)
-    natural = torch.arange(Lp, device=xt8.device)
-    assert not torch.equal(tri_fp8.pv_key_slots(Lp, device=xt8.device), natural)  # the keys are reordered ...
-    xt8 = xt8[..., tri_fp8.pv_key_slots(Lp, device=xt8.device)]  # ... and pv_key_slots puts them back
+    slots = tri_fp8.pv_key_slots(Lp, device=xt8.device)
+    assert not torch.equal(slots, torch.arange(Lp, device=xt8.device))  # the keys are reordered ...
+    xt8 = xt8[..., slots]  # ... and pv_key_slots puts them back
     assert torch.equal(xt8.view(torch.uint8), x8.permute(0, 2, 3, 1).contiguous().view(torch.uint8))
     assert (xt8[..., L:].contiguous().view(torch.uint8) == 0).all() and (x8[:, L:].view(torch.uint8) == 0).all()
 

@@ -33,8 +33,8 @@ FlashAttention-3's FP8 forward. Part of the small kernel-vs-reference difference
 the output is dominated by the e4m3 operands (repro/bench_fp8.py measures both).
 
 Bytes: a kept block of one head moves 2 Bs D bytes of K8 and V8 instead of 4 Bs D (bf16), and the e4m3 wgmma runs
-at twice the bf16 rate; the softmax (exp2, max, sum) is the same work, plus P's conversion and its shuffle into the
-8-bit operand layout. Quantising reads Q, K, V once and writes half of that (1.3 ms at 256K tokens on an H200).
+at twice the bf16 rate; the softmax (exp2, max, sum) is the same work, plus P's conversion to e4m3 (no shuffle:
+"P stays in its registers" above). Quantising reads Q, K, V once and writes half of that (1.3 ms at 256K tokens on an H200).
 Measured (H200, standard shape): 1.30-1.47x the bf16 kernel per kept block at 64K-256K, not the 2x the bytes and
 MMA rate suggest: the compiled loop runs the two dots and the softmax one after the other (repro/NOTES.md,
 sessions 10 and 16).
@@ -66,7 +66,7 @@ FP8_BLOCK_SIZES = (64, 128)  # a key tile is one block (module docstring)
 # (Triton's default on sm_90: never promote the e4m3 wgmma's accumulator to float32) or the K-steps between promotions.
 FP8_CONFIG = dict(num_stages=3, num_warps=None, imprecise_acc=None, block_m=None)  # block_m None: Bs
 # Up to FP8_SHORT_MAX_LENGTH tokens at Bs = 128: query tiles of half a block at 2 stages (4 warps, 72 KiB: three
-# CTAs per SM, which hide each other's per-program start-up), 19-23% faster at 16K-64K on an H200, even at 128K 3.5%,
+# CTAs per SM, which hide each other's per-program start-up), 6-23% faster at 16K-64K on an H200, even at 128K 3.5%,
 # 2% slower at 128K 10% and 11% at 256K 10% (each K/V block is fetched by both halves). repro/NOTES.md, session 16.
 FP8_SHORT_CONFIG = dict(FP8_CONFIG, num_stages=2, block_m=64)
 FP8_SHORT_MAX_LENGTH = 65536
@@ -83,9 +83,8 @@ def _pv_key_slot(key):
 
 def pv_key_slots(length: int, device=None) -> torch.Tensor:
     """`_pv_key_slot` of keys 0 .. length - 1 (length a multiple of 32): V8^T[..., pv_key_slots(Lp)] is V8^T with
-    its keys back in their natural order."""
-    key = torch.arange(length, device=device)
-    return (key & ~15) | (((key >> 1) & 3) << 2) | (((key >> 3) & 1) << 1) | (key & 1)
+    its keys back in their natural order. The same expression, evaluated by torch (`fn`: the undecorated function)."""
+    return _pv_key_slot.fn(torch.arange(length, device=device))
 
 
 def _emulate_cast() -> bool:
