@@ -34,7 +34,8 @@ the output is dominated by the e4m3 operands (repro/bench_fp8.py measures both).
 
 Bytes: a kept block of one head moves 2 Bs D bytes of K8 and V8 instead of 4 Bs D (bf16), and the e4m3 wgmma runs
 at twice the bf16 rate; the softmax (exp2, max, sum) is the same work, plus P's conversion to e4m3 (no shuffle:
-"P stays in its registers" above). Quantising reads Q, K, V once and writes half of that (1.3 ms at 256K tokens on an H200).
+"P stays in its registers" above). Quantising reads Q, K, V once and writes half of that (1.3 ms at 256K tokens on
+an H200).
 Measured (H200, standard shape): 1.30-1.47x the bf16 kernel per kept block at 64K-256K, not the 2x the bytes and
 MMA rate suggest: the compiled loop runs the two dots and the softmax one after the other (repro/NOTES.md,
 sessions 10 and 16).
